@@ -1,0 +1,25 @@
+from setuptools import setup
+
+setup(
+    name="cvnets-tiny",
+    version="0.1.0",
+    description="Config-driven PyTorch training of MobileViT and ResNet on TinyImageNet",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=["cvnets", "data", "loss_fn", "optim", "engine", "options"],
+    # The entry scripts are installed as modules so the console scripts can import them.
+    py_modules=["main_train", "main_eval"],
+    install_requires=["torch>=2.1", "torchvision>=0.16", "pyyaml>=6", "numpy", "tqdm", "pillow"],
+    extras_require={
+        "test": ["pytest>=7"],
+        "plots": ["matplotlib"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={
+        "console_scripts": [
+            "cvnets-train=main_train:main",
+            "cvnets-eval=main_eval:main",
+        ]
+    },
+)
