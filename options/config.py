@@ -9,14 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import types
 import typing
 from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
 from options.registry import did_you_mean
-from options.schema import Config
+from options.schema import Config, freeze
 
 
 class ConfigError(ValueError):
@@ -62,15 +61,6 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
-def _freeze(value: Any) -> Any:
-    """Deep read-only copy of plain YAML data (dicts -> mappingproxy, lists -> tuples)."""
-    if isinstance(value, Mapping):
-        return types.MappingProxyType({k: _freeze(v) for k, v in value.items()})
-    if isinstance(value, (list, tuple)):
-        return tuple(_freeze(v) for v in value)
-    return value
-
-
 def _thaw(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return {f.name: _thaw(getattr(value, f.name)) for f in dataclasses.fields(value)}
@@ -110,7 +100,7 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, Mapping) or "name" not in value:
             raise ConfigError(f"{key}: expected a mapping with a 'name', got {value!r}")
-        return _freeze(value)
+        return freeze(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -313,7 +303,8 @@ def load_config(argv: Sequence[str] = ()) -> Config:
     return resolve(flags)
 
 
-def resolve(flags: Mapping[str, Tuple[str, str]]) -> Config:
+def resolve(flags: Mapping[str, Tuple[str, str]], base: Optional[Mapping[str, Any]] = None) -> Config:
+    """Defaults < `base` (e.g. a checkpoint's stored config) < the config file < flags."""
     leaves = _leaf_types()
     cli: Dict[str, Any] = {}
     for dotted, (typed, raw) in flags.items():
@@ -324,11 +315,11 @@ def resolve(flags: Mapping[str, Tuple[str, str]]) -> Config:
             raise ConfigError(f"{e} (from {typed})") from None
         _set_dotted(cli, dotted.split("."), value)
 
-    data: Dict[str, Any] = {}
+    data: Dict[str, Any] = _thaw(base) if base is not None else {}
     config_file = flags.get("common.config_file")
     if config_file:
         path = config_file[1]
-        data = load_yaml(path)
+        data = deep_merge(data, load_yaml(path))
         data.setdefault("common", {})
         data["common"] = dict(data["common"] or {}, config_file=path)
         source = f" in {path}"

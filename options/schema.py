@@ -11,7 +11,17 @@ Tuple[Dict[str, Any], ...] for augmentation lists.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Literal, Optional, Tuple
+from types import MappingProxyType
+from typing import Any, Dict, Literal, Mapping, Optional, Tuple
+
+
+def freeze(value: Any) -> Any:
+    """Deep read-only copy of plain YAML data (dicts -> mappingproxy, lists -> tuples)."""
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze(v) for v in value)
+    return value
 
 
 def opt(default: Any, help: str, **metadata: Any):
@@ -83,14 +93,16 @@ class MixupConfig:
 @dataclass(frozen=True)
 class AugmentationConfig:
     train: Tuple[Dict[str, Any], ...] = opt(
-        (
-            {"name": "random_resized_crop", "scale": [0.1, 1.0], "ratio": [0.75, 1.33], "interpolation": "bilinear"},
-            {"name": "random_horizontal_flip"},
+        freeze(
+            (
+                {"name": "random_resized_crop", "scale": [0.1, 1.0], "ratio": [0.75, 1.33], "interpolation": "bilinear"},
+                {"name": "random_horizontal_flip"},
+            )
         ),
         "training transforms, applied in order: a list of {name: ..., <its settings>}",
     )
     val: Tuple[Dict[str, Any], ...] = opt(
-        ({"name": "resize", "size": 72}, {"name": "center_crop", "size": 64}),
+        freeze(({"name": "resize", "size": 72}, {"name": "center_crop", "size": 64})),
         "validation transforms (the paper: resize to crop + 8, center crop)",
     )
     mean: Optional[Tuple[float, ...]] = opt(None, "per-channel mean to subtract; null feeds [0, 1] pixels")
