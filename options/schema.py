@@ -217,7 +217,7 @@ class CyclicConfig:
 class DivByTenConfig:
     max_lr: float = opt(0.4, "learning rate before the first milestone")
     min_lr: float = opt(2e-4, "floor")
-    milestones: Tuple[int, ...] = opt((40, 60, 80), "epochs (or iterations) where the LR is multiplied by factor")
+    milestones: Tuple[int, ...] = opt((40, 60, 80), "epochs where the LR is multiplied by factor (epochs in both clock modes)")
     factor: float = opt(0.1, "multiplier at each milestone")
 
 
@@ -227,7 +227,7 @@ class PlateauConfig:
     min_lr: float = opt(2e-4, "floor")
     patience: int = opt(10, "epochs without improvement of the val metric before dividing")
     factor: float = opt(0.1, "multiplier on a plateau")
-    threshold: float = opt(0.0, "minimal improvement that counts")
+    threshold: float = opt(0.0, "the val metric must improve by more than this (absolute) to count")
 
 
 @dataclass(frozen=True)
@@ -248,7 +248,7 @@ class SchedulerConfig:
     max_epochs: int = opt(200, "training epochs")
     warmup_iterations: int = opt(3000, "linear warmup iterations (0 disables warmup)")
     warmup_init_lr: float = opt(0.0002, "learning rate at iteration 0 of the warmup")
-    is_iteration_based: bool = opt(False, "evaluate the schedule per iteration instead of per epoch")
+    is_iteration_based: bool = opt(False, "cosine/cyclic/polynomial progress per iteration, decaying from the end of warmup, instead of per epoch")
     cosine: CosineConfig = block(CosineConfig, "cosine settings")
     cyclic: CyclicConfig = block(CyclicConfig, "cyclic settings")
     div_by_ten: DivByTenConfig = block(DivByTenConfig, "step (divide-by-ten) settings")

@@ -1,0 +1,32 @@
+"""Cross entropy with label smoothing while training."""
+from __future__ import annotations
+
+from options.config import ConfigError
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from loss_fn.registry import LOSSES
+
+
+@LOSSES.register("cross_entropy")
+class CrossEntropy(nn.Module):
+    """Cross entropy of class logits [B, C].
+
+    Targets are class indices [B] (int64) or class probabilities [B, C] (mixup, cutmix).
+    Label smoothing applies in train mode only, so the validation loss is the plain cross
+    entropy and stays comparable across recipes with different smoothing.
+    """
+
+    def __init__(self, label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ConfigError(f"loss.label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        smoothing = self.label_smoothing if self.training else 0.0
+        return F.cross_entropy(logits, target, label_smoothing=smoothing)
+
+    def extra_repr(self) -> str:
+        return f"label_smoothing={self.label_smoothing}"
