@@ -1,12 +1,12 @@
 """Cross entropy with label smoothing while training."""
 from __future__ import annotations
 
-from options.config import ConfigError
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loss_fn.registry import LOSSES
+from options.config import ConfigError
 
 
 @LOSSES.register("cross_entropy")

@@ -7,7 +7,6 @@ only unpacks the config into it.
 """
 from __future__ import annotations
 
-from options.config import ConfigError
 import dataclasses
 from typing import Any, Callable, Sequence, Tuple
 
@@ -16,6 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from optim.param_groups import ParamGroups, check_param_groups, param_groups
+from options.config import ConfigError
 from options.registry import Registry
 from options.schema import OptimConfig
 

@@ -17,11 +17,11 @@ fixed and plateau have no notion of progress.
 """
 from __future__ import annotations
 
-from options.config import ConfigError
 import dataclasses
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple, Type
 
+from options.config import ConfigError
 from options.registry import Registry
 from options.schema import SchedulerConfig
 
