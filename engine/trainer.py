@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from engine.ema import ModelEMA
 from engine.loops import LoopOptions, Progress, evaluate, train_one_epoch
@@ -73,33 +74,39 @@ class Trainer:
         return os.path.join(self.run_dir, name)
 
     # ------------------------------------------------------------------ main loop
-    def run(self) -> Dict[str, Any]:
-        """Train until scheduler.max_epochs; returns the summary written to summary.json."""
-        max_epochs = self.cfg.scheduler.max_epochs
-        self._prepare_run_dir()
-        logger.info("model: %s, %s parameters, %d classes", self.cfg.model.name, f"{self.params:,}", self.parts.num_classes)
-        with self._catch_signals():
-            while self.progress.epoch < max_epochs:
-                row = self._run_epoch()
-                if row is None:  # interrupted mid-epoch and saved
-                    raise TrainingInterrupted(self._signal, self.path("checkpoint_last.pt"))
-                if self._signal is not None:
-                    raise TrainingInterrupted(self._signal, self.path("checkpoint_last.pt"))
-        summary = self._summary(finished=True)
-        if self.dist.is_main:
-            write_json(self.path("summary.json"), summary)
-        self._close_tensorboard()
-        return summary
+    def run(self, stop_after_epoch: Optional[int] = None) -> Dict[str, Any]:
+        """Train until scheduler.max_epochs (or stop early after `stop_after_epoch` epochs).
 
-    def _run_epoch(self) -> Optional[Dict[str, Any]]:
+        Returns the summary written to summary.json.
+        """
+        max_epochs = self.cfg.scheduler.max_epochs
+        until = max_epochs if stop_after_epoch is None else min(stop_after_epoch, max_epochs)
+        self._open_run_dir()
+        try:
+            logger.info("model: %s, %s parameters, %d classes", self.cfg.model.name, f"{self.params:,}",
+                        self.parts.num_classes)
+            with self._catch_signals():
+                while self.progress.epoch < until:
+                    self._run_epoch()
+                    if self._signal is not None:  # saved (mid-epoch or at its end): stop here
+                        raise TrainingInterrupted(self._signal, self.path("checkpoint_last.pt"))
+            summary = self._summary(finished=self.progress.epoch >= max_epochs)
+            if self.dist.is_main:
+                write_json(self.path("summary.json"), summary)
+            return summary
+        finally:
+            self._close_run_dir()
+
+    def _run_epoch(self) -> None:
         epoch = self.progress.epoch
         sampler = self.parts.train_loader.batch_sampler
         sampler.set_epoch(epoch, start_batch=self.progress.batch_in_epoch)
         t0 = time.perf_counter()
         scheduler = self.parts.scheduler
+        loader, bar = self._progress_bar(epoch)
         train = train_one_epoch(
             self.parts.train_model,
-            self.parts.train_loader,
+            loader,
             self.parts.criterion,
             self.parts.optimizer,
             lambda iteration: scheduler.lr(epoch, iteration),
@@ -109,11 +116,13 @@ class Trainer:
             scaler=self.parts.scaler,
             ema=self.parts.ema,
             should_stop=self._stop_requested,
-            on_log=lambda stats: self._log_step(epoch, stats),
+            on_log=lambda stats: self._log_step(epoch, stats, bar),
         )
+        if bar is not None:
+            bar.close()
         if self.progress.stop_requested:
             self._save_last()
-            return None
+            return
 
         val = evaluate(self.parts.model, self.parts.val_loader, self.opts, self.dist)
         row: Dict[str, Any] = {
@@ -125,6 +134,8 @@ class Trainer:
             "val_loss": val["loss"],
             "val_top1": val["top1"],
             "val_top5": val["top5"],
+            "train_images": train["count"],
+            "val_images": val["count"],
         }
         if self.parts.ema is not None:
             ema_val = evaluate(self.parts.ema.module, self.parts.val_loader, self.opts, self.dist)
@@ -136,7 +147,6 @@ class Trainer:
         self.progress.epoch += 1
         self.progress.batch_in_epoch = 0
         self._record(row)
-        return row
 
     # ------------------------------------------------------------------ bookkeeping
     def _metric(self, row: Dict[str, Any], prefix: str) -> float:
@@ -238,7 +248,8 @@ class Trainer:
                     state["batch_in_epoch"], state["iteration"])
 
     # ------------------------------------------------------------------ run folder, logging
-    def _prepare_run_dir(self) -> None:
+    def _open_run_dir(self) -> None:
+        self._handlers: List[logging.Handler] = []
         if not self.dist.is_main:
             return
         os.makedirs(self.run_dir, exist_ok=True)
@@ -246,6 +257,7 @@ class Trainer:
         handler = logging.FileHandler(self.path("train.log"))
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
+        self._handlers.append(handler)
         if self.cfg.common.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -253,11 +265,31 @@ class Trainer:
                 raise ConfigError("common.tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'") from None
             self._tb = SummaryWriter(self.path("tensorboard"))
 
-    def _close_tensorboard(self) -> None:
+    def _close_run_dir(self) -> None:
+        for handler in self._handlers:
+            logger.removeHandler(handler)
+            handler.close()
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
-    def _log_step(self, epoch: int, stats: Dict[str, float]) -> None:
+    def _progress_bar(self, epoch: int):
+        """A tqdm bar around the train loader on a terminal (rank 0); plain log lines otherwise."""
+        loader = self.parts.train_loader
+        if not (self.dist.is_main and sys.stdout.isatty()):
+            return loader, None
+        total = len(loader) - self.progress.batch_in_epoch
+        if self.opts.max_iterations is not None:
+            total = min(total, self.opts.max_iterations - self.progress.batch_in_epoch)
+        bar = tqdm(loader, total=total, desc=f"epoch {epoch + 1}/{self.cfg.scheduler.max_epochs}",
+                   leave=False, dynamic_ncols=True)
+        return bar, bar
+
+    def _log_step(self, epoch: int, stats: Dict[str, float], bar) -> None:
+        if bar is not None:
+            bar.set_postfix(loss=f"{stats['loss']:.3f}", top1=f"{stats['top1']:.1f}", lr=f"{stats['lr']:.2e}",
+                            img_s=f"{stats['images_per_second']:.0f}")
+            return
         logger.info("epoch %d batch %d: loss %.4f top1 %.2f lr %.3g %.0f img/s", epoch + 1,
                     self.progress.batch_in_epoch, stats["loss"], stats["top1"], stats["lr"], stats["images_per_second"])
 
