@@ -1,0 +1,155 @@
+"""Building blocks shared by the model families.
+
+Conv-norm-activation, the MobileNetV2 inverted residual, a pre-norm transformer block,
+and `StagedClassifier`, the base class that runs named stages followed by a
+pool -> dropout -> linear head.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable, ClassVar, Dict, Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cvnets.init import LinearInit
+
+ActFactory = Callable[[], nn.Module]
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = None) -> int:
+    """Round `value` to the nearest multiple of `divisor` (at least `min_value`).
+
+    One more multiple is added when rounding down would lose more than 10 %, the rule
+    MobileNetV2 and ml-cvnets use for channel counts.
+    """
+    min_value = divisor if min_value is None else min_value
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv2d, then optional BatchNorm2d and activation ("same" padding for odd kernels)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        groups: int = 1,
+        norm: bool = True,
+        act: Optional[ActFactory] = nn.SiLU,
+        bias: Optional[bool] = None,
+    ) -> None:
+        layers: "OrderedDict[str, nn.Module]" = OrderedDict()
+        # By default a conv has a bias only without a norm: BatchNorm's mean subtraction cancels it.
+        bias = not norm if bias is None else bias
+        layers["conv"] = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=bias
+        )
+        if norm:
+            layers["norm"] = nn.BatchNorm2d(out_channels)
+        if act is not None:
+            layers["act"] = act()
+        super().__init__(layers)
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expand -> 3x3 depthwise (stride) -> 1x1 linear projection."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, stride: int, expand_ratio: float, act: ActFactory = nn.SiLU
+    ) -> None:
+        super().__init__()
+        hidden = make_divisible(round(in_channels * expand_ratio), 8)
+        layers = [] if expand_ratio == 1 else [ConvNormAct(in_channels, hidden, 1, act=act)]
+        layers += [
+            ConvNormAct(hidden, hidden, 3, stride=stride, groups=hidden, act=act),
+            ConvNormAct(hidden, out_channels, 1, act=None),
+        ]
+        self.block = nn.Sequential(*layers)
+        self.use_residual = stride == 1 and in_channels == out_channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.block(x)
+        return x + out if self.use_residual else out
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention over [B, N, d] tokens with one fused qkv projection and SDPA."""
+
+    def __init__(self, dim: int, num_heads: int, attn_dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"num_heads {num_heads} does not divide the attention width {dim}")
+        self.num_heads = num_heads
+        self.attn_dropout = attn_dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, tokens, dim = x.shape
+        # [B, N, 3d] -> [B, N, 3, h, d/h] -> [3, B, h, N, d/h]; SDPA takes the strided views as they are
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
+        # [B, h, N, d/h] -> [B, N, h, d/h] -> [B, N, d]
+        return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm encoder block: x + Drop(MHA(LN(x))), then x + Drop(FFN(LN(x)))."""
+
+    def __init__(
+        self,
+        dim: int,
+        ffn_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        ffn_dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.norm_attn = nn.LayerNorm(dim)
+        self.attn = MultiHeadAttention(dim, num_heads, attn_dropout)
+        self.drop_attn = nn.Dropout(dropout)
+        self.norm_ffn = nn.LayerNorm(dim)
+        self.ffn = nn.Sequential(
+            nn.Linear(dim, ffn_dim), nn.SiLU(), nn.Dropout(ffn_dropout), nn.Linear(ffn_dim, dim), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_attn(self.attn(self.norm_attn(x)))
+        return x + self.ffn(self.norm_ffn(x))
+
+
+class StagedClassifier(nn.Module):
+    """A classifier made of named stages (run in order) and a pool -> dropout -> linear head.
+
+    Subclasses fill `self.stages` and call `_init_head`; they declare `linear_init`, the
+    family's default linear-layer initialisation (see cvnets/init.py).
+    """
+
+    linear_init: ClassVar[LinearInit]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stages = nn.ModuleDict()
+
+    def _init_head(self, channels: int, num_classes: int, dropout: float) -> None:
+        self.num_features = channels
+        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(channels, num_classes))
+
+    def stage_outputs(self, x: Tensor) -> Dict[str, Tensor]:
+        """Every stage's output by stage name, then the logits under "classifier"."""
+        outputs: Dict[str, Tensor] = {}
+        for name, stage in self.stages.items():
+            x = outputs[name] = stage(x)
+        outputs["classifier"] = self.classifier(x.mean(dim=(2, 3)))
+        return outputs
+
+    def forward(self, x: Tensor) -> Tensor:
+        for stage in self.stages.values():
+            x = stage(x)
+        # Global mean pool: [B, C, H, W] -> [B, C]
+        return self.classifier(x.mean(dim=(2, 3)))
