@@ -1,0 +1,280 @@
+"""tools/paper_tables.py: the table registry, its configs and tables built from synthetic run folders."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from options.config import load_config  # noqa: E402
+from tools import paper_tables as pt  # noqa: E402
+
+# Parameters at 200 classes. Baselines and MobileViT-Tiny are PAPER.md's counts; the other Table 3
+# models follow its layout with the head's 1x1 conv sized from the last remaining layer, as in the
+# paper's fork (min(4 * C, 960)).
+EXPECTED_PARAMS = {
+    "table1_mobilevit_small.yaml": 5_065_832,
+    "table1_mobilevit_x_small.yaml": 2_009_848,
+    "table1_mobilevit_xx_small.yaml": 1_015_224,
+    "table2_resnet50.yaml": 23_910_856,
+    "table2_resnet34.yaml": 21_380_296,
+    "table2_resnet18.yaml": 11_272_136,
+    "table3_no_vbs.yaml": 2_009_848,
+    "table3_remove_5.yaml": 1_145_224,
+    "table3_remove_4_5.yaml": 423_928,
+    "table3_remove_4_5_wd_0.001.yaml": 423_928,
+    "table3_remove_3_4.yaml": 983_208,
+    "table3_remove_3_4_no_fusion.yaml": 817_128,
+    "table3_remove_3_4_residual.yaml": 817_320,  # + BatchNorm(96) on the residual sum
+    "table3_remove_3_4_no_fusion_cutout.yaml": 817_128,
+    "table4_resnet18_no_vbs.yaml": 11_272_136,
+    "table4_resnet18_no_vbs_augment_tiny.yaml": 11_272_136,
+    "table4_resnet18_no_vbs_div_by_ten.yaml": 11_272_136,
+    "table4_resnet18_no_vbs_div_by_ten_augment_tiny.yaml": 11_272_136,
+    "table4_resnet50_no_vbs.yaml": 23_910_856,
+    "table4_resnet50_no_vbs_augment_tiny.yaml": 23_910_856,
+    "table4_resnet50_no_vbs_wd_4e-5.yaml": 23_910_856,
+    "table4_resnet50_no_vbs_div_by_ten.yaml": 23_910_856,
+    "table4_resnet50_no_vbs_div_by_ten_augment_tiny.yaml": 23_910_856,
+}
+CONFIGS = sorted({row.config for row in pt.ROWS})
+
+Epoch = Tuple[float, float, float]  # train_top1, val_top1, val_top5
+
+
+def make_run(results: Path, label: str, epochs: Sequence[Epoch], finished: bool = False,
+             params: Optional[int] = 1234, max_epochs: int = 10) -> Path:
+    """A run folder as the engine writes it: metrics.jsonl plus summary.json."""
+    run = results / label
+    run.mkdir(parents=True)
+    lines = [
+        {"epoch": i, "lr": 0.1, "train_loss": 1.0, "train_top1": t, "val_loss": 1.0,
+         "val_top1": v1, "val_top5": v5, "images_per_second": 100.0,
+         "ema_val_loss": 1.0, "ema_val_top1": 99.0, "ema_val_top5": 99.0}
+        for i, (t, v1, v5) in enumerate(epochs, start=1)
+    ]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    summary = {"finished": finished, "epochs_done": len(epochs), "max_epochs": max_epochs}
+    if params is not None:
+        summary["params"] = params
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def row(key: str) -> pt.Row:
+    return pt.select_rows(keys=[key])[0]
+
+
+def table_line(text: str, key: str) -> List[str]:
+    """The cells of the markdown line for row `key` (first match)."""
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == key:
+            return cells
+    raise AssertionError(f"no line for row {key} in:\n{text}")
+
+
+# ----------------------------------------------------------------------------- registry
+def test_registry_has_every_paper_row():
+    counts = {t: sum(r.table == t for r in pt.ROWS) for t in pt.TITLES}
+    assert counts == {1: 3, 2: 3, 3: 8, 4: 11}
+    assert len({r.key for r in pt.ROWS}) == len(pt.ROWS) == 25
+    assert [r.key for r in pt.ROWS if r.table == 4] == list("ABCDEFGHIJK")
+
+
+def test_table4_baselines_share_the_table2_runs():
+    assert row("A").config == row("2.3").config
+    assert row("F").config == row("2.1").config
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_row_config_loads(config):
+    path = os.path.join(pt.PAPER_CONFIGS, config)
+    assert os.path.isfile(path)
+    cfg = load_config(["--common.config-file", path])
+    assert cfg.common.config_file == path
+
+
+@pytest.mark.parametrize("key", [r.key for r in pt.ROWS if r.table in (3, 4) and r.key not in ("A", "F")])
+def test_experiments_turn_off_the_variable_batch_sampler(key):
+    cfg = load_config(["--common.config-file", pt.config_path(row(key))])
+    assert (cfg.sampler.name, cfg.sampler.crop_size, cfg.dataset.train_batch_size) == ("batch_sampler", 64, 128)
+
+
+def test_recipe_changes_reach_the_resolved_configs():
+    def load(key):
+        return load_config(["--common.config-file", pt.config_path(row(key))])
+
+    tiny, from_file = load("3.6"), load_config(["--common.config-file", str(ROOT / "config" / "mobilevit_tiny.yaml")])
+    assert (tiny.model.mobilevit.remove_layers, tiny.model.mobilevit.fusion) == ((3, 4), "none")
+    assert from_file.model.mobilevit.mode == "tiny"
+    assert load("3.4").optim.weight_decay == 0.001
+    assert load("3.7").model.mobilevit.fusion == "residual"
+    assert load("3.8").image_augmentation.train[-1]["name"] == "cutout"
+    assert load("I").optim.weight_decay == 4e-5
+    k = load("K")
+    assert k.scheduler.name == "div_by_ten" and k.scheduler.div_by_ten.milestones == (40, 60, 80)
+    (only,) = k.image_augmentation.train
+    assert only["name"] == "random_order" and len(only["transforms"]) == 8
+    assert load("B").scheduler.name == "cosine" and load("B").model.resnet.depth == 18
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_row_augmentations_build(config):
+    torch = pytest.importorskip("torch")
+    from data.transforms import build_pipeline
+
+    cfg = load_config(["--common.config-file", os.path.join(pt.PAPER_CONFIGS, config)])
+    image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8)
+    for where in ("train", "val"):
+        pipeline = build_pipeline(getattr(cfg.image_augmentation, where), f"image_augmentation.{where}")
+        assert pipeline(image, 64).shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_row_model_has_expected_parameter_count(config):
+    pytest.importorskip("torch")
+    assert config in EXPECTED_PARAMS, f"add the parameter count of {config} to EXPECTED_PARAMS"
+    assert pt.count_params(os.path.join(pt.PAPER_CONFIGS, config)) == EXPECTED_PARAMS[config]
+
+
+def test_select_rows_by_table_key_or_stem():
+    assert [r.key for r in pt.select_rows([2])] == ["2.1", "2.2", "2.3"]
+    assert [r.key for r in pt.select_rows([4], ["a", "K"])] == ["A", "K"]
+    assert [r.key for r in pt.select_rows(keys=["table3_remove_5"])] == ["3.2"]
+    with pytest.raises(ValueError, match="unknown row"):
+        pt.select_rows([4], ["3.1"])
+
+
+# ----------------------------------------------------------------------------- --list
+def test_list_shows_every_row(capsys):
+    assert pt.main(["--list"]) == 0
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| #")]
+    assert len(lines) == 25
+    assert "config/paper/table3_remove_3_4_no_fusion.yaml" in out and "817k" in out
+    assert table_line(out, "G")[4:8] == ["58.51", "60.19", "81.93", "23.9M"]
+
+
+# ----------------------------------------------------------------------------- collecting
+def test_rows_without_runs_are_pending(tmp_path):
+    rows = pt.select_rows([1])
+    text = pt.render_results(rows, {r: pt.collect(r, str(tmp_path)) for r in rows})
+    cells = table_line(text, "1.2")
+    assert cells[2:] == ["pending", "–", "– / 55.97", "– / 53.42", "– / 78.51", "– / 2.3M"]
+
+
+def test_best_epoch_is_the_highest_val_top1(tmp_path):
+    make_run(tmp_path, "table3_no_vbs", [(40, 50, 70), (55, 58.5, 80), (60, 58.5, 81), (61, 57, 79)],
+             finished=True, params=2_009_848)
+    result = pt.collect(row("3.1"), str(tmp_path))
+    assert result == pt.Result("done", 2, 55.0, 58.5, 80.0, 2_009_848)  # ties go to the earlier epoch
+    cells = table_line(pt.render_results([row("3.1")], {row("3.1"): result}), "3.1")
+    assert cells[2:] == ["done", "2", "55.00 / 58.69", "58.50 / 57.29", "80.00 / 80.49", "2,009,848 / 2.3M"]
+
+
+def test_unfinished_run_is_partial(tmp_path):
+    make_run(tmp_path, "table2_resnet18", [(10, 12, 30), (20, 22, 45)], max_epochs=150)
+    assert pt.collect(row("A"), str(tmp_path)).status == "partial 2/150"
+
+
+def test_torn_last_metrics_line_is_ignored(tmp_path):
+    run = make_run(tmp_path, "table2_resnet18", [(10, 12, 30)])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 2, "val_to')
+    assert pt.collect(row("2.3"), str(tmp_path)).best_epoch == 1
+
+
+def test_params_fall_back_to_the_runs_config(tmp_path, monkeypatch):
+    run = make_run(tmp_path, "table2_resnet34", [(10, 12, 30)], params=None)
+    (run / "config.yaml").write_text("model: {name: resnet, resnet: {depth: 34}}\n")
+    seen = []
+    monkeypatch.setattr(pt, "count_params", lambda path: seen.append(path) or 777)
+    assert pt.collect(row("2.2"), str(tmp_path)).params == 777
+    assert seen == [str(run / "config.yaml")]
+
+
+def test_collect_prints_tables_and_writes_csv(tmp_path, capsys):
+    results = tmp_path / "results"
+    make_run(results, "table2_resnet50", [(50, 52, 77), (54, 55.5, 80.1)], finished=True, params=23_910_856)
+    out_csv = tmp_path / "tables.csv"
+    assert pt.main(["--collect", str(results), "--table", "2", "4", "--csv", str(out_csv)]) == 0
+    text = capsys.readouterr().out
+    assert "### Table 2. ResNet baselines" in text and "### Table 4. ResNet experiments" in text
+    assert "### Table 1" not in text and "not the EMA" in text
+    assert table_line(text, "F")[2:5] == ["done", "2", "54.00 / 54.61"]  # shares the Table 2 run
+    with open(out_csv, newline="") as f:
+        lines = {line["row"]: line for line in csv.DictReader(f)}
+    assert len(lines) == 14 and list(lines["2.1"]) == pt.CSV_FIELDS
+    resnet50 = lines["2.1"]
+    assert (resnet50["val_top1"], resnet50["params"], resnet50["paper_val_top1"]) == ("55.5", "23910856", "55.7")
+    assert (lines["B"]["status"], lines["B"]["val_top1"], lines["B"]["paper_val_top1"]) == ("pending", "", "56.74")
+
+
+def test_collect_missing_folder_fails(tmp_path, capsys):
+    assert pt.main(["--collect", str(tmp_path / "nope")]) == 2
+    assert "results folder not found" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- --run
+def test_run_trains_each_config_once_then_tabulates(tmp_path, capsys):
+    results = tmp_path / "results"
+    make_run(results, "table2_resnet34", [(50, 52, 76)], finished=True)
+    calls = []
+
+    def fake_train(argv: List[str]) -> str:
+        calls.append(argv)
+        label = argv[argv.index("--common.run-label") + 1]
+        return str(make_run(results, label, [(1, 2, 3)], finished=True))
+
+    argv = ["--run", "--table", "2", "4", "--rows", "2.1", "2.2", "2.3", "A", "--results", str(results),
+            "--scheduler.max-epochs", "1"]
+    assert pt.main(argv, train=fake_train) == 0
+    assert [a[a.index("--common.run-label") + 1] for a in calls] == ["table2_resnet50", "table2_resnet18"]
+    first = calls[0]
+    assert first[:8] == ["--common.config-file", pt.config_path(row("2.1")), "--common.results-loc", str(results),
+                         "--common.run-label", "table2_resnet50", "--common.resume", "auto"]
+    assert first[8:] == ["--scheduler.max-epochs", "1"]
+    out = capsys.readouterr().out
+    assert "table2_resnet34: finished, skipped" in out
+    assert table_line(out, "A")[2] == "done"
+
+
+def test_run_resumes_an_unfinished_run(tmp_path):
+    make_run(tmp_path, "table3_remove_5", [(1, 2, 3)])
+    calls = []
+    pt.run_rows([row("3.2")], str(tmp_path), [], train=calls.append, log=lambda _: None)
+    assert len(calls) == 1 and calls[0][calls[0].index("--common.resume") + 1] == "auto"
+
+
+def test_overrides_need_run(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pt.main(["--list", "--optim.weight-decay", "0.1"])
+    assert exit_info.value.code == 2
+    assert "only apply with --run" in capsys.readouterr().err
+
+
+def test_unknown_row_is_an_error(capsys):
+    assert pt.main(["--list", "--rows", "Z"]) == 2
+    assert "unknown row(s) z" in capsys.readouterr().err
+
+
+def test_added_row_without_paper_figures_renders(tmp_path, monkeypatch):
+    extra = pt.Row(5, "5.1", "MobileViT-Tiny, weight decay 0.001", "table3_remove_3_4_no_fusion.yaml")
+    monkeypatch.setattr(pt, "ROWS", pt.ROWS + [extra])
+    rows = pt.select_rows([5])
+    text = pt.render_results(rows, {r: pt.collect(r, str(tmp_path)) for r in rows})
+    assert "### Table 5" in text
+    assert table_line(text, "5.1")[2:] == ["pending", "–", "– / –", "– / –", "– / –", "– / –"]
+
+
+def test_unknown_table_is_an_error(capsys):
+    assert pt.main(["--list", "--table", "7"]) == 2
+    assert "no rows in table(s) 7" in capsys.readouterr().err
