@@ -71,6 +71,7 @@ class DatasetConfig:
     download: bool = opt(False, "fetch the official archive when root is missing")
     archive: Optional[str] = opt(None, "unpack this local tiny-imagenet-200.zip when root is missing")
     cache: Literal["none", "memory", "disk", "gpu"] = opt("none", "decode images once into uint8 arrays")
+    cache_dir: Optional[str] = opt(None, "folder of the disk cache (.npy per split); null = <root>/cache")
     skip_corrupt: bool = opt(False, "skip unreadable images with a warning instead of failing")
     workers: int = opt(2, "DataLoader worker processes (0 loads in the main process)")
     persistent_workers: bool = opt(True, "keep workers alive between epochs")
@@ -280,6 +281,19 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    format: Literal["torchscript", "onnx"] = opt("torchscript", "artifact: TorchScript (traced) or ONNX (needs the export extra)")
+    output: Optional[str] = opt(None, "artifact path; null = beside the checkpoint (<stem>.torchscript.pt / <stem>.onnx)")
+    ema: bool = opt(False, "export the EMA weights stored in the checkpoint")
+    batch_size: int = opt(1, "batch size of the example input (the fixed batch unless dynamic_batch)")
+    dynamic_batch: bool = opt(False, "any batch size (ONNX: a symbolic batch axis)")
+    dynamic_shape: bool = opt(False, "ONNX only: any height and width (>= 32), not just the crop size")
+    verify: bool = opt(True, "compare the artifact's logits with the checkpoint model's before writing it")
+    tolerance: float = opt(1e-3, "largest allowed |logit difference| in the verify check")
+    opset: int = opt(18, "ONNX opset (the torch.export-based exporter needs 18 or newer)")
+
+
+@dataclass(frozen=True)
 class Config:
     common: CommonConfig = block(CommonConfig, "run settings")
     dataset: DatasetConfig = block(DatasetConfig, "dataset")
@@ -292,3 +306,4 @@ class Config:
     ema: EMAConfig = block(EMAConfig, "weight EMA")
     stats: StatsConfig = block(StatsConfig, "checkpoint selection")
     eval: EvalConfig = block(EvalConfig, "main_eval.py settings")
+    export: ExportConfig = block(ExportConfig, "main_export.py settings")

@@ -1,0 +1,139 @@
+"""Fetch, check and unpack the TinyImageNet zip without ever leaving a half-unpacked root.
+
+Unpacking goes into a temporary folder beside the root that is renamed into place only once
+everything is extracted (zipfile checks each member's CRC on the way), so an interruption or
+a damaged archive leaves no root behind and the next run simply starts again.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+import zipfile
+from dataclasses import dataclass
+from typing import Optional
+
+from data.base import DatasetError, logger, progress_bar
+
+
+@dataclass(frozen=True)
+class ArchiveSpec:
+    url: str
+    size: int  # bytes
+    md5: str
+
+
+OFFICIAL = ArchiveSpec(
+    url="http://cs231n.stanford.edu/tiny-imagenet-200.zip",
+    size=248_100_043,
+    md5="90528d7ca1a48142e341f4ef8d21d0de",
+)
+_CHUNK = 1 << 20
+
+
+def where_to_get_it(root: str) -> str:
+    """The shared advice of every missing-dataset message."""
+    return (
+        f"get {OFFICIAL.url} ({OFFICIAL.size:,} bytes) and set dataset.archive: PATH_TO_ZIP, "
+        f"or unpack it yourself and point dataset.root at the tiny-imagenet-200 folder "
+        f"(now {root}), or set dataset.download: true"
+    )
+
+
+def download_archive(dest: str, spec: ArchiveSpec = OFFICIAL, progress: bool = True) -> str:
+    """Download `spec.url` to `dest` (verified by size and MD5) unless a good copy is there already."""
+    if os.path.isfile(dest) and _matches(dest, spec):
+        return dest
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    logger.info("downloading %s (%s bytes) to %s", spec.url, f"{spec.size:,}", dest)
+    part = dest + ".part"
+    digest = hashlib.md5()
+    try:
+        with urllib.request.urlopen(spec.url, timeout=60) as response, open(part, "wb") as out:
+            with progress_bar(progress, total=spec.size, unit="B", unit_scale=True, desc="download") as bar:
+                for chunk in iter(lambda: response.read(_CHUNK), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as e:
+        _remove(part)
+        reason = getattr(e, "reason", None) or e
+        raise DatasetError(
+            f"cannot download {spec.url} ({reason}); {where_to_get_it(os.path.dirname(dest))}"
+        ) from None
+    except BaseException:
+        _remove(part)
+        raise
+    size = os.path.getsize(part)
+    if size != spec.size or digest.hexdigest() != spec.md5:
+        _remove(part)
+        raise DatasetError(
+            f"downloaded {spec.url} is damaged ({size:,} bytes, MD5 {digest.hexdigest()}; expected "
+            f"{spec.size:,} bytes, MD5 {spec.md5}); run again, or download it by hand and set dataset.archive"
+        )
+    os.replace(part, dest)
+    return dest
+
+
+def unpack_archive(archive: str, root: str, progress: bool = True) -> None:
+    """Extract a TinyImageNet zip so that `root` becomes the folder holding wnids.txt."""
+    if not os.path.isfile(archive):
+        raise DatasetError(f"dataset.archive: {archive} does not exist; give the path of tiny-imagenet-200.zip")
+    root = os.path.abspath(root)
+    parent = os.path.dirname(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.unpack-", dir=parent)
+    logger.info("unpacking %s into %s", archive, root)
+    try:
+        _extract(archive, tmp, progress)
+        top = _dataset_folder(tmp)
+        if top is None:
+            raise DatasetError(
+                f"{archive} holds no wnids.txt, so it is not a TinyImageNet archive; "
+                f"check dataset.archive ({where_to_get_it(root)})"
+            )
+        os.rename(top, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _extract(archive: str, out: str, progress: bool) -> None:
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            for member in progress_bar(progress, zf.infolist(), desc="unpack", unit="file"):
+                zf.extract(member, out)  # zipfile strips absolute paths and '..' from names
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
+        raise DatasetError(
+            f"{archive} is damaged or not a zip file ({e}); delete it and download it again "
+            f"({OFFICIAL.url}, MD5 {OFFICIAL.md5})"
+        ) from None
+
+
+def _dataset_folder(tmp: str) -> Optional[str]:
+    """The extracted folder that holds wnids.txt: tmp itself or its single top-level folder."""
+    if os.path.isfile(os.path.join(tmp, "wnids.txt")):
+        return tmp  # once renamed, the cleanup's rmtree finds nothing to remove
+    for entry in os.scandir(tmp):
+        if entry.is_dir() and os.path.isfile(os.path.join(entry.path, "wnids.txt")):
+            return entry.path
+    return None
+
+
+def _matches(path: str, spec: ArchiveSpec) -> bool:
+    if os.path.getsize(path) != spec.size:
+        return False
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest() == spec.md5
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass

@@ -1,0 +1,269 @@
+"""TinyImageNet read in the archive's own layout (see PAPER.md, end).
+
+Class index = position of the wnid in sorted(wnids.txt); names come from words.txt; val labels
+come from val/val_annotations.txt, so nobody has to reorganise the val folder by hand. Every
+problem found on opening is a one-line DatasetError naming the path and the fix.
+"""
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from data import cache as decoded
+from data.archive import OFFICIAL, download_archive, unpack_archive, where_to_get_it
+from data.base import DATASETS, CorruptImageError, DatasetError, SeededList, decode_image
+from data.fake import make_fake_tinyimagenet
+from options.schema import DatasetConfig
+
+SPLITS = ("train", "val", "test")
+_IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+_REFETCH = "re-unpack the archive (delete the folder and set dataset.download: true or dataset.archive)"
+
+# A transform maps an image tensor uint8 [3, H, W] and the batch's crop size to a new tensor.
+SampleTransform = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SplitFiles:
+    paths: List[str]
+    labels: Optional[np.ndarray]  # int64 class indices; None for the unlabelled test split
+
+
+@dataclass(frozen=True)
+class Classes:
+    wnids: List[str]  # sorted; the position is the class index
+    names: List[str]  # words.txt names in class order (the wnid itself when words.txt lacks it)
+
+
+# ----------------------------------------------------------------------------- preparing the root
+def prepare_root(cfg: DatasetConfig, progress: bool = True) -> str:
+    """Make sure cfg.root exists: generate fake data, unpack cfg.archive or download, as configured."""
+    root = cfg.root
+    if os.path.isdir(root):
+        return root
+    if cfg.fake.enable:
+        f = cfg.fake
+        make_fake_tinyimagenet(root, f.classes, f.train_per_class, f.val_per_class, f.test_per_class, f.seed)
+    elif cfg.archive:
+        unpack_archive(cfg.archive, root, progress)
+    elif cfg.download:
+        zip_path = os.path.join(os.path.dirname(os.path.abspath(root)), os.path.basename(OFFICIAL.url))
+        unpack_archive(download_archive(zip_path, OFFICIAL, progress), root, progress)
+    else:
+        raise DatasetError(f"dataset.root: {root} does not exist; {where_to_get_it(root)}")
+    return root
+
+
+# ----------------------------------------------------------------------------- reading the layout
+def read_classes(root: str) -> Classes:
+    """Sorted wnids from wnids.txt and their names from words.txt."""
+    if not os.path.isdir(root):
+        raise DatasetError(f"dataset.root: {root} does not exist; {where_to_get_it(root)}")
+    wnids_path = os.path.join(root, "wnids.txt")
+    if not os.path.isfile(wnids_path):
+        raise DatasetError(
+            f"{wnids_path} not found; dataset.root must be the unpacked tiny-imagenet-200 folder "
+            f"(the one holding wnids.txt, train/, val/)"
+        )
+    with open(wnids_path) as f:
+        wnids = sorted({line.strip() for line in f if line.strip()})
+    if not wnids:
+        raise DatasetError(f"{wnids_path} lists no classes; {_REFETCH}")
+    words = _read_words(os.path.join(root, "words.txt"))
+    return Classes(wnids, [words.get(w, w) for w in wnids])
+
+
+def read_split(root: str, split: str, wnids: Sequence[str]) -> SplitFiles:
+    """Image paths (and labels, except for test) of one split."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+    index = {w: i for i, w in enumerate(wnids)}
+    files = {"train": _train_files, "val": _val_files, "test": _test_files}[split](root, index)
+    if not files.paths:
+        raise DatasetError(f"{os.path.join(root, split)} holds no images; {_REFETCH}")
+    return files
+
+
+def _read_words(path: str) -> Dict[str, str]:
+    if not os.path.isfile(path):
+        return {}  # names are a nicety: fall back to the wnids
+    words = {}
+    with open(path) as f:
+        for line in f:
+            wnid, _, names = line.rstrip("\n").partition("\t")
+            words[wnid.strip()] = names.strip()
+    return words
+
+
+def _train_files(root: str, index: Dict[str, int]) -> SplitFiles:
+    paths, labels = [], []
+    for wnid, label in index.items():
+        folder = os.path.join(root, "train", wnid, "images")
+        if not os.path.isdir(folder):
+            raise DatasetError(f"{folder} is missing but wnids.txt lists {wnid}; {_REFETCH}")
+        names = _image_names(folder)
+        paths += [os.path.join(folder, n) for n in names]
+        labels += [label] * len(names)
+    return SplitFiles(paths, np.asarray(labels, np.int64))
+
+
+def _val_files(root: str, index: Dict[str, int]) -> SplitFiles:
+    folder = os.path.join(root, "val", "images")
+    annotations = os.path.join(root, "val", "val_annotations.txt")
+    if not os.path.isfile(annotations):
+        raise DatasetError(f"{annotations} not found (it holds the val labels); {_REFETCH}")
+    present = set(_image_names(folder)) if os.path.isdir(folder) else set()
+    paths, labels = [], []
+    with open(annotations) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            fields = line.split("\t")
+            where = f"{annotations}:{number}"
+            if len(fields) < 2:
+                raise DatasetError(f"{where}: expected '<file>\\t<wnid>\\t...', got {line.strip()!r}; {_REFETCH}")
+            name, wnid = fields[0].strip(), fields[1].strip()
+            if wnid not in index:
+                raise DatasetError(f"{where}: wnid {wnid} is not in wnids.txt; {_REFETCH}")
+            if name not in present:
+                raise DatasetError(f"{where}: {os.path.join(folder, name)} does not exist; {_REFETCH}")
+            paths.append(os.path.join(folder, name))
+            labels.append(index[wnid])
+    return SplitFiles(paths, np.asarray(labels, np.int64))
+
+
+def _test_files(root: str, index: Dict[str, int]) -> SplitFiles:
+    folder = os.path.join(root, "test", "images")
+    if not os.path.isdir(folder):
+        raise DatasetError(f"{folder} is missing; {_REFETCH}")
+    return SplitFiles([os.path.join(folder, n) for n in _image_names(folder)], None)
+
+
+def _image_names(folder: str) -> List[str]:
+    """Image file names in natural order (img_2 before img_10)."""
+    names = [n for n in os.listdir(folder) if n.lower().endswith(_IMAGE_EXTENSIONS)]
+    return sorted(names, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+
+
+# ----------------------------------------------------------------------------- the dataset
+# A sampler item: a plain index (default crop size) or (index, crop size).
+Item = Union[int, Tuple[int, int]]
+
+
+@DATASETS.register("tinyimagenet")
+class TinyImageNet(Dataset):
+    """One split of TinyImageNet; item i is (image uint8 [3, h, w] after the transform, target).
+
+    The target is the int64 class index, or for the unlabelled test split the item's index
+    (file_names[index] is then its file). Items may be (index, crop_size) pairs from the batch
+    samplers; the crop size is handed to the transform (random_resized_crop, center_crop...).
+    """
+
+    def __init__(
+        self,
+        root: str,
+        split: str,
+        transform: Optional[SampleTransform] = None,
+        cache: str = "none",
+        cache_dir: Optional[str] = None,
+        skip_corrupt: bool = False,
+        crop_size: int = 64,
+        workers: int = 0,
+        progress: bool = True,
+    ) -> None:
+        self.root, self.split, self.transform, self.crop_size = root, split, transform, crop_size
+        classes = read_classes(root)
+        self.wnids, self.class_names = classes.wnids, classes.names
+        files = read_split(os.path.abspath(root), split, self.wnids)
+        cached = self._decoded(files.paths, cache, cache_dir, workers, progress)
+        keep = self._readable(files.paths, cached, skip_corrupt, workers, progress)
+        self._images = cached.images if cached is not None else None
+        self.paths = [files.paths[i] for i in keep]
+        self.labels = files.labels[keep] if files.labels is not None else None
+        self._rows = np.asarray(keep, np.int64)  # row in the decoded array of each item
+
+    @classmethod
+    def from_config(cls, cfg: DatasetConfig, split: str, transform: Optional[SampleTransform],
+                    crop_size: int, progress: bool = True) -> "TinyImageNet":
+        return cls(cfg.root, split, transform, cfg.cache, cfg.cache_dir, cfg.skip_corrupt, crop_size, cfg.workers,
+                   progress)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.wnids)
+
+    @property
+    def file_names(self) -> List[str]:
+        """File names (no folder) in item order, e.g. for a test-split predictions CSV."""
+        return [os.path.basename(p) for p in self.paths]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: Item) -> Tuple[torch.Tensor, int]:
+        index, crop_size = item if isinstance(item, tuple) else (item, self.crop_size)
+        image = torch.from_numpy(self._pixels(index)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W] (a view)
+        if self.transform is not None:
+            image = self.transform(image, crop_size)
+        target = int(self.labels[index]) if self.labels is not None else index
+        return image, target
+
+    def _pixels(self, index: int) -> np.ndarray:
+        """Item `index` as a writable uint8 array [64, 64, 3], from the cache or its file."""
+        if self._images is None:
+            return decode_image(self.paths[index])
+        return np.array(self._images[self._rows[index]])  # a copy: the disk cache maps read-only
+
+    def __getitems__(self, items: List[Item]) -> List[Tuple[torch.Tensor, int]]:
+        """A batch's samples (DataLoader calls this once per batch).
+
+        A SeededList batch draws its augmentations from its own seed, which makes them
+        independent of worker processes; the result carries the seed on for mixup.
+        """
+        seed = getattr(items, "seed", None)
+        if seed is None:
+            return [self[item] for item in items]
+        with torch.random.fork_rng(devices=[]):  # leave the caller's random stream as it was
+            torch.default_generator.manual_seed(seed)
+            return SeededList([self[item] for item in items], seed)
+
+    def _decoded(self, paths: List[str], cache: str, cache_dir: Optional[str], workers: int,
+                 progress: bool) -> Optional[decoded.DecodedImages]:
+        if cache == "none":
+            return None
+        if cache == "memory":
+            return decoded.decode_all(paths, workers, progress, f"decode {self.split}")
+        if cache == "disk":
+            folder = cache_dir or os.path.join(self.root, "cache")
+            return decoded.disk_cache(paths, os.path.join(folder, f"{self.split}-u8"), workers, progress)
+        if cache == "gpu":
+            raise DatasetError("dataset.cache: gpu is not available yet; use dataset.cache: memory or disk")
+        raise ValueError(f"cache {cache!r} is not one of none, memory, disk")
+
+    def _readable(self, paths: List[str], cached: Optional[decoded.DecodedImages], skip_corrupt: bool,
+                  workers: int, progress: bool) -> List[int]:
+        """Positions to keep: an unreadable file fails here, or is skipped with a warning."""
+        if cached is not None:
+            unreadable = cached.unreadable
+        elif skip_corrupt:  # JPEG path: only decoding everything finds them up front
+            unreadable = decoded.find_unreadable(paths, workers, progress)
+        else:
+            return list(range(len(paths)))  # found (and raised) when the image is loaded
+        if unreadable and not skip_corrupt:
+            decode_image(paths[unreadable[0]])  # raises with the decoder's own reason
+            raise CorruptImageError.for_file(paths[unreadable[0]], "unreadable when the cache was built")
+        if unreadable:
+            warnings.warn(
+                f"skipped {len(unreadable)} unreadable image(s) of {os.path.join(self.root, self.split)} "
+                f"(dataset.skip_corrupt), first: {paths[unreadable[0]]}",
+                stacklevel=2,
+            )
+        bad = set(unreadable)
+        return [i for i in range(len(paths)) if i not in bad]

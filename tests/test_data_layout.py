@@ -1,0 +1,244 @@
+"""TinyImageNet read in its own layout: labels, class order, colour modes, errors, the fake tree."""
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data.fake
+from conftest import FAKE_TREE
+from data.base import CorruptImageError, DatasetError, decode_image
+from data.fake import make_fake_tinyimagenet
+from data.tinyimagenet import TinyImageNet, read_classes
+from options.config import ConfigError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def lines(path):
+    with open(path) as f:
+        return [line.rstrip("\n").split("\t") for line in f if line.strip()]
+
+
+# ----------------------------------------------------------------------------- parsing
+def test_classes_are_sorted_wnids_named_from_words(fake_root):
+    listed = [w for (w,) in lines(os.path.join(fake_root, "wnids.txt"))]
+    assert listed != sorted(listed), "the fake tree should list wnids unsorted to make this test bite"
+    classes = read_classes(fake_root)
+    assert classes.wnids == sorted(listed)
+    words = dict(lines(os.path.join(fake_root, "words.txt")))
+    assert len(words) > len(listed)  # words.txt covers more wnids than the classes
+    assert classes.names == [words[w] for w in classes.wnids]
+
+
+def test_train_labels_follow_class_folders(fake_root):
+    ds = TinyImageNet(fake_root, "train")
+    assert len(ds) == FAKE_TREE["classes"] * FAKE_TREE["train_per_class"]
+    for path, label in zip(ds.paths, ds.labels):
+        assert path.split(os.sep)[-3] == ds.wnids[label]
+
+
+def test_val_labels_come_from_the_annotations(fake_root):
+    ds = TinyImageNet(fake_root, "val")
+    annotations = lines(os.path.join(fake_root, "val", "val_annotations.txt"))
+    assert ds.file_names == [row[0] for row in annotations]
+    assert [ds.wnids[label] for label in ds.labels] == [row[1] for row in annotations]
+    assert len(set(ds.labels.tolist())) == FAKE_TREE["classes"]
+
+
+def test_test_split_has_file_names_and_index_targets(fake_root):
+    ds = TinyImageNet(fake_root, "test")
+    assert ds.labels is None
+    assert ds.file_names[:3] == ["test_0.JPEG", "test_1.JPEG", "test_2.JPEG"]  # natural order
+    image, target = ds[5]
+    assert target == 5 and image.shape == (3, 64, 64) and image.dtype == torch.uint8
+
+
+def test_grayscale_files_in_the_tree_become_rgb(fake_root):
+    ds = TinyImageNet(fake_root, "train")
+    gray = [i for i, p in enumerate(ds.paths) if Image.open(p).mode == "L"]
+    assert gray, "the fake tree should contain grayscale JPEGs"
+    image, _ = ds[gray[0]]
+    assert image.shape == (3, 64, 64)
+    assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
+
+
+@pytest.mark.parametrize("mode, fmt", [("L", "JPEG"), ("CMYK", "JPEG"), ("P", "PNG"), ("RGB", "PNG")])
+def test_decode_converts_every_colour_mode_to_rgb(tmp_path, mode, fmt):
+    path = str(tmp_path / f"img.{fmt.lower()}")
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    rgb.convert(mode).save(path, fmt)
+    pixels = decode_image(path)
+    assert pixels.shape == (64, 64, 3) and pixels.dtype == np.uint8 and pixels.flags.writeable
+
+
+def test_decode_resizes_other_sizes_to_64(tmp_path):
+    path = str(tmp_path / "big.JPEG")
+    Image.new("RGB", (80, 72), (200, 10, 10)).save(path)
+    assert decode_image(path).shape == (64, 64, 3)
+
+
+# ----------------------------------------------------------------------------- errors
+def _remove_wnids(root):
+    os.remove(os.path.join(root, "wnids.txt"))
+    return os.path.join(root, "wnids.txt")
+
+
+def _remove_class_folder(root):
+    wnid = read_classes(root).wnids[1]
+    shutil.rmtree(os.path.join(root, "train", wnid))
+    return os.path.join(root, "train", wnid, "images")
+
+
+def _annotate(root, line):
+    path = os.path.join(root, "val", "val_annotations.txt")
+    with open(path, "a") as f:
+        f.write(line)
+    return path
+
+
+def _unknown_wnid(root):
+    return _annotate(root, "val_0.JPEG\tn99999999\t0\t0\t5\t5\n") + ":"
+
+
+def _missing_val_file(root):
+    wnid = read_classes(root).wnids[0]
+    _annotate(root, f"val_999.JPEG\t{wnid}\t0\t0\t5\t5\n")
+    return os.path.join(root, "val", "images", "val_999.JPEG")
+
+
+def _missing_annotations(root):
+    os.remove(os.path.join(root, "val", "val_annotations.txt"))
+    return os.path.join(root, "val", "val_annotations.txt")
+
+
+def _empty_test_split(root):
+    folder = os.path.join(root, "test", "images")
+    for name in os.listdir(folder):
+        os.remove(os.path.join(folder, name))
+    return os.path.join(root, "test")
+
+
+def _missing_root(root):
+    shutil.rmtree(root)
+    return root
+
+
+@pytest.mark.parametrize("split, damage, fix", [
+    ("train", _missing_root, "dataset.archive"),
+    ("train", _remove_wnids, "dataset.root"),
+    ("train", _remove_class_folder, "re-unpack"),
+    ("val", _unknown_wnid, "re-unpack"),
+    ("val", _missing_val_file, "re-unpack"),
+    ("val", _missing_annotations, "re-unpack"),
+    ("test", _empty_test_split, "re-unpack"),
+])
+def test_layout_problems_are_one_line_errors_naming_path_and_fix(fake_copy, split, damage, fix):
+    where = damage(fake_copy)
+    with pytest.raises(DatasetError) as err:
+        TinyImageNet(fake_copy, split)
+    message = str(err.value)
+    assert isinstance(err.value, ConfigError)  # entry points print it and exit with status 2
+    assert "\n" not in message and where in message and fix in message
+
+
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(200)
+
+
+def test_corrupt_image_fails_naming_the_file(fake_copy):
+    ds = TinyImageNet(fake_copy, "train")
+    _truncate(ds.paths[3])
+    with pytest.raises(CorruptImageError, match="skip_corrupt") as err:
+        ds[3]
+    assert ds.paths[3] in str(err.value) and "\n" not in str(err.value)
+
+
+def test_corrupt_image_error_stays_one_line_from_a_worker(fake_copy):
+    ds = TinyImageNet(fake_copy, "train")
+    _truncate(ds.paths[0])
+    batches = iter(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=1))
+    try:
+        with pytest.raises(CorruptImageError) as err:
+            next(batches)
+    finally:
+        # After a worker error torch leaves the iterator in a reference cycle; shutting the
+        # worker down from the garbage collector later stalls whichever test runs then.
+        batches._shutdown_workers()
+    message = str(err.value)
+    assert message.startswith(f"cannot decode image {ds.paths[0]}") and "\n" not in message
+
+
+@pytest.mark.parametrize("cache", ["none", "memory"])
+def test_skip_corrupt_warns_and_counts(fake_copy, cache):
+    victim = TinyImageNet(fake_copy, "val").paths[2]
+    _truncate(victim)
+    if cache != "none":  # the cache finds the file while decoding everything
+        with pytest.raises(CorruptImageError, match=victim):
+            TinyImageNet(fake_copy, "val", cache=cache, progress=False)
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        ds = TinyImageNet(fake_copy, "val", cache=cache, skip_corrupt=True, progress=False)
+    assert victim not in ds.paths and len(ds) == len(ds.labels) == FAKE_TREE["classes"] * FAKE_TREE["val_per_class"] - 1
+
+
+# ----------------------------------------------------------------------------- the fake tree
+def test_fake_cli_writes_the_layout(tmp_path):
+    root = str(tmp_path / "tiny")
+    cmd = [sys.executable, "-m", "data.fake", root, "--classes", "3", "--train-per-class", "2",
+           "--val-per-class", "2", "--test-per-class", "1", "--seed", "3"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert len(TinyImageNet(root, "train")) == 6 and len(TinyImageNet(root, "val")) == 6
+    assert len(TinyImageNet(root, "test")) == 3
+    wnid = read_classes(root).wnids[0]
+    assert lines(os.path.join(root, "train", wnid, f"{wnid}_boxes.txt"))[0][0] == f"{wnid}_0.JPEG"
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_fake_tree_is_written_atomically(tmp_path, monkeypatch):
+    def fail(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data.fake, "_write_boxes", fail)
+    with pytest.raises(KeyboardInterrupt):
+        make_fake_tinyimagenet(str(tmp_path / "tiny"), classes=2, train_per_class=2, val_per_class=1)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors train faster on one thread, and far faster on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_fake_images_are_learnable_by_a_small_cnn(fake_root, one_thread):
+    """A tiny CNN on random resized crops + flips beats chance (25%) on val within a few epochs."""
+    from data.transforms import build_pipeline
+
+    torch.manual_seed(0)
+    augment = build_pipeline([{"name": "random_resized_crop", "scale": [0.25, 1.0]},
+                              {"name": "random_horizontal_flip"}], "train")
+    train, val = TinyImageNet(fake_root, "train", augment, crop_size=32), TinyImageNet(fake_root, "val")
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, stride=2),
+        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 4),
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(6):
+        for batch in torch.utils.data.DataLoader(train, batch_size=16, shuffle=True):
+            images, labels = batch[0].float() / 255, batch[1]
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(images), labels).backward()
+            opt.step()
+    images, labels = next(iter(torch.utils.data.DataLoader(val, batch_size=len(val))))
+    accuracy = (model(images.float() / 255).argmax(1) == labels).float().mean().item()
+    assert accuracy >= 0.6
