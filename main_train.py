@@ -51,7 +51,7 @@ def build_trainer(cfg: Config):
     import optim
     from engine.ema import ModelEMA
     from engine.loops import LoopOptions
-    from engine.trainer import Components, Trainer
+    from engine.trainer import Components, Trainer, load_pretrained
     from engine.utils import init_distributed, resolve_device, seed_everything
 
     common = cfg.common
@@ -65,6 +65,10 @@ def build_trainer(cfg: Config):
     resume_path = find_resume_path(cfg, run_dir)
     loaders = data.build_loaders(cfg, rank=dist_info.rank, world_size=dist_info.world_size, device=device)
     model = cvnets.build_model(cfg.model, loaders.num_classes)
+    if cfg.model.checkpoint is not None and resume_path is None:
+        skipped = load_pretrained(model, cfg.model.checkpoint)
+        logger.info("initialised from %s%s", cfg.model.checkpoint,
+                    f" (kept fresh, shapes differ: {', '.join(skipped)})" if skipped else "")
     if dist_info.enabled and common.sync_bn:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     fmt = torch.channels_last if common.channels_last else torch.contiguous_format

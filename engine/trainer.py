@@ -231,8 +231,13 @@ class Trainer:
         if "optimizer" not in state:
             raise ConfigError(f"{path} holds weights only, not a training state; resume from checkpoint_last.pt")
         parts = self.parts
-        parts.model.load_state_dict(state["model"])
-        parts.optimizer.load_state_dict(state["optimizer"])
+        try:
+            parts.model.load_state_dict(state["model"])
+            parts.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            first = str(e).strip().splitlines()[0]
+            raise ConfigError(f"{path} does not fit the model/optimizer of this config ({first}); "
+                              "resume with the config the run was started with") from None
         parts.scheduler.load_state_dict(state["scheduler"])
         if parts.scaler is not None and state.get("scaler"):
             parts.scaler.load_state_dict(state["scaler"])
@@ -324,6 +329,24 @@ class Trainer:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+
+
+def load_pretrained(model: nn.Module, path: str) -> List[str]:
+    """Initialise `model` from a checkpoint's weights for fine-tuning.
+
+    Tensors whose shape differs (typically the classifier, for another number of classes)
+    keep their fresh initialisation; their names are returned. Missing or unexpected keys
+    mean another architecture and are an error.
+    """
+    weights = load_checkpoint(path)["model"]
+    own = model.state_dict()
+    if set(weights) != set(own):
+        odd = sorted(set(weights) ^ set(own))[:3]
+        raise ConfigError(f"model.checkpoint {path} holds another architecture (e.g. {', '.join(odd)}); "
+                          "pick a checkpoint of the same model")
+    skipped = [k for k, v in weights.items() if v.shape != own[k].shape]
+    model.load_state_dict({k: v for k, v in weights.items() if k not in skipped}, strict=False)
+    return skipped
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:

@@ -182,3 +182,15 @@ def test_ddp_two_processes_on_cpu(fake_root, tmp_path):
     assert len(rows) == 1  # only rank 0 writes
     assert rows[0]["val_images"] == 4 * 4  # shards are disjoint and complete: each image counted once
     assert rows[0]["train_images"] == 4 * 12
+
+
+def test_fine_tune_from_a_checkpoint_keeps_matching_weights(fake_root, tmp_path):
+    run_dir = main_train.main(tiny_args(fake_root, tmp_path, "pre", 1))
+    source = load_checkpoint(os.path.join(run_dir, "checkpoint_best.pt"))["model"]
+    cfg = load_config(tiny_args(fake_root, tmp_path, "ft", 1, "--model.checkpoint",
+                                os.path.join(run_dir, "checkpoint_best.pt"), "--model.num-classes", "7"))
+    model = main_train.build_trainer(cfg).parts.model
+    own = model.state_dict()
+    fresh = [k for k in own if own[k].shape != source[k].shape]
+    assert fresh and all(k.startswith("classifier") for k in fresh)
+    assert all(torch.equal(own[k], source[k]) for k in own if k not in fresh)
