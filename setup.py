@@ -9,10 +9,11 @@ setup(
     python_requires=">=3.9",
     packages=["cvnets", "data", "loss_fn", "optim", "engine", "options"],
     # The entry scripts are installed as modules so the console scripts can import them.
-    py_modules=["main_train", "main_eval"],
+    py_modules=["main_train", "main_eval", "main_export"],
     install_requires=["torch>=2.1", "torchvision>=0.16", "pyyaml>=6", "numpy", "tqdm", "pillow"],
     extras_require={
-        "test": ["pytest>=7", "matplotlib"],
+        "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime"],
+        "export": ["onnx", "onnxscript", "onnxruntime"],
         "plots": ["matplotlib"],
         "tensorboard": ["tensorboard"],
     },
@@ -20,6 +21,7 @@ setup(
         "console_scripts": [
             "cvnets-train=main_train:main",
             "cvnets-eval=main_eval:main",
+            "cvnets-export=main_export:main",
         ]
     },
 )

@@ -1,0 +1,318 @@
+"""Writing a trained model as TorchScript or ONNX, running the artifact, and checking parity.
+
+TorchScript goes through torch.jit.trace, as torch.jit.script cannot compile the attention's
+shape unpacking; an eval-mode model has no data-dependent branches a trace could miss. A
+traced model keeps the spatial size it was traced at (MobileViT's patch layout is computed in
+Python), but not the batch size.
+
+ONNX goes through the torch.export-based exporter (torch.onnx.export(dynamo=True), the
+default since torch 2.9; it needs onnxscript). The older TorchScript-based exporter is
+deprecated and bakes every shape computed in Python into the graph, so it cannot give
+MobileViT a symbolic height and width; torch.export keeps them symbolic. One more step
+makes a dynamic-shape graph correct for every size: see AnySizeMobileViTBlock.
+"""
+from __future__ import annotations
+
+import importlib
+import platform
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cvnets.mobilevit import MobileViTBlock
+from options.config import ConfigError
+
+INPUT_NAME, OUTPUT_NAME = "images", "logits"
+MIN_DYNAMIC_SIDE = 32  # smallest height/width a dynamic-shape ONNX graph accepts (the 32x downsampling)
+TRACE_SIDE = 128  # dynamic-shape tracing size: 4x4 maps after 32x downsampling, 4 patches of 2x2
+MIN_OPSET = 18  # the torch.export-based exporter writes opset 18 and newer only
+EXTRA_HINT = "pip install -e '.[export]'"
+FORMATS = ("torchscript", "onnx")
+JIT_DEPRECATION = r"`torch\.jit\."  # start of torch 2.14's "`torch.jit.trace` is deprecated" notices
+
+Runner = Callable[[Tensor], Tensor]  # images [B, 3, H, W] -> logits [B, C], on the CPU
+
+
+class MissingExtraError(ConfigError):
+    """An optional package of the export extra is not installed (one line, names the fix)."""
+
+
+class ParityError(Exception):
+    """The exported model's logits differ from the checkpoint model's beyond the tolerance."""
+
+
+# ----------------------------------------------------------------------------- optional packages
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+def require_onnx(export: bool, run: bool) -> None:
+    """Raise MissingExtraError unless the packages to export (onnx, onnxscript) and/or to run
+    (onnxruntime) ONNX models import."""
+    needed = (["onnx", "onnxscript"] if export else []) + (["onnxruntime"] if run else [])
+    missing = [name for name in needed if not _importable(name)]
+    if missing:
+        task = " and ".join(t for t, wanted in (("export", export), ("run", run)) if wanted)
+        raise MissingExtraError(f"{', '.join(missing)} not installed (needed to {task} ONNX models); "
+                                f"install the export extra: {EXTRA_HINT}")
+
+
+def package_versions() -> Dict[str, Optional[str]]:
+    """Versions of the packages an artifact depends on (None where not installed)."""
+    found: Dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "numpy", "onnx", "onnxscript", "onnxruntime"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+# ----------------------------------------------------------------------------- dynamic shapes
+class AnySizeMobileViTBlock(nn.Module):
+    """A MobileViTBlock (its own weights) whose resize to whole patches always runs.
+
+    The block resizes a feature map only when a side is not a multiple of the patch size.
+    torch.export settles that branch for the example input: a graph exported at 64x64 skips
+    the resize and then fails at 96x96, where layer5 sees 3x3 maps. Bilinear resizing of a
+    map to its own size (half-pixel centres) returns it unchanged, so resizing always gives
+    the same logits at every size and one graph serves them all.
+    """
+
+    def __init__(self, block: MobileViTBlock) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor) -> Tensor:
+        b = self.block
+        height, width = x.shape[-2:]
+        _, _, padded_h, padded_w = b.token_grid(height, width)
+        y = F.interpolate(b.local(x), size=(padded_h, padded_w), mode="bilinear", align_corners=False)
+        y = b.fold(b.transformer(b.unfold(y)), padded_h, padded_w)
+        y = b.proj(F.interpolate(y, size=(height, width), mode="bilinear", align_corners=False))
+        if b.fusion == "concat_conv":
+            return b.fuse(torch.cat((x, y), dim=1))
+        if b.fusion == "residual":
+            return b.fuse(x + y)
+        return y
+
+
+def make_any_size(model: nn.Module) -> int:
+    """Wrap every MobileViTBlock of `model` (in place) in AnySizeMobileViTBlock; the count."""
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, MobileViTBlock)]
+    for parent, name, child in targets:
+        setattr(parent, name, AnySizeMobileViTBlock(child))
+    return len(targets)
+
+
+# ----------------------------------------------------------------------------- writing artifacts
+def check_settings(fmt: str, batch_size: int, dynamic_shape: bool, opset: int, tolerance: float) -> None:
+    """Reject export settings that cannot work, before any model is built (ConfigError)."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"export.format: {fmt!r} is not one of {', '.join(FORMATS)}")
+    if batch_size < 1:
+        raise ConfigError(f"export.batch_size: {batch_size} must be >= 1")
+    if tolerance < 0:
+        raise ConfigError(f"export.tolerance: {tolerance} must be >= 0")
+    if dynamic_shape and fmt != "onnx":
+        raise ConfigError("export.dynamic_shape: true needs export.format: onnx; a traced TorchScript "
+                          "model keeps the input size it was traced at")
+    if fmt == "onnx" and opset < MIN_OPSET:
+        raise ConfigError(f"export.opset: {opset} is older than {MIN_OPSET}, the oldest opset the "
+                          f"torch.export-based ONNX exporter writes; use {MIN_OPSET} or newer")
+
+
+def export_torchscript(model: nn.Module, example: Tensor, path: str) -> None:
+    """Trace `model` (eval mode) on `example` and save the TorchScript module to `path`."""
+    with warnings.catch_warnings():
+        # TracerWarnings flag the shape arithmetic that tracing turns into constants (the
+        # reason the spatial size is fixed); torch 2.14 also marks torch.jit as deprecated.
+        # Neither is actionable here, and the parity check runs the saved artifact.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", JIT_DEPRECATION, FutureWarning)
+        with torch.no_grad():
+            traced = torch.jit.trace(model, example, check_trace=False)
+        torch.jit.save(traced, path)
+
+
+def export_onnx(model: nn.Module, example: Tensor, path: str, opset: int, dynamic_batch: bool,
+                dynamic_shape: bool) -> None:
+    """Export `model` with the torch.export-based exporter into one self-contained .onnx file."""
+    require_onnx(export=True, run=False)
+    example = _trace_example(example, dynamic_batch, dynamic_shape)
+    Dim = torch.export.Dim
+    axes: Dict[int, object] = {}
+    if dynamic_batch:
+        axes[0] = Dim("batch", min=1)
+    if dynamic_shape:
+        axes[2], axes[3] = Dim("height", min=MIN_DYNAMIC_SIDE), Dim("width", min=MIN_DYNAMIC_SIDE)
+    with torch.no_grad():
+        torch.onnx.export(
+            model, (example,), path, dynamo=True, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            dynamic_shapes=(axes,) if axes else None,
+            external_data=False,  # weights inside the file: one artifact that can be renamed atomically
+            verbose=False,
+        )
+
+
+def _trace_example(example: Tensor, dynamic_batch: bool, dynamic_shape: bool) -> Tensor:
+    """An input on which no dynamic axis has size 0 or 1 anywhere inside the network.
+
+    torch.export specialises such sizes, and torch.onnx then writes a graph that holds for
+    them only: traced at batch 1 MobileViT's convolutions fix the batch, and at 64 px its last
+    stage has one 2x2 patch per image, which fixes the token count to 1 (the graph fails at
+    96 px). The parity check catches both; this avoids them.
+    """
+    batch, channels, height, width = example.shape
+    if dynamic_batch:
+        batch = max(batch, 2)
+    if dynamic_shape:
+        height, width = max(height, TRACE_SIDE), max(width, TRACE_SIDE)
+    return torch.rand(batch, channels, height, width)
+
+
+def export_model(model: nn.Module, example: Tensor, path: str, fmt: str, opset: int = MIN_OPSET,
+                 dynamic_batch: bool = False, dynamic_shape: bool = False) -> None:
+    """Write `model` (eval mode, BN folded) as `fmt` to `path`; settings as check_settings accepts."""
+    check_settings(fmt, len(example), dynamic_shape, opset, tolerance=0.0)
+    if fmt == "torchscript":
+        export_torchscript(model, example, path)
+    else:
+        export_onnx(model, example, path, opset, dynamic_batch, dynamic_shape)
+
+
+# ----------------------------------------------------------------------------- running artifacts
+def load_runner(path: str, fmt: str, threads: Optional[int] = None) -> Runner:
+    """A function running the artifact at `path` on CPU float32 images; returns logits."""
+    if fmt == "torchscript":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", JIT_DEPRECATION, FutureWarning)
+            module = torch.jit.load(path, map_location="cpu").eval()
+        return module
+    require_onnx(export=False, run=True)
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def run(images: Tensor) -> Tensor:
+        return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: images.contiguous().numpy()})[0])
+
+    return run
+
+
+# ----------------------------------------------------------------------------- parity
+@dataclass(frozen=True)
+class ParityCase:
+    """Images fed to both models in chunks of `batch` (the image count is a multiple of it)."""
+
+    name: str
+    images: Tensor  # [N, 3, H, W], preprocessed as the model expects
+    batch: int
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    name: str
+    batch: int
+    height: int
+    width: int
+    count: int
+    max_abs_diff: float
+    max_abs_logit: float  # of the reference model: the scale float32 rounding grows with
+    top1_agree: int
+
+    @property
+    def top1_agreement(self) -> float:
+        return 100.0 * self.top1_agree / self.count
+
+    def within(self, tolerance: float) -> bool:
+        """|diff| <= tolerance, relative to the largest |logit| where that exceeds 1."""
+        return self.max_abs_diff <= tolerance * max(1.0, self.max_abs_logit)
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.count} images {self.height}x{self.width} in batches of {self.batch}: "
+                f"max |logit diff| {self.max_abs_diff:.2e} (largest |logit| {self.max_abs_logit:.3g}), "
+                f"top-1 agreement {self.top1_agree}/{self.count} ({self.top1_agreement:.1f}%)")
+
+
+def random_images(count: int, height: int, width: int, generator: torch.Generator) -> Tensor:
+    """Uniform noise in [0, 1]: every pixel independent, far from natural images."""
+    return torch.rand(count, 3, height, width, generator=generator)
+
+
+def smooth_images(count: int, height: int, width: int, generator: torch.Generator) -> Tensor:
+    """Natural-looking stand-ins in [0, 1]: coarse 6x6 colour fields upscaled bicubically, plus light noise."""
+    coarse = torch.rand(count, 3, 6, 6, generator=generator)
+    fine = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False)
+    return (fine + 0.03 * torch.randn(fine.shape, generator=generator)).clamp_(0.0, 1.0)
+
+
+def parity_cases(size: int, batch: int, normalize: Callable[[Tensor], Tensor], dynamic_batch: bool,
+                 dynamic_shape: bool, real_images: Optional[Tensor] = None, per_case: int = 8,
+                 seed: int = 0) -> List[ParityCase]:
+    """The inputs of the verify step: noise and smooth images at the export size, a few real
+    images when given, and other batch sizes / image sizes when the artifact claims them."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def case(name: str, make: Callable[..., Tensor], height: int, width: int, chunk: int = batch) -> ParityCase:
+        count = chunk * max(1, -(-per_case // chunk))  # at least per_case images, in whole chunks
+        return ParityCase(name, normalize(make(count, height, width, generator)), chunk)
+
+    cases = [case("random", random_images, size, size), case("smooth", smooth_images, size, size)]
+    if real_images is not None and len(real_images) >= batch:
+        cases.append(ParityCase("dataset", real_images[: len(real_images) // batch * batch], batch))
+    if dynamic_batch:
+        cases.append(case("random, other batch", random_images, size, size, chunk=batch + 2))
+    if dynamic_shape:
+        cases += [
+            # 1.5x the size gives odd maps in MobileViT's last stage (96 px -> 3x3)
+            case("smooth, larger", smooth_images, size * 3 // 2, size * 3 // 2),
+            # odd maps from the first stages on, and height != width
+            case("smooth, odd", smooth_images, size + 2, size + 18),
+            case("smooth, smallest", smooth_images, MIN_DYNAMIC_SIDE, MIN_DYNAMIC_SIDE),
+        ]
+    return cases
+
+
+@torch.no_grad()
+def compare(reference: nn.Module, runner: Runner, case: ParityCase) -> ParityResult:
+    """Run both models on the case's images, batch by batch; largest |logit diff|, top-1 agreement."""
+    worst, scale, agree = 0.0, 0.0, 0
+    for chunk in case.images.split(case.batch):
+        want, got = reference(chunk), runner(chunk)
+        worst = max(worst, (want - got).abs().max().item())
+        scale = max(scale, want.abs().max().item())
+        agree += int((want.argmax(dim=1) == got.argmax(dim=1)).sum())
+    _, _, height, width = case.images.shape
+    return ParityResult(case.name, case.batch, height, width, len(case.images), worst, scale, agree)
+
+
+def check_parity(reference: nn.Module, runner: Runner, cases: Sequence[ParityCase],
+                 tolerance: float) -> List[ParityResult]:
+    """Compare every case; raise ParityError naming the first case beyond `tolerance`
+    (see ParityResult.within)."""
+    reference = reference.eval()
+    results = [compare(reference, runner, case) for case in cases]
+    for result in results:
+        if not result.within(tolerance):
+            raise ParityError(
+                f"parity check failed: {result.describe()} exceeds export.tolerance {tolerance:g}; "
+                "the artifact does not reproduce the checkpoint model and was not written "
+                "(raise --export.tolerance only if such a difference is acceptable)"
+            )
+    return results

@@ -1,0 +1,273 @@
+"""Deployment: BatchNorm folding, TorchScript/ONNX export with parity, the sidecar, errors, latency."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Sequence
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import main_export  # noqa: E402
+from cvnets import build_model  # noqa: E402
+from cvnets.export import AnySizeMobileViTBlock, load_runner, make_any_size  # noqa: E402
+from cvnets.fuse import conv_bn_pairs, count_batchnorms, fold_batchnorm, fold_conv_bn  # noqa: E402
+from cvnets.mobilevit import MobileViTBlock  # noqa: E402
+from data.tinyimagenet import read_classes  # noqa: E402
+from options.config import load_config, to_dict  # noqa: E402
+from tools import benchmark  # noqa: E402
+
+# xx_small without layers 3 and 4: one MobileViT block, at stride 32, where 64 px gives 2x2
+# maps holding a single patch (which torch.export must not specialise on) and 96 px gives 3x3
+# maps (the patch resize) -- small but complete.
+SMALL_MOBILEVIT = ["--model.mobilevit.mode", "xx_small", "--model.mobilevit.remove-layers", "3,4"]
+FOLD_MODELS = {
+    "mobilevit": SMALL_MOBILEVIT + ["--model.mobilevit.fusion", "concat_conv"],
+    "mobilevit_residual_fusion": SMALL_MOBILEVIT + ["--model.mobilevit.fusion", "residual"],
+    "resnet18": ["--model.name", "resnet", "--model.resnet.depth", "18"],
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: the models are small, and several threads' OpenMP barriers stall
+    badly whenever other jobs share the cores (a CI runner, a busy workstation)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Trained-looking BatchNorm statistics and affine parameters (fresh ones fold to the identity)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=generator) * 2 - 1)
+                m.running_var.copy_(torch.rand(n, generator=generator) * 2 + 0.1)
+                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=generator) - 0.5)
+    return model.eval()
+
+
+def write_checkpoint(path: Path, argv: Sequence[str], wnids: List[str]) -> nn.Module:
+    """A checkpoint in the format the trainer writes, from build_model and the config dict."""
+    cfg = load_config(list(argv))
+    model = randomize_batchnorm(build_model(cfg.model, len(wnids)))
+    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "num_classes": len(wnids),
+                "wnids": list(wnids), "params": sum(p.numel() for p in model.parameters()),
+                "is_ema": False, "epoch": 3}, path)
+    return model
+
+
+def fake_wnids(count: int = 4) -> List[str]:
+    return [f"n{i:08d}" for i in range(count)]
+
+
+# ----------------------------------------------------------------------------- BatchNorm folding
+@pytest.mark.parametrize("name", sorted(FOLD_MODELS))
+def test_folding_is_exact_and_leaves_no_batchnorm_after_a_conv(name):
+    model = randomize_batchnorm(build_model(load_config(FOLD_MODELS[name]).model, 10))
+    before = count_batchnorms(model)
+    folded, pairs = fold_batchnorm(model)
+
+    assert pairs > 0 and list(conv_bn_pairs(folded)) == []
+    # Only the residual fusion's BatchNorm (it normalises a sum, not a conv output) stays.
+    assert count_batchnorms(folded) == (1 if name == "mobilevit_residual_fusion" else 0)
+    assert count_batchnorms(model) == before  # the original is left alone
+    images = torch.rand(4, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(images), model(images), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_conv_bn_handles_groups_and_an_existing_bias():
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=True)
+    norm = randomize_batchnorm(nn.Sequential(nn.BatchNorm2d(8)))[0]
+    x = torch.randn(2, 8, 5, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fold_conv_bn(conv, norm)(x), norm(conv(x)), rtol=1e-5, atol=1e-6)
+
+
+def test_any_size_block_matches_the_original_at_every_size():
+    model = randomize_batchnorm(build_model(load_config(SMALL_MOBILEVIT).model, 10))
+    wrapped, _ = fold_batchnorm(model)
+    assert make_any_size(wrapped) == 1
+    assert not any(isinstance(m, MobileViTBlock) and not isinstance(p, AnySizeMobileViTBlock)
+                   for p in wrapped.modules() for m in p.children())
+    with torch.no_grad():
+        for size in (64, 66, 96):  # 2x2, odd (resized), 3x3 (resized) maps in the block
+            images = torch.rand(2, 3, size, size)
+            torch.testing.assert_close(wrapped(images), model(images), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- TorchScript + sidecar
+def test_torchscript_export_parity_and_sidecar(fake_root, tmp_path, capsys):
+    wnids = read_classes(fake_root).wnids
+    checkpoint = tmp_path / "checkpoint_best.pt"
+    model = write_checkpoint(checkpoint, SMALL_MOBILEVIT + [
+        "--dataset.root", fake_root,
+        "--image-augmentation.mean", "0.5,0.4,0.3", "--image-augmentation.std", "0.2,0.25,0.3"], wnids)
+
+    info = main_export.main(["--model.checkpoint", str(checkpoint), "--export.dynamic-batch", "true"])
+
+    artifact = tmp_path / "checkpoint_best.torchscript.pt"  # beside the checkpoint by default
+    assert info["path"] == str(artifact) and artifact.is_file()
+    assert not list(tmp_path.glob("*.tmp"))
+    sidecar = json.loads((tmp_path / "checkpoint_best.torchscript.pt.json").read_text())
+    assert sidecar["format"] == "torchscript" and sidecar["source"]["weights"] == "model"
+    assert sidecar["input"]["shape"] == ["batch", 3, 64, 64] and sidecar["input"]["channel_order"] == "RGB"
+    prep = sidecar["preprocessing"]
+    assert prep["pixel_range"] == [0.0, 1.0] and prep["mean"] == [0.5, 0.4, 0.3] and prep["std"] == [0.2, 0.25, 0.3]
+    assert prep["val_transforms"] == [{"name": "resize", "size": 72}, {"name": "center_crop", "size": 64}]
+    names = read_classes(fake_root).names
+    assert sidecar["classes"] == [{"index": i, "wnid": w, "name": n} for i, (w, n) in enumerate(zip(wnids, names))]
+    assert sidecar["model"]["params"] == sum(p.numel() for p in model.parameters())
+    assert sidecar["model"]["batchnorm_folded"] > 0
+    assert sidecar["versions"]["torch"] == torch.__version__.split("+")[0]
+    cases = {c["name"]: c for c in sidecar["parity"]["cases"]}
+    assert {"random", "smooth", "dataset", "random, other batch"} <= set(cases)
+    for case in cases.values():
+        assert case["max_abs_diff"] < 1e-4 and case["top1_agree"] == case["count"]
+    assert "top-1 agreement 8/8 (100.0%)" in capsys.readouterr().out
+
+    # The artifact on its own: normalised inputs in, the checkpoint model's logits out.
+    images = (torch.rand(3, 3, 64, 64) - torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)) / 0.25
+    with torch.no_grad():
+        torch.testing.assert_close(load_runner(str(artifact), "torchscript")(images), model(images),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_names_fall_back_to_wnids_without_a_dataset(tmp_path):
+    checkpoint = tmp_path / "ck.pt"
+    write_checkpoint(checkpoint, SMALL_MOBILEVIT + ["--dataset.root", str(tmp_path / "absent")], fake_wnids())
+    output = tmp_path / "out" / "model.pt"
+    info = main_export.main(["--model.checkpoint", str(checkpoint), "--export.output", str(output),
+                             "--export.verify", "false"])
+    assert output.is_file() and info["parity"] is None
+    assert info["class_names_source"] == "none (wnids only)"
+    assert [c["name"] for c in info["classes"]] == [None] * 4
+    assert [c["wnid"] for c in info["classes"]] == fake_wnids()
+
+
+# ----------------------------------------------------------------------------- ONNX
+@pytest.fixture
+def onnx_checkpoint(tmp_path):
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    checkpoint = tmp_path / "ck.pt"
+    model = write_checkpoint(checkpoint, SMALL_MOBILEVIT + ["--dataset.root", str(tmp_path / "absent")],
+                             fake_wnids())
+    return checkpoint, model
+
+
+def test_onnx_static_export_runs_in_onnxruntime_at_64(onnx_checkpoint, tmp_path):
+    checkpoint, model = onnx_checkpoint
+    output = tmp_path / "static.onnx"
+    info = main_export.main(["--model.checkpoint", str(checkpoint), "--export.format", "onnx",
+                             "--export.output", str(output), "--export.verify", "false"])
+    assert info["input"]["shape"] == [1, 3, 64, 64]
+    run = load_runner(str(output), "onnx")
+    images = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(run(images), model(images), rtol=1e-4, atol=1e-4)
+    with pytest.raises(Exception, match="[Ii]nvalid|dimension"):  # the graph fixes the size
+        run(torch.rand(1, 3, 96, 96))
+
+
+def test_onnx_dynamic_shape_runs_in_onnxruntime_at_96(onnx_checkpoint, tmp_path):
+    checkpoint, model = onnx_checkpoint
+    output = tmp_path / "dynamic.onnx"
+    info = main_export.main(["--model.checkpoint", str(checkpoint), "--export.format", "onnx",
+                             "--export.output", str(output), "--export.dynamic-batch", "true",
+                             "--export.dynamic-shape", "true"])
+    assert info["input"]["shape"] == ["batch", 3, "height", "width"]
+    assert {"smooth, larger", "smooth, odd"} <= {c["name"] for c in info["parity"]["cases"]}
+    run = load_runner(str(output), "onnx")
+    with torch.no_grad():
+        for shape in ((1, 3, 64, 64), (2, 3, 96, 96), (3, 3, 66, 66)):
+            images = torch.rand(shape)
+            torch.testing.assert_close(run(images), model(images), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- errors
+def test_missing_onnx_extra_names_the_install_command(tmp_path, monkeypatch, capsys):
+    checkpoint = tmp_path / "ck.pt"
+    write_checkpoint(checkpoint, SMALL_MOBILEVIT, fake_wnids())
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # makes `import onnxscript` fail
+    with pytest.raises(SystemExit) as exit_info:
+        main_export.main(["--model.checkpoint", str(checkpoint), "--export.format", "onnx"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "onnxscript" in err and "pip install -e '.[export]'" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model.checkpoint", "missing.pt"], "checkpoint not found: missing.pt"),
+    ([], "main_export needs --model.checkpoint"),
+])
+def test_bad_command_lines_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main_export.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
+
+
+def test_dynamic_shape_needs_onnx(tmp_path, capsys):
+    checkpoint = tmp_path / "ck.pt"
+    write_checkpoint(checkpoint, SMALL_MOBILEVIT, fake_wnids())
+    with pytest.raises(SystemExit) as exit_info:
+        main_export.main(["--model.checkpoint", str(checkpoint), "--export.dynamic-shape", "true"])
+    assert exit_info.value.code == 2 and "needs export.format: onnx" in capsys.readouterr().err
+
+
+def test_parity_failure_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    checkpoint = tmp_path / "ck.pt"
+    write_checkpoint(checkpoint, SMALL_MOBILEVIT, fake_wnids())
+
+    def broken_fold(model):  # a folding bug: one weight off
+        folded, pairs = fold_batchnorm(model)
+        with torch.no_grad():
+            next(folded.parameters()).add_(0.5)
+        return folded, pairs
+
+    monkeypatch.setattr(main_export, "fold_batchnorm", broken_fold)
+    with pytest.raises(SystemExit) as exit_info:
+        main_export.main(["--model.checkpoint", str(checkpoint)])
+    assert exit_info.value.code == 1
+    assert "parity check failed" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["ck.pt"]  # no artifact, no temp file, no sidecar
+
+
+# ----------------------------------------------------------------------------- latency
+def test_latency_benchmark_rows(tmp_path, capsys):
+    config = tmp_path / "small.yaml"
+    config.write_text("model:\n  mobilevit: {mode: xx_small, remove_layers: [3, 4]}\n")
+    out = tmp_path / "latency.json"
+    benchmark.main(["latency", "--common.config-file", str(config), "--batch-sizes", "1", "2",
+                    "--threads", "1", "--repeats", "3", "--warmup", "1", "--runtimes", "eager,torchscript",
+                    "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["runtime"], r["batch"]) for r in rows] == [
+        ("eager", 1), ("torchscript", 1), ("eager", 2), ("torchscript", 2)]
+    for row in rows:
+        assert row["threads"] == 1 and 0 < row["min_ms"] <= row["median_ms"] <= row["p90_ms"]
+    assert "median ms" in capsys.readouterr().out
+
+
+def test_latency_skips_onnxruntime_with_a_note_when_it_is_missing(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "small.yaml"
+    config.write_text("model:\n  mobilevit: {mode: xx_small, remove_layers: [3, 4]}\n")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    benchmark.main(["latency", "--common.config-file", str(config), "--repeats", "2", "--warmup", "1",
+                    "--threads", "1", "--runtimes", "eager,onnxruntime"])
+    captured = capsys.readouterr()
+    assert "note: onnxruntime skipped" in captured.err and "pip install -e '.[export]'" in captured.err
+    assert "eager" in captured.out and "onnxruntime" not in captured.out  # no row for it
