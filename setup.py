@@ -15,6 +15,7 @@ setup(
         "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime"],
         "export": ["onnx", "onnxscript", "onnxruntime"],
         "plots": ["matplotlib"],
+        "bench": ["timm"],
         "tensorboard": ["tensorboard"],
     },
     entry_points={

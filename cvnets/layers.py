@@ -7,14 +7,25 @@ pool -> dropout -> linear head.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, ClassVar, Dict, Optional
+from typing import Callable, ClassVar, Dict, Optional, Tuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvnets.init import LinearInit
 
 ActFactory = Callable[[], nn.Module]
+
+# Activations that may overwrite their input when no autograd graph is recorded (inference).
+# In training they must not: autograd would then save a copy of the input for the backward.
+_INPLACE_ACTS: Dict[type, Callable[[Tensor], Tensor]] = {
+    nn.SiLU: lambda x: F.silu(x, inplace=True),
+    nn.ReLU: lambda x: F.relu(x, inplace=True),
+}
+# On the CPU, attention over at most this many tokens is faster as two batched matmuls than as
+# the fused SDPA kernel (1.8x at 16 tokens for forward + backward, slower from 64 tokens).
+_CPU_MATMUL_ATTENTION_MAX_TOKENS = 32
 
 
 def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = None) -> int:
@@ -53,6 +64,76 @@ class ConvNormAct(nn.Sequential):
         if act is not None:
             layers["act"] = act()
         super().__init__(layers)
+        self._folded: Optional[Tuple[tuple, Tuple[Tensor, Tensor]]] = None  # (source versions, weight/bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        norm = self._modules.get("norm")
+        if self.training or not _has_running_stats(norm):
+            return super().forward(x)  # training, or the norm was folded away already (cvnets/fuse.py)
+        # Eval: BatchNorm is a fixed per-channel affine map, folded into the conv's weight and
+        # bias; that saves a full pass over the activations.
+        conv = self.conv
+        weight, bias = self._folded_weights(norm)
+        y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+        act = self._modules.get("act")
+        if act is None:
+            return y
+        inplace = _INPLACE_ACTS.get(type(act))
+        return inplace(y) if inplace is not None and not torch.is_grad_enabled() else act(y)
+
+    def __getstate__(self) -> dict:
+        # Copies (deepcopy for the EMA, pickling) fold their own weights rather than carry these.
+        return {**super().__getstate__(), "_folded": None}
+
+    def _folded_weights(self, norm: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
+        """The conv's weight and bias with `norm` folded in, reused while none of their sources changes.
+
+        Recomputing them costs a few small ops per layer, which dominates at batch size 1. Any
+        in-place update (optimizer step, EMA, load_state_dict) bumps a source's version and any
+        move (.to) changes its address, so either one invalidates the cache.
+        """
+        conv = self.conv
+        sources = [t for t in (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+                   if t is not None]
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # gradients or a graph must see the fold
+            return fold_batchnorm_into(conv.weight, conv.bias, norm)
+        key = tuple((t.data_ptr(), t._version) for t in sources)
+        if self._folded is None or self._folded[0] != key:
+            self._folded = (key, fold_batchnorm_into(conv.weight, conv.bias, norm))
+        return self._folded[1]
+
+
+def _has_running_stats(norm: Optional[nn.Module]) -> bool:
+    return isinstance(norm, nn.BatchNorm2d) and norm.running_var is not None
+
+
+def fold_batchnorm_into(weight: Tensor, bias: Optional[Tensor], norm: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
+    """(weight, bias) of a conv computing norm(conv(x)) with `norm` in eval mode."""
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    if bias is not None:
+        shift = shift + bias * scale
+    # weight [out, in/groups, kh, kw]: output channel k is scaled by scale[k]
+    return weight * scale.reshape(-1, 1, 1, 1), shift
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with a cheaper mask on the CPU.
+
+    The CPU's bernoulli_ kernel is about twice as slow as drawing uniforms and comparing them,
+    which made dropout cost more than the linear layer before it in MobileViT's transformer.
+    Same distribution: each element is kept with probability 1 - p and scaled by 1 / (1 - p).
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or not 0.0 < self.p < 1.0 or self.inplace or x.device.type != "cpu":
+            return super().forward(x)
+        keep = torch.rand_like(x).ge_(self.p).mul_(1.0 / (1.0 - self.p))  # 0 or 1 / (1 - p)
+        return x * keep
 
 
 class InvertedResidual(nn.Module):
@@ -73,11 +154,16 @@ class InvertedResidual(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.block(x)
-        return x + out if self.use_residual else out
+        # In place: `out` is the block's own (norm or conv) output, which no backward needs.
+        return out.add_(x) if self.use_residual else out
 
 
 class MultiHeadAttention(nn.Module):
-    """Self-attention over [B, N, d] tokens with one fused qkv projection and SDPA."""
+    """Self-attention over [B, N, d] tokens with one fused qkv projection.
+
+    SDPA computes it, except for short sequences on the CPU (the MobileViT blocks at 64 px
+    see 16, 4 and 1 tokens), where two batched matmuls are faster.
+    """
 
     def __init__(self, dim: int, num_heads: int, attn_dropout: float = 0.0) -> None:
         super().__init__()
@@ -92,9 +178,20 @@ class MultiHeadAttention(nn.Module):
         batch, tokens, dim = x.shape
         # [B, N, 3d] -> [B, N, 3, h, d/h] -> [3, B, h, N, d/h]; SDPA takes the strided views as they are
         q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_dropout if self.training else 0.0)
+        dropout = self.attn_dropout if self.training else 0.0
+        if x.device.type == "cpu" and tokens <= _CPU_MATMUL_ATTENTION_MAX_TOKENS:
+            out = _matmul_attention(q, k, v, dropout)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
         # [B, h, N, d/h] -> [B, N, h, d/h] -> [B, N, d]
         return self.out_proj(out.transpose(1, 2).reshape(batch, tokens, dim))
+
+
+def _matmul_attention(q: Tensor, k: Tensor, v: Tensor, dropout: float) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v, the same function as SDPA, as plain batched matmuls."""
+    # [B, h, N, d/h] @ [B, h, d/h, N] -> [B, h, N, N]
+    weights = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-2, -1)).softmax(dim=-1)
+    return torch.matmul(F.dropout(weights, dropout) if dropout > 0 else weights, v)
 
 
 class TransformerBlock(nn.Module):
@@ -112,10 +209,10 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.norm_attn = nn.LayerNorm(dim)
         self.attn = MultiHeadAttention(dim, num_heads, attn_dropout)
-        self.drop_attn = nn.Dropout(dropout)
+        self.drop_attn = Dropout(dropout)
         self.norm_ffn = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(
-            nn.Linear(dim, ffn_dim), nn.SiLU(), nn.Dropout(ffn_dropout), nn.Linear(ffn_dim, dim), nn.Dropout(dropout)
+            nn.Linear(dim, ffn_dim), nn.SiLU(), Dropout(ffn_dropout), nn.Linear(ffn_dim, dim), Dropout(dropout)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -138,7 +235,7 @@ class StagedClassifier(nn.Module):
 
     def _init_head(self, channels: int, num_classes: int, dropout: float) -> None:
         self.num_features = channels
-        self.classifier = nn.Sequential(nn.Dropout(dropout), nn.Linear(channels, num_classes))
+        self.classifier = nn.Sequential(Dropout(dropout), nn.Linear(channels, num_classes))
 
     def stage_outputs(self, x: Tensor) -> Dict[str, Tensor]:
         """Every stage's output by stage name, then the logits under "classifier"."""

@@ -49,6 +49,12 @@ def autocast(opts: LoopOptions):
 
 
 def to_device(images: torch.Tensor, targets: torch.Tensor, opts: LoopOptions):
+    """A batch on opts.device in the model's memory format.
+
+    Batch contract (data/__init__.py): images float32 [B, 3, h, w], already scaled (and mixed,
+    normalised). Loaders built for a CUDA device deliver them there already, converted from
+    uint8 on the device; then the copies below are no-ops and nothing waits on the host.
+    """
     fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
     images = images.to(opts.device, non_blocking=True).contiguous(memory_format=fmt)
     return images, targets.to(opts.device, non_blocking=True)

@@ -70,7 +70,10 @@ class DatasetConfig:
     root: str = opt("datasets/tiny-imagenet-200", "dataset folder (the archive's own layout)")
     download: bool = opt(False, "fetch the official archive when root is missing")
     archive: Optional[str] = opt(None, "unpack this local tiny-imagenet-200.zip when root is missing")
-    cache: Literal["none", "memory", "disk", "gpu"] = opt("none", "decode images once into uint8 arrays")
+    cache: Literal["none", "memory", "disk", "gpu"] = opt(
+        "none", "decode images once into uint8 arrays (memory, disk); gpu: the whole split on the training "
+        "device (staged through the disk cache), augmented there in batches, no workers"
+    )
     cache_dir: Optional[str] = opt(None, "folder of the disk cache (.npy per split); null = <root>/cache")
     skip_corrupt: bool = opt(False, "skip unreadable images with a warning instead of failing")
     workers: int = opt(2, "DataLoader worker processes (0 loads in the main process)")
@@ -289,7 +292,7 @@ class ExportConfig:
     dynamic_batch: bool = opt(False, "any batch size (ONNX: a symbolic batch axis)")
     dynamic_shape: bool = opt(False, "ONNX only: any height and width (>= 32), not just the crop size")
     verify: bool = opt(True, "compare the artifact's logits with the checkpoint model's before writing it")
-    tolerance: float = opt(1e-3, "largest allowed |logit difference| in the verify check")
+    tolerance: float = opt(1e-3, "allowed |logit difference| in the verify check (relative once |logits| exceed 1)")
     opset: int = opt(18, "ONNX opset (the torch.export-based exporter needs 18 or newer)")
 
 

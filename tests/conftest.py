@@ -19,4 +19,6 @@ def fake_root(tmp_path_factory) -> str:
 @pytest.fixture
 def fake_copy(fake_root, tmp_path) -> str:
     """A private copy of the fake tree that a test may modify."""
-    return shutil.copytree(fake_root, os.path.join(tmp_path, "tiny-imagenet-200"))
+    # Without decoded caches other tests may have built in the shared tree.
+    return shutil.copytree(fake_root, os.path.join(tmp_path, "tiny-imagenet-200"),
+                           ignore=shutil.ignore_patterns("cache"))

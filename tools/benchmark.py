@@ -14,12 +14,36 @@ JPEGs versus the decoded cache in memory and on disk, and prints images/second.
 BatchNorm-folded TorchScript and ONNX Runtime exports main_export.py writes (ONNX Runtime is
 skipped with a note when the export extra is missing); median and p90 over the repeats.
 Without --checkpoint the weights are random, which does not change the work done.
+
+    python tools/benchmark.py model --config CONFIG [--batch-size 128] [--image-size 64]
+                                    [--device auto|cpu|cuda] [--dtype fp32|bf16|fp16]
+                                    [--memory-format channels_last|contiguous] [--compile]
+                                    [--warmup N] [--repeats N] [--steps N] [--threads N]
+                                    [--compare-timm] [--json OUT] [--section.key value ...]
+
+`model` times training steps (forward, the config's loss, backward, the config's optimizer)
+and eval forwards on a fixed random batch: images/second from the median of --repeats timed
+runs of --steps steps, after --warmup untimed steps, and peak memory. --compare-timm builds
+timm's architecturally identical model (same parameter count, same dropout settings) and
+times it in the same process, interleaved with ours, so that the ratio holds on a noisy
+machine (needs the bench extra). Config overrides such as --model.mobilevit.dropout 0 follow.
+
+    python tools/benchmark.py epoch --dataset-root ROOT --config CONFIG [--caches none,memory,...]
+                                    [--repeats N] [--max-iterations N] [--workers N]
+                                    [--device auto|cpu|cuda] [--threads N] [--json OUT]
+                                    [--section.key value ...]
+
+`epoch` trains the real Trainer (main_train.build_trainer) for --repeats epochs per
+dataset.cache variant, the variants' epochs interleaved, in a temporary results folder, and
+reports the training images/second the Trainer measured, as a ratio to JPEG decoding
+(cache none): same model, same augmentations, only the source of the pixels differs.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -28,9 +52,10 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from options.config import ConfigError, load_config, override  # noqa: E402
-from options.schema import Config  # noqa: E402
+from options.schema import Config, ModelConfig  # noqa: E402
 
 Column = Tuple[str, str, str]  # (row key, header, format spec)
+BENCH_EXTRA = "pip install -e '.[bench]' (or pip install timm)"
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -53,8 +78,51 @@ def write_json(path: Optional[str], payload: Dict[str, Any]) -> None:
         print(f"wrote {path}")
 
 
-def base_config(config_file: Optional[str]) -> Config:
-    return load_config(["--common.config-file", config_file] if config_file else [])
+def base_config(config_file: Optional[str], overrides: Sequence[str] = ()) -> Config:
+    """The config file's settings (defaults without one), then dotted command-line overrides."""
+    return load_config((["--common.config-file", config_file] if config_file else []) + list(overrides))
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def comma_list(choices: Sequence[str]) -> Callable[[str], List[str]]:
+    """argparse type: a comma-separated subset of `choices`."""
+    def parse(text: str) -> List[str]:
+        items = [item for item in text.split(",") if item]
+        unknown = [item for item in items if item not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {', '.join(choices)} (comma-separated)")
+        return items
+    return parse
+
+
+def resolve_device(name: str):
+    """torch.device for auto|cpu|cuda; asking for a missing CUDA device is a ConfigError."""
+    import torch
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
+    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
+
+
+def synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------- data
@@ -67,7 +135,7 @@ DATA_COLUMNS: List[Column] = [
     ("speedup", "vs jpeg", ".1f"),
     ("cpu_us_per_image", "cpu us/img", ".0f"),
 ]
-_SOURCES = {"none": "jpeg", "memory": "memory", "disk": "disk"}
+_SOURCES = {"none": "jpeg", "memory": "memory", "disk": "disk", "gpu": "device"}
 
 
 def bench_data(args: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -154,16 +222,15 @@ def bench_latency(args: argparse.Namespace) -> List[Dict[str, Any]]:
     torch.set_num_threads(args.threads)
     model, cfg = _latency_model(args.config, args.checkpoint)
     size = input_size(cfg)
-    label = os.path.splitext(os.path.basename(args.config or args.checkpoint or "defaults"))[0]
+    label = _latency_label(args.config, args.checkpoint)
     print(f"{label}: {cfg.model.name}, input {size}x{size}, {args.threads} threads, "
           f"{args.warmup} warm-up + {args.repeats} timed calls per row")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         runners = _latency_runners(model, size, args.runtimes, args.threads, folder)
         for batch in args.batch_sizes:
-            images = torch.rand(batch, 3, size, size)
-            for runtime, run in runners.items():
-                times = _latencies(run, images, args.warmup, args.repeats)
+            timings = _latencies(runners, torch.rand(batch, 3, size, size), args.warmup, args.repeats)
+            for runtime, times in timings.items():
                 median, p90 = np.percentile(times, [50, 90])
                 rows.append({"model": label, "runtime": runtime, "batch": batch, "threads": args.threads,
                              "median_ms": 1e3 * median, "p90_ms": 1e3 * p90, "min_ms": 1e3 * min(times),
@@ -171,7 +238,14 @@ def bench_latency(args: argparse.Namespace) -> List[Dict[str, Any]]:
     return rows
 
 
-def _latency_model(config: Optional[str], checkpoint: Optional[str]):
+def _latency_label(config: Optional[str], checkpoint: Optional[str]) -> str:
+    """The config's stem, else the checkpoint's run folder name."""
+    if config:
+        return os.path.splitext(os.path.basename(config))[0]
+    return os.path.basename(os.path.dirname(os.path.abspath(checkpoint))) if checkpoint else "defaults"
+
+
+def _latency_model(config: Optional[str], checkpoint: Optional[str]) -> Tuple[Any, Config]:
     """(eval-mode model, its config): the checkpoint's weights and stored config, or random weights."""
     import cvnets
     from main_export import load_export_config, load_trained_model
@@ -187,7 +261,7 @@ def _latency_model(config: Optional[str], checkpoint: Optional[str]):
 def _latency_runners(model, size: int, runtimes: Sequence[str], threads: int, folder: str) -> Dict[str, Callable]:
     """runtime name -> callable on images; exports are written as main_export does (BN folded)."""
     import torch
-    from cvnets.export import MissingExtraError, export_model, load_runner
+    from cvnets.export import MissingExtraError, export_model, load_runner, require_onnx
     from cvnets.fuse import fold_batchnorm
 
     runners: Dict[str, Callable] = {"eager": model} if "eager" in runtimes else {}
@@ -197,6 +271,8 @@ def _latency_runners(model, size: int, runtimes: Sequence[str], threads: int, fo
         fmt = _RUNTIME_FORMATS[runtime]
         path = os.path.join(folder, f"model.{fmt}")
         try:
+            if fmt == "onnx":
+                require_onnx(export=True, run=True)  # before spending seconds on the export
             # One artifact with a symbolic batch axis serves every --batch-sizes entry.
             export_model(folded, example, path, fmt, dynamic_batch=True)
             runners[runtime] = load_runner(path, fmt, threads)
@@ -205,19 +281,368 @@ def _latency_runners(model, size: int, runtimes: Sequence[str], threads: int, fo
     return runners
 
 
-def _latencies(run: Callable, images, warmup: int, repeats: int) -> List[float]:
-    """Seconds per call of run(images), after `warmup` untimed calls (lazy init, allocator, JIT profiling)."""
+LATENCY_BLOCKS = 5  # the timed calls of each runtime are split into this many turns
+SETTLE_CALLS = 2  # untimed calls at the start of each turn
+
+
+def _latencies(runners: Dict[str, Callable], images, warmup: int, repeats: int) -> Dict[str, List[float]]:
+    """Seconds per call of each runner on `images`, after `warmup` untimed calls each (lazy init,
+    allocator, TorchScript's profiling runs).
+
+    The runtimes take turns in blocks of calls, so that load from other processes spreads over
+    all of them rather than hitting whichever ran at the time. Not call by call: each runtime's
+    thread pool keeps spinning briefly after a call, which would slow the next runtime's call;
+    a few untimed calls at the start of every turn let that settle.
+    """
     import torch
 
+    times: Dict[str, List[float]] = {name: [] for name in runners}
+    blocks = [repeats // LATENCY_BLOCKS + (i < repeats % LATENCY_BLOCKS) for i in range(LATENCY_BLOCKS)]
     with torch.inference_mode():
-        for _ in range(warmup):
-            run(images)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            run(images)
-            times.append(time.perf_counter() - start)
+        for run in runners.values():
+            for _ in range(warmup):
+                run(images)
+        for calls in filter(None, blocks):
+            for name, run in runners.items():
+                for _ in range(SETTLE_CALLS):
+                    run(images)
+                for _ in range(calls):
+                    start = time.perf_counter()
+                    run(images)
+                    times[name].append(time.perf_counter() - start)
     return times
+
+
+# ----------------------------------------------------------------------------- model
+MODEL_COLUMNS: List[Column] = [
+    ("model", "model", "s"),
+    ("mode", "mode", "s"),
+    ("images_per_s", "images/s", ",.1f"),
+    ("best_images_per_s", "best", ",.1f"),
+    ("ms_per_step", "ms/step", ",.1f"),
+    ("spread", "spread", ".0%"),
+    ("peak_mib", "peak MiB", ",.0f"),
+    ("vs_timm", "ours/timm", ".2f"),
+]
+MODES = ("train", "eval")
+DTYPES = ("fp32", "bf16", "fp16")
+MEMORY_FORMATS = ("channels_last", "contiguous")
+TIMM_MOBILEVIT = {"xx_small": "mobilevit_xxs", "x_small": "mobilevit_xs", "small": "mobilevit_s"}
+TIMM_RESNET = {18: "resnet18", 34: "resnet34", 50: "resnet50"}
+
+
+def bench_model(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Training-step and eval images/second and peak memory of the config's model (and timm's twin)."""
+    import torch
+
+    import cvnets
+
+    device = resolve_device(args.device)
+    if args.dtype == "fp16" and device.type != "cuda":
+        raise ConfigError("--dtype fp16 needs CUDA (it trains with a gradient scaler); use bf16 or fp32 on the CPU")
+    if args.compare_timm:
+        _import_timm()  # fail before building anything
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = base_config(args.config, args.overrides)
+    fmt = args.memory_format or ("channels_last" if cfg.common.channels_last else "contiguous")
+    num_classes = cfg.model.num_classes or RANDOM_WEIGHTS_CLASSES
+    size = args.image_size or cfg.sampler.crop_size
+    models = {"ours": cvnets.build_model(cfg.model, num_classes)}
+    if args.compare_timm:
+        name, twin, note = timm_twin(cfg.model, num_classes, _params(models["ours"]))
+        print(note)
+        if twin is not None:
+            models[f"timm {name}"] = twin
+    runners = {label: StepRunner(model, cfg, device, args.dtype, fmt, args.compile, args.batch_size, size, num_classes)
+               for label, model in models.items()}
+    label = os.path.splitext(os.path.basename(args.config or "defaults"))[0]
+    print(f"{label}: {cfg.model.name}, {_params(models['ours']):,} params, batch {args.batch_size} at {size}x{size}, "
+          f"{device.type}, {args.dtype}, {fmt}, {torch.get_num_threads()} threads{', compiled' if args.compile else ''}; "
+          f"{args.warmup} warm-up + median of {args.repeats} x {args.steps} steps, models interleaved; "
+          f"peak memory: {'max allocated' if device.type == 'cuda' else 'growth of the peak RSS during one step'}")
+    seconds = _interleaved_seconds(runners, args.modes, args.warmup, args.repeats, args.steps, device)
+    settings = {"device": device.type, "dtype": args.dtype, "memory_format": fmt, "batch": args.batch_size,
+                "image_size": size, "threads": torch.get_num_threads(), "compile": args.compile}
+    rows = []
+    images = args.batch_size * args.steps
+    for (model, mode), times in seconds.items():
+        median = statistics.median(times)
+        rows.append({"model": model, "mode": mode, "images_per_s": images / median, "best_images_per_s": images / min(times),
+                     "ms_per_step": 1e3 * median / args.steps, "spread": (max(times) - min(times)) / median,
+                     "peak_mib": runners[model].peak_mib(mode), "params": _params(models[model]),
+                     "run_seconds": times, **settings})
+    _add_timm_ratio(rows, seconds)
+    return rows
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _import_timm():
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"--compare-timm needs timm, which the bench extra installs: {BENCH_EXTRA}") from None
+    return timm
+
+
+def timm_twin(cfg: ModelConfig, num_classes: int, our_params: int):
+    """(timm name, model or None, a note saying what was compared or why nothing was).
+
+    Only an architecturally identical model counts: the same layers and, as a check, the same
+    parameter count. Its dropout settings are set to ours, so both do the same work.
+    """
+    name, why_not = _timm_name(cfg)
+    if name is None:
+        return None, None, f"note: no timm twin for this model: {why_not}"
+    timm = _import_timm()
+    model = timm.create_model(name, num_classes=num_classes, drop_rate=cfg.classifier_dropout)
+    if cfg.name == "mobilevit":
+        _set_timm_transformer_dropout(model, cfg.mobilevit.dropout, cfg.mobilevit.attn_dropout, cfg.mobilevit.ffn_dropout)
+    if _params(model) != our_params:
+        return name, None, f"note: timm {name} has {_params(model):,} parameters, ours {our_params:,}: not compared"
+    dropouts = (f"transformer dropout {cfg.mobilevit.dropout}, attention {cfg.mobilevit.attn_dropout}, "
+                f"ffn {cfg.mobilevit.ffn_dropout}, " if cfg.name == "mobilevit" else "")
+    return name, model, f"timm twin: {name} ({dropouts}classifier dropout {cfg.classifier_dropout}, as ours)"
+
+
+def _timm_name(cfg: ModelConfig) -> Tuple[Optional[str], str]:
+    if cfg.name == "mobilevit":
+        from cvnets.mobilevit import VARIANTS
+
+        knobs, variant = cfg.mobilevit, VARIANTS[cfg.mobilevit.mode]
+        removed = variant.remove_layers if knobs.remove_layers is None else knobs.remove_layers
+        fusion = variant.fusion if knobs.fusion is None else knobs.fusion
+        if removed or fusion != "concat_conv" or knobs.mode not in TIMM_MOBILEVIT:
+            return None, ("timm's MobileViTs keep all layers and the concat-conv fusion; MobileViT-Tiny and the "
+                          "layer-removal / fusion ablations exist only here")
+        if knobs.num_heads != 4:
+            return None, f"timm's MobileViTs have 4 attention heads, this one {knobs.num_heads}"
+        return TIMM_MOBILEVIT[knobs.mode], ""
+    if cfg.name == "resnet":
+        if cfg.resnet.stem != "imagenet":
+            return None, (f"timm's resnet{cfg.resnet.depth} has the 7x7 + max-pool stem, this one the "
+                          f"{cfg.resnet.stem} stem; compare with --model.resnet.stem imagenet")
+        return TIMM_RESNET[cfg.resnet.depth], ""
+    return None, f"no timm counterpart is known for model.name {cfg.name!r}"
+
+
+def _set_timm_transformer_dropout(model, dropout: float, attn_dropout: float, ffn_dropout: float) -> None:
+    """Give timm's transformer blocks our dropouts: after attention and after the FFN (`dropout`),
+    on the attention weights and between the FFN's linears. timm's single `drop` setting would
+    also put one between the FFN's linears, where ours has ffn_dropout (0 in the paper)."""
+    for block in model.modules():
+        attn, mlp = getattr(block, "attn", None), getattr(block, "mlp", None)
+        if attn is None or mlp is None:
+            continue
+        attn.attn_drop.p, attn.proj_drop.p = attn_dropout, dropout
+        mlp.drop1.p, mlp.drop2.p = ffn_dropout, dropout
+
+
+def _add_timm_ratio(rows: List[Dict[str, Any]], seconds: Dict[Tuple[str, str], List[float]]) -> None:
+    """ours/timm speed on our rows: the median over repeats of the ratio within each repeat,
+    where both ran back to back, which a noisy machine disturbs far less than either median."""
+    for row in rows:
+        twin = next((label for label, mode in seconds if label != "ours" and mode == row["mode"]), None)
+        if row["model"] == "ours" and twin is not None:
+            pairs = zip(seconds[(twin, row["mode"])], seconds[("ours", row["mode"])])
+            row["vs_timm"] = statistics.median(theirs / ours for theirs, ours in pairs)
+
+
+class StepRunner:
+    """One model's training step and eval forward on a fixed random batch, as the engine runs them."""
+
+    def __init__(self, model, cfg: Config, device, dtype: str, memory_format: str, compile: bool,
+                 batch: int, size: int, num_classes: int) -> None:
+        import torch
+
+        import loss_fn
+        import optim
+
+        fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
+        self.model = model.to(device=device, memory_format=fmt)
+        self.module = torch.compile(self.model) if compile else self.model
+        self.optimizer = optim.build_optimizer(self.model, cfg.optim)
+        self.criterion = loss_fn.build_loss(cfg.loss).to(device)
+        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+        self.images = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
+        self.labels = torch.randint(0, num_classes, (batch,), device=device)
+        self.device = device
+        self._peak: Dict[str, Optional[float]] = {}
+
+    def step(self, mode: str) -> None:
+        self.train_step() if mode == "train" else self.eval_step()
+
+    def train_step(self) -> None:
+        self.module.train()
+        with self._autocast():
+            loss = self.criterion(self.module(self.images), self.labels)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def eval_step(self) -> None:
+        import torch
+
+        self.module.eval()
+        with torch.inference_mode(), self._autocast():
+            self.module(self.images)
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        return torch.autocast(self.device.type, self.dtype) if self.dtype is not None else contextlib.nullcontext()
+
+    def measure_peak(self, mode: str) -> None:
+        """Record the peak memory of one step of `mode` (after warm-up, before timing)."""
+        self._peak[mode] = peak_memory_mib(lambda: self.step(mode), self.device)
+
+    def peak_mib(self, mode: str) -> Optional[float]:
+        return self._peak.get(mode)
+
+
+def _interleaved_seconds(runners: Dict[str, StepRunner], modes: Sequence[str], warmup: int, repeats: int,
+                         steps: int, device) -> Dict[Tuple[str, str], List[float]]:
+    """Seconds per run of `steps` steps for every (model, mode), `repeats` runs each.
+
+    The models and modes take turns within every repeat, so a slow patch of a shared machine
+    hits all of them alike instead of one whole measurement; the models' order alternates
+    between repeats, so that neither always runs first.
+    """
+    for runner in runners.values():
+        for mode in modes:
+            for _ in range(warmup):
+                runner.step(mode)
+            runner.measure_peak(mode)
+    seconds: Dict[Tuple[str, str], List[float]] = {(label, mode): [] for label in runners for mode in modes}
+    labels = list(runners)
+    for repeat in range(repeats):
+        for label in labels if repeat % 2 == 0 else labels[::-1]:
+            runner = runners[label]
+            for mode in modes:
+                synchronize(device)
+                start = time.perf_counter()
+                for _ in range(steps):
+                    runner.step(mode)
+                synchronize(device)
+                seconds[(label, mode)].append(time.perf_counter() - start)
+    return seconds
+
+
+def peak_memory_mib(step: Callable[[], None], device) -> Optional[float]:
+    """Peak memory of one call of step(): CUDA's max allocated; on Linux CPUs the growth of the
+    peak resident set size (activations and temporaries; the weights are resident already);
+    None where neither can be read."""
+    import torch
+
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        _release_free_heap()  # else memory freed by an earlier model would hide this one's growth
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets the peak RSS (VmHWM) to the current RSS
+        before = _proc_status_kib("VmRSS")
+        step()
+        return (_proc_status_kib("VmHWM") - before) / 1024
+    except (OSError, ValueError):
+        return None
+
+
+def _release_free_heap() -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if hasattr(libc, "malloc_trim"):  # glibc
+        libc.malloc_trim(0)
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise ValueError(f"{field} not in /proc/self/status")
+
+
+# ----------------------------------------------------------------------------- epoch
+EPOCH_COLUMNS: List[Column] = [
+    ("cache", "dataset.cache", "s"),
+    ("workers", "workers", "d"),
+    ("setup_s", "setup s", ".1f"),
+    ("images", "images/epoch", ",d"),
+    ("images_per_s", "train images/s", ",.1f"),
+    ("epoch_s", "epoch s", ".1f"),
+    ("speedup", "vs jpeg", ".2f"),
+]
+CACHES = ("none", "memory", "disk", "gpu")
+
+
+def bench_epoch(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """End-to-end training images/second of the Trainer, per dataset.cache variant, vs JPEG decoding."""
+    import tempfile
+
+    import torch
+
+    import main_train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = base_config(args.config, args.overrides)
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as results:
+        trainers, setup = {}, {}
+        for cache in args.caches:
+            start = time.perf_counter()
+            trainers[cache] = main_train.build_trainer(_epoch_config(cfg, args, cache, device.type, results))
+            setup[cache] = time.perf_counter() - start
+        epochs: Dict[str, List[Dict[str, Any]]] = {cache: [] for cache in args.caches}
+        for epoch in range(args.repeats):  # one epoch of every variant in turn
+            for cache, trainer in trainers.items():
+                trainer.run(stop_after_epoch=epoch + 1)
+                epochs[cache].append(_last_metrics(trainer.run_dir))
+        del trainers  # ends their loader workers while the folder still exists
+    label = os.path.splitext(os.path.basename(args.config or "defaults"))[0]
+    print(f"{label}: {cfg.model.name} on {args.dataset_root}, {device.type}, {torch.get_num_threads()} threads; "
+          f"median of {args.repeats} epoch(s) per variant, variants interleaved")
+    rows = [{"cache": cache, "workers": 0 if cache == "gpu" else cfg.dataset.workers, "setup_s": setup[cache],
+             "images": runs[-1]["train_images"],
+             "images_per_s": statistics.median(r["images_per_second"] for r in runs),
+             "epoch_s": statistics.median(r["epoch_seconds"] for r in runs), "device": device.type}
+            for cache, runs in epochs.items()]
+    jpeg = next((r["images_per_s"] for r in rows if r["cache"] == "none"), None)
+    for row in rows:
+        row["speedup"] = row["images_per_s"] / jpeg if jpeg else None
+    return rows
+
+
+def _epoch_config(cfg: Config, args: argparse.Namespace, cache: str, device: str, results: str) -> Config:
+    changes = {"dataset.root": args.dataset_root, "dataset.cache": cache, "common.device": device,
+               "common.results_loc": results, "common.run_label": f"epoch-{cache}", "common.resume": None,
+               "scheduler.max_epochs": max(cfg.scheduler.max_epochs, args.repeats),
+               "common.max_iterations_per_epoch": args.max_iterations}
+    if args.workers is not None:
+        changes["dataset.workers"] = args.workers
+    return override(cfg, changes)
+
+
+def _last_metrics(run_dir: str) -> Dict[str, Any]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return json.loads(f.read().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------- command line
@@ -250,7 +675,42 @@ def _add_latency(sub) -> None:
     p.set_defaults(run=bench_latency, columns=LATENCY_COLUMNS)
 
 
-SUBCOMMANDS: List[Callable] = [_add_data, _add_latency]  # later: model, epoch
+def _add_model(sub) -> None:
+    p = sub.add_parser("model", help=bench_model.__doc__)
+    p.add_argument("--common.config-file", "--config", dest="config", help="YAML config of the model (default: defaults)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="images per step")
+    p.add_argument("--image-size", type=positive_int, help="input height and width (default: sampler.crop_size)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32", help="fp32, or autocast to bf16 / fp16 (CUDA)")
+    p.add_argument("--memory-format", choices=MEMORY_FORMATS,
+                   help="model and input layout (default: common.channels_last of the config)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the models (compiled during warm-up)")
+    p.add_argument("--modes", type=comma_list(MODES), default=list(MODES), help="train, eval or both")
+    p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps per model and mode")
+    p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per model and mode; the median counts")
+    p.add_argument("--steps", type=positive_int, default=3, help="steps per timed run")
+    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--compare-timm", action="store_true", help=f"also time timm's identical model ({BENCH_EXTRA})")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(run=bench_model, columns=MODEL_COLUMNS, takes_overrides=True)
+
+
+def _add_epoch(sub) -> None:
+    p = sub.add_parser("epoch", help=bench_epoch.__doc__)
+    p.add_argument("--dataset-root", required=True, help="a TinyImageNet-layout tree (python -m data.fake ...)")
+    p.add_argument("--common.config-file", "--config", dest="config", help="YAML config to train (default: defaults)")
+    p.add_argument("--caches", type=comma_list(CACHES), default=["none", "memory"],
+                   help=f"dataset.cache variants, of {', '.join(CACHES)} (none = JPEG decoding)")
+    p.add_argument("--repeats", type=positive_int, default=1, help="epochs per variant; the median counts")
+    p.add_argument("--max-iterations", type=positive_int, help="batches per epoch (default: the whole split)")
+    p.add_argument("--workers", type=non_negative_int, help="DataLoader workers (default: the config's)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
+    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    p.set_defaults(run=bench_epoch, columns=EPOCH_COLUMNS, takes_overrides=True)
+
+
+SUBCOMMANDS: List[Callable] = [_add_data, _add_latency, _add_model, _add_epoch]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -258,7 +718,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in SUBCOMMANDS:
         add(sub)
-    args = parser.parse_args(argv)
+    # `model` and `epoch` pass what they do not know on as config overrides (--section.key value).
+    args, overrides = parser.parse_known_args(argv)
+    if overrides and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
+    args.overrides = overrides
     try:
         rows = args.run(args)
     except ConfigError as e:
