@@ -12,7 +12,7 @@ setup(
     py_modules=["main_train", "main_eval", "main_export"],
     install_requires=["torch>=2.1", "torchvision>=0.16", "pyyaml>=6", "numpy", "tqdm", "pillow"],
     extras_require={
-        "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime"],
+        "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime", "timm"],
         "export": ["onnx", "onnxscript", "onnxruntime"],
         "plots": ["matplotlib"],
         "bench": ["timm"],
