@@ -60,6 +60,8 @@ def build_trainer(cfg: Config):
     if common.mixed_precision == "fp16" and device.type != "cuda":
         raise ConfigError("common.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
     seed_everything(common.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes per crop size: let cuDNN pick its fastest kernels
 
     run_dir = run_dir_for(cfg)
     resume_path = find_resume_path(cfg, run_dir)

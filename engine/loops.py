@@ -53,7 +53,7 @@ def to_device(images: torch.Tensor, targets: torch.Tensor, opts: LoopOptions):
 
     Batch contract (data/__init__.py): images float32 [B, 3, h, w], already scaled (and mixed,
     normalised). Loaders built for a CUDA device deliver them there already, converted from
-    uint8 on the device; then the copies below are no-ops and nothing waits on the host.
+    uint8 on the device; then `.to` is a no-op and only the layout change runs, on the device.
     """
     fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
     images = images.to(opts.device, non_blocking=True).contiguous(memory_format=fmt)

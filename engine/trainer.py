@@ -308,6 +308,8 @@ class Trainer:
     def _stop_requested(self) -> bool:
         if not self.dist.enabled:
             return self._signal is not None
+        if self.progress.batch_in_epoch % self.opts.log_freq:
+            return False  # agreeing costs a host-device sync: do it once per log interval
         # Every rank must stop after the same step, so agree on the flag.
         flag = torch.tensor([1.0 if self._signal is not None else 0.0], device=self.opts.device)
         torch.distributed.all_reduce(flag)
