@@ -24,19 +24,22 @@ from options.schema import Config
 _NOT_ARCHITECTURE = ("checkpoint",)
 
 
-def load_eval_config(argv: Sequence[str]) -> Tuple[Config, Dict[str, Any]]:
-    """The resolved config (checkpoint's stored config < config file < flags) and the checkpoint."""
+def load_eval_config(argv: Sequence[str], prog: str = "main_eval", doc: str = __doc__) -> Tuple[Config, Dict[str, Any]]:
+    """The resolved config (checkpoint's stored config < config file < flags) and the checkpoint.
+
+    `prog` and `doc` name the entry point in --help and in errors (main_export shares this).
+    """
     from engine.trainer import load_checkpoint
     from options.config import help_text
 
     flags, switches = parse_flags(argv)
     if "help" in switches:
-        print(__doc__ + "\n" + help_text("main_eval.py"))
+        print(doc + "\n" + help_text(f"{prog}.py"))
         raise SystemExit(0)
     if switches:
-        raise ConfigError(f"unknown switch --{switches[0]}; main_eval takes --help")
+        raise ConfigError(f"unknown switch --{switches[0]}; {prog} takes --help")
     if "model.checkpoint" not in flags:
-        raise ConfigError("main_eval needs --model.checkpoint PATH (a checkpoint_*.pt of a run folder)")
+        raise ConfigError(f"{prog} needs --model.checkpoint PATH (a checkpoint_*.pt of a run folder)")
     checkpoint = load_checkpoint(flags["model.checkpoint"][1])
     stored = checkpoint["config"]
     cfg = resolve(flags, base=stored)
@@ -96,7 +99,7 @@ def per_class_accuracy(logits, labels, names: List[str], wnids: List[str]) -> Li
     return rows
 
 
-def select_weights(checkpoint: Dict[str, Any], use_ema: bool, path: str) -> Dict[str, Any]:
+def select_weights(checkpoint: Dict[str, Any], use_ema: bool, path: str, flag: str = "--eval.ema") -> Dict[str, Any]:
     if not use_ema:
         if checkpoint.get("is_ema"):
             print("note: this checkpoint holds EMA weights", file=sys.stderr)
@@ -105,7 +108,7 @@ def select_weights(checkpoint: Dict[str, Any], use_ema: bool, path: str) -> Dict
         return checkpoint["model"]
     if checkpoint.get("ema") is not None:
         return checkpoint["ema"]
-    raise ConfigError(f"{path} holds no EMA weights; drop --eval.ema or use checkpoint_ema_best.pt / checkpoint_last.pt")
+    raise ConfigError(f"{path} holds no EMA weights; drop {flag} or use checkpoint_ema_best.pt / checkpoint_last.pt")
 
 
 def evaluate_checkpoint(cfg: Config, checkpoint: Dict[str, Any]) -> Dict[str, Any]:

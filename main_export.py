@@ -46,7 +46,7 @@ from data.tinyimagenet import read_classes
 from engine.utils import write_json
 from main_eval import load_eval_config, select_weights
 from options.cli import fail, run_or_exit
-from options.config import ConfigError, help_text, override, parse_flags, to_dict
+from options.config import ConfigError, override, to_dict
 from options.schema import Config
 
 EXTENSIONS = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -56,23 +56,12 @@ PARITY_IMAGES = 8  # images per parity case
 # ----------------------------------------------------------------------------- config and weights
 def load_export_config(argv: Sequence[str]) -> Tuple[Config, Dict[str, Any]]:
     """The resolved config (checkpoint's stored config < config file < flags) and the checkpoint."""
-    flags, switches = parse_flags(argv)
-    if "help" in switches:
-        print(__doc__ + "\n" + help_text("main_export.py"))
-        raise SystemExit(0)
-    if switches:
-        raise ConfigError(f"unknown switch --{switches[0]}; main_export takes --help")
-    if "model.checkpoint" not in flags:
-        raise ConfigError("main_export needs --model.checkpoint PATH (a checkpoint_*.pt of a run folder)")
-    return load_eval_config(argv)
+    return load_eval_config(argv, prog="main_export", doc=__doc__)
 
 
 def load_trained_model(cfg: Config, checkpoint: Dict[str, Any], use_ema: bool) -> nn.Module:
     """The checkpoint's model (or EMA) weights in the architecture its config describes, in eval mode."""
-    try:
-        weights = select_weights(checkpoint, use_ema, cfg.model.checkpoint)
-    except ConfigError as e:  # select_weights names main_eval's flag
-        raise ConfigError(str(e).replace("--eval.ema", "--export.ema")) from None
+    weights = select_weights(checkpoint, use_ema, cfg.model.checkpoint, flag="--export.ema")
     model = cvnets.build_model(cfg.model, checkpoint["num_classes"])
     model.load_state_dict(weights)
     return model.eval()
