@@ -127,6 +127,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     trainer = run_or_exit(lambda: build_trainer(cfg))
     try:
         run_or_exit(trainer.run)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no rank tears the group down while rank 0 still writes
     except NonFiniteLossError as e:
         fail(f"{e}; checkpoint_last.pt still holds the last good epoch", status=1)
     except TrainingInterrupted as e:
