@@ -1,0 +1,158 @@
+"""Safe file writes shared by every package: a file is either its old self or its new self.
+
+Every writer goes through a temporary file in the destination folder (a unique name, so two
+writers never share one), flushed and fsynced before an atomic rename; on any failure the
+temporary file is removed and the destination is left as it was. A full disk raises
+DiskFullError, which names the folder and the bytes the write needed.
+
+This module sits in the lowest layer (options) because data/, engine/ and the tools all
+write files; it imports nothing of the config system.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import shutil
+import tempfile
+from typing import IO, Any, Iterator, Optional
+
+TEMP_SUFFIX = ".tmp"
+
+
+class DiskFullError(Exception):
+    """The disk (or quota) ran out while writing `path`; nothing was changed at `path`."""
+
+    def __init__(self, path: str, needed: Optional[int], free: Optional[int] = None) -> None:
+        folder = os.path.dirname(os.path.abspath(path))
+        if free is None:
+            free = free_bytes(folder)
+        need = f"needs {needed:,} bytes" if needed is not None else "ran out of space"
+        have = f", {free:,} free" if free is not None else ""
+        super().__init__(f"disk full: writing {os.path.basename(path)} in {folder} {need}{have}; "
+                         "free some space (or point the output elsewhere) and run the same command again")
+        self.path, self.needed, self.free = path, needed, free
+
+
+def free_bytes(folder: str) -> Optional[int]:
+    """Bytes free for this user in `folder` (None when it cannot be told)."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
+
+
+def is_disk_full(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def temp_path_for(path: str) -> str:
+    """A new, unique temporary file beside `path` (created empty): `.<name>.<pid>.<random>.tmp`."""
+    folder, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=folder)
+    os.close(fd)
+    return tmp
+
+
+def remove_quietly(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "wb", expected_size: Optional[int] = None) -> Iterator[IO[Any]]:
+    """Open a temporary file for writing; on a clean exit it replaces `path` atomically.
+
+    `expected_size`, when known, is checked against the free space first and named in the
+    DiskFullError of a write that runs out of space.
+    """
+    if "w" not in mode:
+        raise ValueError(f"atomic_open writes files; mode {mode!r} has no 'w'")
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    if expected_size is not None:
+        free = free_bytes(folder)
+        if free is not None and free < expected_size:
+            raise DiskFullError(path, expected_size, free)
+    tmp = temp_path_for(path)
+    try:
+        encoding = None if "b" in mode else "utf-8"
+        with open(tmp, mode, encoding=encoding, newline=None if "b" in mode else "") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        remove_quietly(tmp)
+        if is_disk_full(e):
+            raise DiskFullError(path, expected_size) from None
+        raise
+    _fsync_folder(folder)
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    with atomic_open(path, "wb", expected_size=len(data)) as f:
+        f.write(data)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    data = text.encode("utf-8")
+    with atomic_open(path, "wb", expected_size=len(data)) as f:
+        f.write(data)
+
+
+def write_json(path: str, data: Any) -> None:
+    """`data` as indented JSON, atomically."""
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def stale_temp_files(folder: str) -> Iterator[str]:
+    """Temporary files of this module's naming in `folder` whose writer process is gone."""
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        parts = entry.name.split(".")
+        # ".<name>.<pid>.<random>.tmp" splits into ["", name..., pid, random, "tmp"]
+        if not (entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX) and len(parts) >= 5):
+            continue
+        pid = parts[-3]
+        if pid.isdigit() and not _alive(int(pid)):
+            yield entry.path
+
+
+def remove_stale_temp_files(folder: str) -> int:
+    """Delete the leftovers of writers that were killed; the number removed."""
+    removed = 0
+    for path in stale_temp_files(folder):
+        remove_quietly(path)
+        removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make the rename itself durable (a crash right after it keeps the new file)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on folders; the rename is still atomic
+    finally:
+        os.close(fd)
