@@ -1,6 +1,6 @@
-"""The config system: typed defaults (schema.py), YAML + flags (config.py), registries."""
+"""The config system: typed defaults and ranges (schema.py), YAML + flags (config.py),
+the entry points' front door (cli.py), registries, safe file writes (files.py)."""
 from options.config import (
-    ConfigError,
     from_dict,
     get_dotted,
     load_config,
@@ -9,6 +9,7 @@ from options.config import (
     to_dict,
     to_yaml,
 )
+from options.errors import ConfigError
 from options.registry import Registry, RegistryError
 from options.schema import Config
 

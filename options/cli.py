@@ -1,43 +1,89 @@
-"""Command-line front door shared by main_train, main_eval and the tools.
+"""Command-line front door shared by main_train, main_eval, main_export and the tools.
 
-Only entry points call this: it turns a ConfigError into one line on stderr and
-exit status 2, and answers --help and --print-config.
+Only entry points call this: it answers --help and --print-config, and turns a
+ConfigError into one line on stderr and exit status 2. Library code (tests, tools,
+sweeps) uses options.config.load_config, which raises instead of exiting.
 """
 from __future__ import annotations
 
+import os
 import sys
-from typing import Callable, Optional, Sequence, TypeVar
+from typing import Callable, Mapping, NoReturn, Optional, Sequence, TypeVar
 
-from options.config import ConfigError, help_text, parse_flags, resolve, to_yaml
+from options.config import help_text, parse_flags, resolve, to_yaml
+from options.errors import ConfigError, did_you_mean
 from options.registry import RegistryError
 from options.schema import Config
 
 T = TypeVar("T")
+SWITCHES = ("help", "print-config")
 
 
-def fail(message: str, status: int = 2) -> "NoReturn":  # noqa: F821
-    print(f"error: {message}", file=sys.stderr)
+def fail(message: str, status: int = 2) -> NoReturn:
+    """`error: message` on stderr (always one line) and exit with `status`."""
+    try:
+        print("error: " + " ".join(str(message).splitlines()), file=sys.stderr)
+    except (BrokenPipeError, ValueError):  # stderr closed: the status still says it
+        pass
     raise SystemExit(status)
 
 
-def parse_args(argv: Optional[Sequence[str]], prog: str, description: str = "") -> Config:
-    """Resolve the config from argv; --help and --print-config print and exit 0."""
+def _print_and_exit(text: str) -> NoReturn:
+    """Print to stdout and exit 0, quietly when the reader has gone (`--help | head -1`)."""
+    try:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python flushes stdout again at exit, which would raise once more; writes to
+        # /dev/null succeed.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    raise SystemExit(0)
+
+
+def parse_config(
+    argv: Optional[Sequence[str]],
+    prog: str,
+    doc: str = "",
+    *,
+    check: Optional[Callable[[Config], None]] = None,
+    base: Optional[Callable[[Mapping[str, str]], Optional[Mapping]]] = None,
+) -> Config:
+    """The resolved, checked config of an entry point; exits on --help, --print-config or an error.
+
+    argv: the arguments (None: sys.argv[1:]). prog and doc head the --help text.
+    check(cfg): extra checks needing component knowledge (e.g. cvnets.check_config), raising
+        ConfigError; they run before --print-config prints, so it refuses what training refuses.
+    base(flags): a config mapping placed beneath the config file (main_eval: the checkpoint's
+        stored config) or None; `flags` maps each dotted key given on the command line
+        (underscores) to its value as typed, e.g. {"model.checkpoint": "run/checkpoint_best.pt"}.
+    A ConfigError anywhere is `error: <message>` on stderr and SystemExit(2).
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         flags, switches = parse_flags(argv)
         for switch in switches:
-            if switch not in ("help", "print-config", "print_config"):
-                raise ConfigError(f"unknown switch --{switch}; the switches are --help and --print-config")
+            if switch not in SWITCHES:
+                raise ConfigError(
+                    f"unknown switch --{switch}{did_you_mean(switch, SWITCHES)}; "
+                    "the switches are --help and --print-config"
+                )
         if "help" in switches:
-            print((description + "\n\n" if description else "") + help_text(prog))
-            raise SystemExit(0)
-        cfg = resolve(flags)
+            _print_and_exit((doc.strip() + "\n\n" if doc.strip() else "") + help_text(prog))
+        stored = base({key: raw for key, (_, raw) in flags.items()}) if base is not None else None
+        cfg = resolve(flags, base=stored)
+        if check is not None:
+            check(cfg)
     except ConfigError as e:
         fail(str(e))
-    if "print-config" in switches or "print_config" in switches:
-        print(to_yaml(cfg), end="")
-        raise SystemExit(0)
+    if "print-config" in switches:
+        _print_and_exit(to_yaml(cfg))
     return cfg
+
+
+def parse_args(argv: Optional[Sequence[str]], prog: str, description: str = "") -> Config:
+    """Old name of parse_config without checks (kept until every entry point has moved)."""
+    return parse_config(argv, prog, description)
 
 
 def run_or_exit(fn: Callable[[], T]) -> T:

@@ -1,46 +1,32 @@
 """Loading, validating, freezing and saving configs.
 
-Precedence: schema defaults < `base:` files (in order, each resolved recursively) <
-the config file < command-line flags. Every key and value is checked against
-options/schema.py; problems raise ConfigError with a one-line message.
+Precedence: schema defaults < a base mapping (e.g. a checkpoint's stored config) <
+`base:` files (in order, each resolved recursively) < the config file < command-line
+flags. Every key and value is checked against options/schema.py, once, after the layers
+are merged; problems raise ConfigError with a one-line message naming the key, the bad
+value, the valid range or fix, and where the value came from (file or flag).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import typing
-from typing import Any, Dict, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from options.registry import did_you_mean
-from options.schema import Config, freeze
+from options.errors import ConfigError, FieldError, did_you_mean
+from options.files import atomic_write_text
+from options.schema import Config, freeze, hints, iter_keys
+
+# Where a value came from, for messages: "in FILE", "from --flag", "in the base config".
+Where = Callable[[str], str]
 
 
-class ConfigError(ValueError):
-    """A user error in a config file or flag; the message is one line."""
-
-
-# ----------------------------------------------------------------------------- schema walking
-def _hints(cls) -> Dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def iter_keys(cls=Config, prefix: str = "") -> Iterator[Tuple[str, Any, dataclasses.Field]]:
-    """Yield (dotted key, type, field) for every leaf of the schema."""
-    hints = _hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        key = f"{prefix}{f.name}"
-        if dataclasses.is_dataclass(tp):
-            yield from iter_keys(tp, key + ".")
-        else:
-            yield key, tp, f
-
-
-def _leaf_types() -> Dict[str, Any]:
-    return {key: tp for key, tp, _ in iter_keys()}
+def _at(where: str) -> str:
+    return f" ({where})" if where else ""
 
 
 def _describe(tp) -> str:
@@ -54,6 +40,56 @@ def _describe(tp) -> str:
         item = typing.get_args(tp)[0]
         return "list of mappings" if typing.get_origin(item) is dict else f"list of {_describe(item)}"
     return getattr(tp, "__name__", str(tp))
+
+
+# ----------------------------------------------------------------------------- renamed keys
+# Old spellings get one line saying what to write instead (configs and checkpoints written
+# before the rename). (new key, why) for a plain rename; (None, advice) where there is no
+# one-to-one replacement.
+RENAMED_KEYS: Dict[str, Tuple[Optional[str], str]] = {
+    "common.log_freq": ("common.log_every_batches", "it counts batches, not optimizer steps"),
+    "common.max_iterations_per_epoch": ("common.max_batches_per_epoch", "it counts batches, not optimizer steps"),
+    "scheduler.cyclic.max_lr": (None, "the cyclic schedule changed, a cycle now peaks at epochs_per_cycle * "
+                                      "min_lr; set scheduler.cyclic.min_lr and epochs_per_cycle instead"),
+    "scheduler.cyclic.cycles": (None, "the cyclic schedule changed; set scheduler.cyclic.total_cycles (cycles "
+                                      "including the last, annealing one) and epochs_per_cycle instead"),
+}
+RENAMED_VALUES: Dict[Tuple[str, Any], str] = {
+    ("dataset.cache", "gpu"): "write dataset.cache: memory (or disk) and dataset.augment_on: device",
+}
+
+
+def _renamed_key(key: str, flag: bool = False) -> Optional[str]:
+    """The one-line advice for an old key, spelled as a flag or as a YAML key; None if not old."""
+    if key not in RENAMED_KEYS:
+        return None
+    new, why = RENAMED_KEYS[key]
+    spell = (lambda k: "--" + k.replace("_", "-")) if flag else (lambda k: k)
+    if new is None:
+        return f"{spell(key)} no longer exists: {why}"
+    return f"{spell(key)} is now {spell(new)}: {why}"
+
+
+def _upgrade_stored(data: Dict[str, Any]) -> Dict[str, Any]:
+    """A stored config (a checkpoint's, as plain dicts) in today's keys, changed in place.
+
+    Unlike a user's file, a stored config cannot be edited, so old keys are renamed rather
+    than refused; retired keys are dropped, since evaluating or exporting an old checkpoint
+    needs none of them (only the training schedule changed).
+    """
+    for old, (new, _) in RENAMED_KEYS.items():
+        *path, leaf = old.split(".")
+        node: Any = data
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node:
+            value = node.pop(leaf)
+            if new is not None:
+                _set_dotted(data, new.split("."), value)
+    dataset = data.get("dataset")
+    if isinstance(dataset, dict) and dataset.get("cache") == "gpu":
+        dataset.update(cache="memory", augment_on="device")
+    return data
 
 
 # ----------------------------------------------------------------------------- value coercion
@@ -115,12 +151,15 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
         except ValueError:
             raise ConfigError(f"{key}: {value!r} is not an integer") from None
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
         try:
-            return float(str(value))
-        except ValueError:
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value) if isinstance(value, (int, float)) else float(str(value))
+        except (ValueError, OverflowError):
             raise ConfigError(f"{key}: {value!r} is not a number") from None
+        if not math.isfinite(number):  # YAML reads 1e400 as the text '1e400': float() makes it inf
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -136,31 +175,52 @@ def _parse_scalar(text: str, key: str) -> Any:
 
 
 # ----------------------------------------------------------------------------- building
-def _build(cls, data: Mapping[str, Any], prefix: str, source: str):
+def _build(cls, data: Any, prefix: str, where: Where):
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}{source}")
-    hints = _hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
+        key = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{key}: expected a mapping of keys, got {data!r}{_at(where(key))}")
+    types = hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: Dict[str, Any] = {}
     for raw_key, value in data.items():
         name = str(raw_key).replace("-", "_")
-        if name not in hints:
-            full = [prefix + n for n in names]
+        key = prefix + name
+        if name in kwargs:
+            raise ConfigError(f"{prefix}{raw_key}: given twice (also as {name}); keep one{_at(where(key))}")
+        if name not in types:
+            old = _renamed_key(key)
+            if old is not None:
+                raise ConfigError(old + _at(where(key)))
+            full = [prefix + n for n in fields]
+            place = f" {where(key)}" if where(key) else ""
             raise ConfigError(
-                f"unknown key '{prefix}{raw_key}'{source}{did_you_mean(prefix + name, full)} "
-                f"(keys here: {', '.join(names)})"
+                f"unknown key '{prefix}{raw_key}'{place}{did_you_mean(key, full)} (keys here: {', '.join(fields)})"
             )
-        tp = hints[name]
+        tp = types[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value if value is not None else {}, f"{prefix}{name}.", source)
-        else:
-            kwargs[name] = coerce(value, tp, f"{prefix}{name}")
-    return cls(**kwargs)
+            kwargs[name] = _build(tp, {} if value is None else value, key + ".", where)
+            continue
+        if isinstance(value, str) and (key, value) in RENAMED_VALUES:
+            raise ConfigError(f"{key}: {value!r} no longer exists: {RENAMED_VALUES[key, value]}{_at(where(key))}")
+        try:
+            kwargs[name] = coerce(value, tp, key)
+        except ConfigError as e:
+            valid = fields[name].metadata.get("valid")
+            rule = f"; it must be {valid}" if valid is not None else ""
+            raise ConfigError(f"{e}{rule}{_at(where(key))}") from None
+    try:
+        return cls(**kwargs)
+    except FieldError as e:  # the section's own range and cross-field checks (options/schema.py)
+        key = prefix + e.field
+        raise ConfigError(f"{key}: {e.problem}{_at(where(key))}") from None
 
 
 def from_dict(data: Mapping[str, Any], source: str = "") -> Config:
-    """Build a validated, read-only Config from a nested mapping (missing keys take defaults)."""
-    return _build(Config, data, "", source)
+    """Build a validated, read-only Config from a nested mapping (missing keys take defaults).
+
+    `source` (e.g. "in run/config.yaml") is added to every message.
+    """
+    return _build(Config, data, "", lambda key: source)
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:
@@ -186,10 +246,7 @@ def to_yaml(cfg: Any) -> str:
 
 def save_config(cfg: Config, path: str) -> None:
     """Write the resolved config as YAML, atomically."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(to_yaml(cfg))
-    os.replace(tmp, path)
+    atomic_write_text(path, to_yaml(cfg))
 
 
 def override(cfg: Config, changes: Mapping[str, Any]) -> Config:
@@ -214,6 +271,109 @@ def get_dotted(cfg: Any, dotted: str) -> Any:
 
 
 # ----------------------------------------------------------------------------- YAML files
+MAX_CONFIG_BYTES = 1 << 20  # configs are a few KB; anything near this is not a config
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses anchors/aliases and duplicate keys.
+
+    Aliases are refused while composing, before anything is built, so a file of nested
+    aliases (a "billion laughs" of a few hundred bytes) is one line, not minutes of copying.
+    Keys equal up to dashes/underscores are duplicates, as the config treats them as one.
+    """
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.MarkedYAMLError(
+                problem="anchors and aliases (&name, *name) are not allowed in config files; write the values out",
+                problem_mark=event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen: Dict[str, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            same = str(key).replace("-", "_")
+            if same in seen:
+                raise yaml.MarkedYAMLError(
+                    problem=f"duplicate key {key!r} (first at line {seen[same]}); keep one",
+                    problem_mark=key_node.start_mark,
+                )
+            seen[same] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str) -> Any:
+    """The YAML data of one file (UTF-8, no aliases, no duplicate keys, not empty)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; that is not a config file")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        byte = raw[e.start]
+        raise ConfigError(f"{path}:{line}: byte 0x{byte:02x} is not UTF-8 text; save the file as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f":{mark.line + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "invalid YAML"
+        fix = "" if "; " in problem else "; fix the YAML syntax"
+        raise ConfigError(f"{path}{at}: {problem}{fix}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a config file") from None
+    if data is None:
+        raise ConfigError(f"{path} is empty; write at least one section or remove the file")
+    return data
+
+
+def _base_files(path: str, bases: Any) -> List[str]:
+    """`base:` as a list of file names: one string or a list of strings."""
+    if bases is None:
+        return []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list):
+        raise ConfigError(
+            f"{path}: base: {bases!r} must be a file name or a list of file names, e.g. base: [../parts/common.yaml]"
+        )
+    for i, base in enumerate(bases):
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{path}: base[{i}]: {base!r} is not a file name; write base: [file.yaml, ...]")
+    return bases
+
+
+def _record(origins: Dict[str, str], data: Mapping[str, Any], where: str, prefix: str = "") -> None:
+    """Note `where` as the origin of every key of `data` (sections keep their first origin)."""
+    for raw_key, value in data.items():
+        key = prefix + str(raw_key).replace("-", "_")
+        if isinstance(value, Mapping):
+            origins.setdefault(key, where)
+            _record(origins, value, where, key + ".")
+        else:
+            origins[key] = where
+
+
+def _origin(origins: Mapping[str, str], key: str) -> str:
+    key = key.split("[")[0]
+    node = key
+    while node:
+        if node in origins:
+            return origins[node]
+        node = node.rpartition(".")[0]
+    return next((w for k, w in origins.items() if k.startswith(key + ".")), "")
+
+
 def deep_merge(base: Dict[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
     """Merge `top` into a copy of `base`; mappings merge key by key, anything else is replaced."""
     out = dict(base)
@@ -226,8 +386,11 @@ def deep_merge(base: Dict[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def load_yaml(path: str, _chain: Tuple[str, ...] = ()) -> Dict[str, Any]:
-    """Read a config file with its `base:` files merged underneath it."""
+def load_yaml(path: str, _chain: Tuple[str, ...] = (), origins: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """Read a config file with its `base:` files merged underneath it.
+
+    `origins`, when given, receives the file each key came from (for messages).
+    """
     real = os.path.realpath(path)
     if real in _chain:
         cycle = " -> ".join(list(_chain[_chain.index(real):]) + [real])
@@ -235,33 +398,27 @@ def load_yaml(path: str, _chain: Tuple[str, ...] = ()) -> Dict[str, Any]:
     if not os.path.isfile(path):
         where = f" (a base of {_chain[-1]})" if _chain else ""
         raise ConfigError(f"config file not found: {path}{where}; check the path")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f":{mark.line + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or "invalid YAML"
-        raise ConfigError(f"{path}{at}: {problem}; fix the YAML syntax") from None
-    data = {} if data is None else data
+    data = read_yaml(path)
     if not isinstance(data, Mapping):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     data = dict(data)
-    bases = data.pop("base", None) or []
-    if isinstance(bases, str):
-        bases = [bases]
+    bases = _base_files(path, data.pop("base", None))
     merged: Dict[str, Any] = {}
     folder = os.path.dirname(path)
     for base in bases:
-        merged = deep_merge(merged, load_yaml(os.path.join(folder, base), _chain + (real,)))
+        merged = deep_merge(merged, load_yaml(os.path.join(folder, base), _chain + (real,), origins))
+    if origins is not None:
+        _record(origins, data, f"in {path}")
     return deep_merge(merged, data)
 
 
 # ----------------------------------------------------------------------------- command line
 def parse_flags(argv: Sequence[str]) -> Tuple[Dict[str, Tuple[str, str]], List[str]]:
-    """Split argv into {dotted_key: (typed flag, raw value)} and bare switches (--help, ...).
+    """Split argv into {dotted_key: (typed flag, raw value)} and bare switches (help, print-config).
 
-    Accepts `--a.b-c value` and `--a.b-c=value`; dashes and underscores are equivalent.
+    Accepts `--a.b-c value` and `--a.b-c=value`; dashes and underscores are equivalent. A
+    following `--x` is never taken as a value: `--common.run-label --common.seed=3` would name
+    the run folder after the seed flag (a value starting with -- needs the `=` form).
     """
     flags: Dict[str, Tuple[str, str]] = {}
     switches: List[str] = []
@@ -269,20 +426,27 @@ def parse_flags(argv: Sequence[str]) -> Tuple[Dict[str, Tuple[str, str]], List[s
     i = 0
     while i < len(args):
         arg = args[i]
+        if arg == "-h":
+            switches.append("help")
+            i += 1
+            continue
         if not arg.startswith("--"):
             raise ConfigError(f"unexpected argument {arg!r}; options look like --section.key value")
         body = arg[2:]
         if "=" in body:
             name, value = body.split("=", 1)
         elif "." not in body:
-            switches.append(body)
+            switches.append(body.replace("_", "-"))
             i += 1
             continue
         else:
             name = body
-            if i + 1 >= len(args):
-                raise ConfigError(f"--{name} needs a value")
-            value = args[i + 1]
+            following = args[i + 1] if i + 1 < len(args) else None
+            if following is None or following.startswith("--"):
+                got = "" if following is None else f", not the option {following}"
+                raise ConfigError(f"--{name} needs a value{got}; write --{name} VALUE "
+                                  f"(or --{name}=VALUE for a value starting with --)")
+            value = following
             i += 1
         flags[name.replace("-", "_")] = (f"--{name}", value)
         i += 1
@@ -292,41 +456,45 @@ def parse_flags(argv: Sequence[str]) -> Tuple[Dict[str, Tuple[str, str]], List[s
 def _check_flag_key(dotted: str, typed: str, leaves: Mapping[str, Any]) -> Any:
     if dotted in leaves:
         return leaves[dotted]
+    old = _renamed_key(dotted, flag=True)
+    if old is not None:
+        raise ConfigError(old)
     raise ConfigError(f"unknown option {typed}{did_you_mean(dotted, leaves)}; see --help for every key")
 
 
-def load_config(argv: Sequence[str] = ()) -> Config:
-    """Resolve a Config from command-line style arguments (flags only, no switches)."""
+def load_config(argv: Sequence[str] = (), base: Optional[Mapping[str, Any]] = None) -> Config:
+    """Resolve a Config from command-line style flags (no switches); raises ConfigError.
+
+    The library form of options.cli.parse_config, for tests, tools and sweeps: `base` is a
+    config mapping placed beneath the config file (e.g. a checkpoint's stored config).
+    """
     flags, switches = parse_flags(argv)
     if switches:
-        raise ConfigError(f"unknown switch --{switches[0]}")
-    return resolve(flags)
+        raise ConfigError(f"unknown switch --{switches[0]}; only entry points take --help and --print-config")
+    return resolve(flags, base)
 
 
 def resolve(flags: Mapping[str, Tuple[str, str]], base: Optional[Mapping[str, Any]] = None) -> Config:
     """Defaults < `base` (e.g. a checkpoint's stored config) < the config file < flags."""
-    leaves = _leaf_types()
+    leaves = {key: tp for key, tp, _ in iter_keys()}
+    origins: Dict[str, str] = {}
+    data: Dict[str, Any] = {}
+    if base is not None:
+        data = _upgrade_stored(_thaw(base))
+        _record(origins, data, "in the base config")
+    config_file = flags.get("common.config_file")
+    if config_file:
+        data = deep_merge(data, load_yaml(config_file[1], origins=origins))
     cli: Dict[str, Any] = {}
     for dotted, (typed, raw) in flags.items():
         tp = _check_flag_key(dotted, typed, leaves)
         try:
-            value = coerce(raw if _wants_raw(tp) else _parse_scalar(raw, dotted), tp, dotted)
+            value = raw if _wants_raw(tp) else _parse_scalar(raw, dotted)
         except ConfigError as e:
             raise ConfigError(f"{e} (from {typed})") from None
         _set_dotted(cli, dotted.split("."), value)
-
-    data: Dict[str, Any] = _thaw(base) if base is not None else {}
-    config_file = flags.get("common.config_file")
-    if config_file:
-        path = config_file[1]
-        data = deep_merge(data, load_yaml(path))
-        data.setdefault("common", {})
-        data["common"] = dict(data["common"] or {}, config_file=path)
-        source = f" in {path}"
-    else:
-        source = ""
-    file_cfg = from_dict(data, source)  # validates the file's own keys with its name in messages
-    return from_dict(deep_merge(to_dict(file_cfg), cli)) if cli else file_cfg
+        origins[dotted] = f"from {typed}"
+    return _build(Config, deep_merge(data, cli), "", lambda key: _origin(origins, key))
 
 
 def _wants_raw(tp) -> bool:
@@ -335,17 +503,28 @@ def _wants_raw(tp) -> bool:
     return args == [str]
 
 
+def _rule(tp, valid) -> str:
+    """`, >= 1` (or `, each >= 1` for a list) for --help; '' for a key without a range."""
+    if valid is None:
+        return ""
+    inner = [a for a in typing.get_args(tp) if a is not type(None)][0] if typing.get_origin(tp) is Union else tp
+    return f", each {valid}" if typing.get_origin(inner) is tuple else f", {valid}"
+
+
 def help_text(prog: str) -> str:
     lines = [
         f"usage: {prog} --common.config-file CONFIG.yaml [--section.key VALUE ...] [--print-config] [--help]",
         "",
         "Every key below can be set in the YAML file or as a flag (dashes or underscores).",
         "Lists: 3,4 or [3, 4]. Booleans: true/false. Precedence: defaults < base < file < flags.",
+        "--print-config prints the resolved config as YAML after every check, and exits.",
+        "Exit status: 0 done, 1 run failed, 2 bad config or input, 128+N stopped by signal N.",
         "",
     ]
     default = Config()
     for key, tp, f in iter_keys():
         value = json.dumps(_thaw(get_dotted(default, key)))
-        lines.append(f"  --{key.replace('_', '-')}  ({_describe(tp)}, default {value})")
+        rule = _rule(tp, f.metadata.get("valid"))
+        lines.append(f"  --{key.replace('_', '-')}  ({_describe(tp)}{rule}, default {value})")
         lines.append(f"        {f.metadata.get('help', '')}")
     return "\n".join(lines)

@@ -2,41 +2,51 @@
 
 Each component registers itself beside its definition::
 
-    OPTIMIZERS = Registry("optimizer")
+    OPTIMIZERS = Registry("optimizer", config_key="optim.name")
 
     @OPTIMIZERS.register("sgd")
     def build_sgd(params, cfg): ...
 
-A lookup of an unknown name raises a KeyError that lists the known names and the
-closest match, so a typo is never silently ignored.
+The names a config may choose are listed once, as the Literal of the schema key
+(options/schema.py); a registry given that key refuses to register any other name, and
+`missing()` lists the choices nobody registered, so the two cannot drift apart. A lookup of
+an unknown name raises a RegistryError that lists the known names and the closest match.
 """
 from __future__ import annotations
 
-import difflib
-from typing import Callable, Dict, Generic, Iterator, List, TypeVar
+from typing import Callable, Dict, Generic, Iterator, List, Optional, Tuple, TypeVar
+
+from options.errors import did_you_mean
+from options.schema import literal_choices
+
+__all__ = ["Registry", "RegistryError", "did_you_mean"]
 
 T = TypeVar("T")
 
 
-def did_you_mean(word: str, candidates) -> str:
-    """A ' — did you mean 'x'?' suffix for the closest candidate, or ''."""
-    close = difflib.get_close_matches(str(word), [str(c) for c in candidates], n=1, cutoff=0.5)
-    return f" — did you mean '{close[0]}'?" if close else ""
-
-
 class RegistryError(KeyError):
-    """Unknown or duplicate registry name. Its str() is the plain message."""
+    """Unknown, duplicate or undeclared registry name. Its str() is the plain message."""
 
     def __str__(self) -> str:
         return str(self.args[0])
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str) -> None:
+    """Named entries of one kind; `config_key` (e.g. "optim.name") is the schema key choosing one."""
+
+    def __init__(self, kind: str, config_key: Optional[str] = None) -> None:
         self.kind = kind
+        self.config_key = config_key
+        self.choices: Optional[Tuple[str, ...]] = literal_choices(config_key) if config_key else None
         self._entries: Dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
+        if self.choices is not None and name not in self.choices:
+            raise RegistryError(
+                f"{self.kind} '{name}' is not a choice of {self.config_key} ({', '.join(self.choices)}); "
+                f"add it to the Literal of {self.config_key} in options/schema.py"
+            )
+
         def decorator(obj: T) -> T:
             if name in self._entries:
                 raise RegistryError(
@@ -59,6 +69,10 @@ class Registry(Generic[T]):
 
     def names(self) -> List[str]:
         return sorted(self._entries)
+
+    def missing(self) -> List[str]:
+        """Choices of the schema key that no entry registered (empty when the lists agree)."""
+        return [c for c in self.choices or () if c not in self._entries]
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

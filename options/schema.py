@@ -1,18 +1,28 @@
-"""Every configuration key, its type, its default and a one-line description.
+"""Every configuration key, its type, its default, its valid range and a one-line description.
 
-This file is the single place where defaults live. Sections are frozen dataclasses;
-``name`` fields are ``Literal`` choices and a block named after each choice holds
-that entry's own settings (``optim.name: adamw`` reads ``optim.adamw.*``).
+This file is the single place where defaults live, and each section checks its own values
+when it is built (``Section.__post_init__``), so loading a config, ``--print-config`` and
+``--help`` all see the same rules before any data or model is touched. Sections are frozen
+dataclasses; ``name`` fields are ``Literal`` choices (the one list of names of each kind: the
+registries of cvnets/, data/, loss_fn/ and optim/ check their entries against it) and a block
+named after each choice holds that entry's own settings (``optim.name: adamw`` reads
+``optim.adamw.*``).
 
 Types understood by the loader (options/config.py): int, float, bool, str,
 Literal[...], Optional[X], Tuple[X, ...] (written as lists in YAML) and
-Tuple[Dict[str, Any], ...] for augmentation lists.
+Tuple[Dict[str, Any], ...] for augmentation lists. Numbers are finite and strings non-empty.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import math
+import typing
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Dict, Literal, Mapping, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterator, Literal, Mapping, Optional, Tuple, Union
+
+from options.errors import FieldError, did_you_mean
 
 
 def freeze(value: Any) -> Any:
@@ -24,20 +34,107 @@ def freeze(value: Any) -> Any:
     return value
 
 
-def opt(default: Any, help: str, **metadata: Any):
-    """A dataclass field with a default and a one-line description for --help."""
-    return field(default=default, metadata={"help": help, **metadata})
+# --------------------------------------------------------------------------- valid ranges
+def _num(x: float) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"
+
+
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a number (of each item, for a list): bounds inclusive unless open."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, x: float) -> bool:
+        if x != x:  # nan fails every comparison, so it would pass both bounds below
+            return False
+        if self.low is not None and (x < self.low or (self.low_open and x == self.low)):
+            return False
+        return not (self.high is not None and (x > self.high or (self.high_open and x == self.high)))
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {_num(self.low)}"
+        left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        return f"in {left}{_num(self.low)}, {_num(self.high)}{right}"
+
+
+AT_LEAST_1 = Range(1)
+NON_NEGATIVE = Range(0)
+POSITIVE = Range(0, low_open=True)
+PROBABILITY = Range(0, 1)
+RATE = Range(0, 1, high_open=True)  # dropout, label smoothing, momentum, betas: 1 would erase the signal
+FACTOR = Range(0, 1, low_open=True)  # LR multipliers and the EMA momentum: 0 would stop all change
+SEED = Range(0, 2**32 - 1)  # numpy's legacy seeding takes 32-bit seeds
+
+
+def opt(default: Any, help: str, valid: Optional[Range] = None, **metadata: Any):
+    """A dataclass field with a default, a one-line description for --help and its valid range."""
+    return field(default=default, metadata={"help": help, "valid": valid, **metadata})
 
 
 def block(cls, help: str):
     return field(default_factory=cls, metadata={"help": help})
 
 
+@functools.lru_cache(maxsize=None)
+def hints(cls: type) -> Dict[str, Any]:
+    """The resolved field types of a section (annotations are strings in this module)."""
+    return typing.get_type_hints(cls)
+
+
+@functools.lru_cache(maxsize=None)
+def _nullable(cls: type) -> FrozenSet[str]:
+    return frozenset(name for name, tp in hints(cls).items() if type(None) in typing.get_args(tp))
+
+
+class Section:
+    """Base of every section: each field is checked against its `valid` range, then `check()`.
+
+    Problems raise FieldError(field, problem); the loader adds the section's path and where
+    the value came from (file or flag).
+    """
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            null = " or null" if f.name in _nullable(type(self)) else ""
+            _check_value(f.name, getattr(self, f.name), f.metadata.get("valid"), null)
+        self.check()
+
+    def check(self) -> None:
+        """Rules between fields of this section; raise FieldError naming one of them."""
+
+
+def _check_value(name: str, value: Any, valid: Optional[Range], null: str) -> None:
+    if value is None or isinstance(value, (bool, Mapping)) or dataclasses.is_dataclass(value):
+        return
+    if isinstance(value, tuple):
+        for i, item in enumerate(value):
+            _check_value(f"{name}[{i}]", item, valid, "")
+        return
+    if isinstance(value, str):
+        if not value.strip():
+            raise FieldError(name, f"{value!r} is empty; give a value{null}")
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise FieldError(name, f"{value!r} must be a finite number" + (f" {valid}" if valid else "") + null)
+    if valid is not None and value not in valid:
+        raise FieldError(name, f"{value!r} must be {valid}{null}")
+
+
+def _check_order(low_name: str, low: float, high_name: str, high: float) -> None:
+    if low > high:
+        raise FieldError(low_name, f"{low!r} must be <= {high_name} ({high!r})")
+
+
 # --------------------------------------------------------------------------- common
 @dataclass(frozen=True)
-class CommonConfig:
+class CommonConfig(Section):
     config_file: Optional[str] = opt(None, "YAML config file (its `base:` files are merged first)")
-    seed: int = opt(0, "random seed for python, numpy and torch")
+    seed: int = opt(0, "random seed for python, numpy and torch", SEED)
     results_loc: str = opt("results", "folder that holds run folders")
     run_label: Optional[str] = opt(None, "run folder name; default: the config file's stem")
     resume: Optional[str] = opt(None, "'auto' (continue checkpoint_last.pt of the run folder) or a checkpoint path")
@@ -45,57 +142,74 @@ class CommonConfig:
     mixed_precision: Literal["none", "bf16", "fp16"] = opt("none", "autocast dtype on CUDA (fp16 adds a grad scaler)")
     channels_last: bool = opt(True, "channels_last memory format for model and inputs")
     compile: bool = opt(False, "wrap the model in torch.compile")
-    grad_clip: Optional[float] = opt(None, "clip the gradient norm to this value")
-    accum_freq: int = opt(1, "accumulate gradients over this many batches per optimizer step")
-    log_freq: int = opt(50, "iterations between log lines / metric reads")
+    grad_clip: Optional[float] = opt(None, "clip the gradient norm to this value; null = no clipping", POSITIVE)
+    accum_freq: int = opt(1, "accumulate gradients over this many batches per optimizer step", AT_LEAST_1)
+    log_every_batches: int = opt(50, "batches between log lines / metric reads", AT_LEAST_1)
     tensorboard: bool = opt(False, "also write TensorBoard scalars (needs the tensorboard extra)")
     sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
-    max_iterations_per_epoch: Optional[int] = opt(None, "stop each epoch after this many iterations (debugging)")
+    max_batches_per_epoch: Optional[int] = opt(
+        None, "stop each epoch after this many batches (debugging, smoke tests)", AT_LEAST_1
+    )
+    resume_allow_changes: Tuple[str, ...] = opt(
+        (), "keys (e.g. optim.weight_decay,scheduler.max_epochs) a resume may change; any other change that "
+        "alters the run is refused"
+    )
+
+    def check(self) -> None:
+        known = {key for key, _, _ in iter_keys()} | set(_section_keys()) if self.resume_allow_changes else set()
+        for i, key in enumerate(self.resume_allow_changes):
+            if key not in known:
+                raise FieldError(f"resume_allow_changes[{i}]", f"{key!r} is not a config key or section"
+                                 f"{did_you_mean(key, known)}")
 
 
 # --------------------------------------------------------------------------- dataset
 @dataclass(frozen=True)
-class FakeDataConfig:
+class FakeDataConfig(Section):
     enable: bool = opt(False, "write a generated TinyImageNet-layout tree at dataset.root when it is missing")
-    classes: int = opt(10, "classes of the generated tree")
-    train_per_class: int = opt(100, "training images per class")
-    val_per_class: int = opt(20, "validation images per class")
-    test_per_class: int = opt(2, "test images per class")
-    seed: int = opt(0, "seed of the generator")
+    classes: int = opt(10, "classes of the generated tree", AT_LEAST_1)
+    train_per_class: int = opt(100, "training images per class", AT_LEAST_1)
+    val_per_class: int = opt(20, "validation images per class", AT_LEAST_1)
+    test_per_class: int = opt(2, "test images per class", NON_NEGATIVE)
+    seed: int = opt(0, "seed of the generator", SEED)
 
 
 @dataclass(frozen=True)
-class DatasetConfig:
+class DatasetConfig(Section):
     name: Literal["tinyimagenet"] = opt("tinyimagenet", "dataset")
     root: str = opt("datasets/tiny-imagenet-200", "dataset folder (the archive's own layout)")
     download: bool = opt(False, "fetch the official archive when root is missing")
     archive: Optional[str] = opt(None, "unpack this local tiny-imagenet-200.zip when root is missing")
-    cache: Literal["none", "memory", "disk", "gpu"] = opt(
-        "none", "decode images once into uint8 arrays (memory, disk); gpu: the whole split on the training "
-        "device (staged through the disk cache), augmented there in batches, no workers"
+    cache: Literal["none", "memory", "disk"] = opt(
+        "none", "where decoded pixels live: none decodes the JPEGs every epoch; memory / disk decode once into "
+        "a uint8 array (disk: memory-mapped .npy, reused across runs)"
+    )
+    augment_on: Literal["auto", "workers", "device"] = opt(
+        "auto", "where the batch augmentation runs: workers (DataLoader processes), device (the training device; "
+        "with a cache the decoded split is held there too), auto = device when training on CUDA"
     )
     cache_dir: Optional[str] = opt(None, "folder of the disk cache (.npy per split); null = <root>/cache")
     skip_corrupt: bool = opt(False, "skip unreadable images with a warning instead of failing")
-    workers: int = opt(2, "DataLoader worker processes (0 loads in the main process)")
+    workers: int = opt(2, "DataLoader worker processes (0 loads in the main process)", NON_NEGATIVE)
     persistent_workers: bool = opt(True, "keep workers alive between epochs")
     pin_memory: bool = opt(True, "pin host memory (CUDA only)")
-    prefetch_factor: int = opt(2, "batches prefetched per worker")
-    train_batch_size: int = opt(128, "batch size at the base crop size (per process)")
-    val_batch_size: int = opt(256, "validation batch size (per process)")
+    prefetch_factor: int = opt(2, "batches prefetched per worker", AT_LEAST_1)
+    train_batch_size: int = opt(128, "batch size at the base crop size (per process)", AT_LEAST_1)
+    val_batch_size: int = opt(256, "validation batch size (per process)", AT_LEAST_1)
     fake: FakeDataConfig = block(FakeDataConfig, "generated sample data")
 
 
 # --------------------------------------------------------------------------- augmentation
 @dataclass(frozen=True)
-class MixupConfig:
-    mixup_alpha: float = opt(0.0, "mixup Beta(alpha, alpha); 0 disables mixup")
-    cutmix_alpha: float = opt(0.0, "cutmix Beta(alpha, alpha); 0 disables cutmix")
-    prob: float = opt(1.0, "probability of mixing a batch")
-    switch_prob: float = opt(0.5, "probability of cutmix instead of mixup when both are on")
+class MixupConfig(Section):
+    mixup_alpha: float = opt(0.0, "mixup Beta(alpha, alpha); 0 disables mixup", NON_NEGATIVE)
+    cutmix_alpha: float = opt(0.0, "cutmix Beta(alpha, alpha); 0 disables cutmix", NON_NEGATIVE)
+    prob: float = opt(1.0, "probability of mixing a batch", PROBABILITY)
+    switch_prob: float = opt(0.5, "probability of cutmix instead of mixup when both are on", PROBABILITY)
 
 
 @dataclass(frozen=True)
-class AugmentationConfig:
+class AugmentationConfig(Section):
     train: Tuple[Dict[str, Any], ...] = opt(
         freeze(
             (
@@ -109,41 +223,64 @@ class AugmentationConfig:
         freeze(({"name": "resize", "size": 72}, {"name": "center_crop", "size": 64})),
         "validation transforms (the paper: resize to crop + 8, center crop)",
     )
-    mean: Optional[Tuple[float, ...]] = opt(None, "per-channel mean to subtract; null feeds [0, 1] pixels")
-    std: Optional[Tuple[float, ...]] = opt(None, "per-channel std to divide by")
+    mean: Optional[Tuple[float, ...]] = opt(
+        None, "per-channel (R, G, B) mean to subtract, in [0, 1] pixel units; null feeds [0, 1] pixels", PROBABILITY
+    )
+    std: Optional[Tuple[float, ...]] = opt(
+        None, "per-channel (R, G, B) std to divide by, in [0, 1] pixel units", FACTOR
+    )
     mixup: MixupConfig = block(MixupConfig, "batch-level mixup / cutmix")
+
+    def check(self) -> None:
+        if (self.mean is None) != (self.std is None):
+            given, other = ("mean", "std") if self.std is None else ("std", "mean")
+            raise FieldError(given, f"{list(getattr(self, given))} is set but {other} is null; "
+                             "give both (3 values each) or neither")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if values is not None and len(values) != 3:
+                raise FieldError(name, f"{list(values)} must be 3 values (R, G, B)")
 
 
 # --------------------------------------------------------------------------- sampler
 @dataclass(frozen=True)
-class VBSConfig:
-    min_crop_size: int = opt(58, "smallest candidate crop size")
-    max_crop_size: int = opt(82, "largest candidate crop size")
-    max_n_scales: int = opt(5, "number of sizes drawn from linspace(min, max)")
-    check_scale: int = opt(6, "crop sizes are rounded to a multiple of this")
+class VBSConfig(Section):
+    min_crop_size: int = opt(58, "smallest candidate crop size", AT_LEAST_1)
+    max_crop_size: int = opt(82, "largest candidate crop size", AT_LEAST_1)
+    max_n_scales: int = opt(5, "number of sizes drawn from linspace(min, max)", AT_LEAST_1)
+    check_scale: int = opt(6, "crop sizes are rounded to a multiple of this", AT_LEAST_1)
+    batch_rule: Literal["at_least_base", "constant_pixels"] = opt(
+        "at_least_base", "batch size per crop size: at_least_base = max(B0, B0*64^2/(h*w)), the paper's cvnets v0.1 "
+        "(batches grow below the base size, never shrink); constant_pixels = later cvnets' max(1, ...)"
+    )
+
+    def check(self) -> None:
+        _check_order("min_crop_size", self.min_crop_size, "max_crop_size", self.max_crop_size)
 
 
 @dataclass(frozen=True)
-class SamplerConfig:
+class SamplerConfig(Section):
     name: Literal["batch_sampler", "variable_batch_sampler"] = opt("batch_sampler", "batch sampler")
-    crop_size: int = opt(64, "base training crop size")
+    crop_size: int = opt(64, "base training crop size", AT_LEAST_1)
     vbs: VBSConfig = block(VBSConfig, "variable batch sampler")
 
 
 # --------------------------------------------------------------------------- model
 @dataclass(frozen=True)
-class MobileViTConfig:
+class MobileViTConfig(Section):
     mode: Literal["xx_small", "x_small", "small", "tiny"] = opt("x_small", "variant (tiny = x_small, layers 3,4 removed, no fusion)")
-    remove_layers: Optional[Tuple[int, ...]] = opt(None, "MobileViT layers to remove, any of 3,4,5; null = the mode's")
+    remove_layers: Optional[Tuple[int, ...]] = opt(
+        None, "MobileViT layers to remove, any of 3,4,5; null = the mode's", Range(3, 5)
+    )
     fusion: Optional[Literal["concat_conv", "none", "residual"]] = opt(None, "block fusion; null = the mode's")
-    dropout: float = opt(0.1, "dropout inside the transformer blocks")
-    attn_dropout: float = opt(0.0, "dropout on attention weights")
-    ffn_dropout: float = opt(0.0, "dropout between the two FFN linears")
-    num_heads: int = opt(4, "attention heads")
+    dropout: float = opt(0.1, "dropout inside the transformer blocks", RATE)
+    attn_dropout: float = opt(0.0, "dropout on attention weights", RATE)
+    ffn_dropout: float = opt(0.0, "dropout between the two FFN linears", RATE)
+    num_heads: int = opt(4, "attention heads (must divide every transformer width)", AT_LEAST_1)
 
 
 @dataclass(frozen=True)
-class ResNetConfig:
+class ResNetConfig(Section):
     depth: Literal[18, 34, 50] = opt(18, "ResNet depth")
     stem: Literal["cvnets", "imagenet", "cifar"] = opt(
         "cvnets", "cvnets: 3x3 s2 conv + 3x3 s2 depthwise; imagenet: 7x7 s2 + max-pool; cifar: 3x3 s1"
@@ -151,21 +288,21 @@ class ResNetConfig:
 
 
 @dataclass(frozen=True)
-class InitConfig:
+class InitConfig(Section):
     conv: Literal["kaiming_normal", "kaiming_uniform", "xavier_uniform", "normal"] = opt(
         "kaiming_normal", "conv weight init (fan_out); biases start at 0"
     )
     linear: Optional[Literal["trunc_normal", "normal", "xavier_uniform"]] = opt(
         None, "linear weight init; null = the family's (MobileViT trunc_normal, ResNet normal)"
     )
-    linear_std: Optional[float] = opt(None, "std of normal/trunc_normal linear init; null = the family's")
+    linear_std: Optional[float] = opt(None, "std of normal/trunc_normal linear init; null = the family's", POSITIVE)
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     name: Literal["mobilevit", "resnet"] = opt("mobilevit", "model family")
-    num_classes: Optional[int] = opt(None, "output classes; null = the dataset's")
-    classifier_dropout: float = opt(0.1, "dropout before the classifier")
+    num_classes: Optional[int] = opt(None, "output classes; null = the dataset's", AT_LEAST_1)
+    classifier_dropout: float = opt(0.1, "dropout before the classifier", RATE)
     checkpoint: Optional[str] = opt(None, "weights to load (main_eval, export, fine-tuning)")
     mobilevit: MobileViTConfig = block(MobileViTConfig, "MobileViT settings")
     resnet: ResNetConfig = block(ResNetConfig, "ResNet settings")
@@ -174,29 +311,37 @@ class ModelConfig:
 
 # --------------------------------------------------------------------------- loss
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(Section):
     name: Literal["cross_entropy"] = opt("cross_entropy", "classification loss")
-    label_smoothing: float = opt(0.1, "label smoothing (training only; validation loss is plain)")
+    label_smoothing: float = opt(0.1, "label smoothing (training only; validation loss is plain)", RATE)
 
 
 # --------------------------------------------------------------------------- optimizer
 @dataclass(frozen=True)
-class SGDConfig:
-    momentum: float = opt(0.9, "momentum")
-    nesterov: bool = opt(False, "Nesterov momentum")
+class SGDConfig(Section):
+    momentum: float = opt(0.9, "momentum", RATE)
+    nesterov: bool = opt(False, "Nesterov momentum (needs momentum > 0)")
+
+    def check(self) -> None:
+        if self.nesterov and self.momentum == 0:
+            raise FieldError("nesterov", "true needs momentum > 0 (momentum is 0)")
 
 
 @dataclass(frozen=True)
-class AdamConfig:
-    betas: Tuple[float, ...] = opt((0.9, 0.999), "beta1, beta2")
-    eps: float = opt(1e-8, "denominator epsilon")
+class AdamConfig(Section):
+    betas: Tuple[float, ...] = opt((0.9, 0.999), "beta1, beta2", RATE)
+    eps: float = opt(1e-8, "denominator epsilon", POSITIVE)
     amsgrad: bool = opt(False, "AMSGrad variant")
 
+    def check(self) -> None:
+        if len(self.betas) != 2:
+            raise FieldError("betas", f"{list(self.betas)} must be two numbers: beta1, beta2")
+
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(Section):
     name: Literal["sgd", "adam", "adamw"] = opt("adamw", "optimizer")
-    weight_decay: float = opt(0.01, "weight decay")
+    weight_decay: float = opt(0.01, "weight decay", NON_NEGATIVE)
     no_decay_bn_filter_bias: bool = opt(False, "no weight decay on 1-D parameters (norms, biases)")
     sgd: SGDConfig = block(SGDConfig, "SGD settings")
     adam: AdamConfig = block(AdamConfig, "Adam settings")
@@ -205,54 +350,79 @@ class OptimConfig:
 
 # --------------------------------------------------------------------------- scheduler
 @dataclass(frozen=True)
-class CosineConfig:
-    max_lr: float = opt(0.002, "peak learning rate (after warmup)")
-    min_lr: float = opt(0.0002, "final learning rate")
+class CosineConfig(Section):
+    max_lr: float = opt(0.002, "peak learning rate (after warmup)", NON_NEGATIVE)
+    min_lr: float = opt(0.0002, "final learning rate", NON_NEGATIVE)
+
+    def check(self) -> None:
+        _check_order("min_lr", self.min_lr, "max_lr", self.max_lr)
 
 
 @dataclass(frozen=True)
-class CyclicConfig:
-    max_lr: float = opt(0.1, "learning rate at the start of each sweep")
-    min_lr: float = opt(1e-4, "learning rate at the end of each sweep")
-    cycles: int = opt(5, "number of high-to-low sweeps over the run")
+class CyclicConfig(Section):
+    min_lr: float = opt(0.1, "lowest LR of a cycle (and the warmup's target); a cycle's epochs run "
+                        "min_lr, then epochs_per_cycle*min_lr falling linearly (the paper's code)", POSITIVE)
+    epochs_per_cycle: int = opt(5, "epochs per cycle", AT_LEAST_1)
+    total_cycles: int = opt(11, "cycles including the last one, which anneals to last_cycle_end_lr", AT_LEAST_1)
+    last_cycle_end_lr: float = opt(1e-3, "LR at the end of the last cycle (at most min_lr)", NON_NEGATIVE)
+    last_cycle_type: Literal["linear", "cosine"] = opt("linear", "shape of the last cycle")
+
+    def check(self) -> None:
+        _check_order("last_cycle_end_lr", self.last_cycle_end_lr, "min_lr", self.min_lr)
 
 
 @dataclass(frozen=True)
-class DivByTenConfig:
-    max_lr: float = opt(0.4, "learning rate before the first milestone")
-    min_lr: float = opt(2e-4, "floor")
-    milestones: Tuple[int, ...] = opt((40, 60, 80), "epochs where the LR is multiplied by factor (epochs in both clock modes)")
-    factor: float = opt(0.1, "multiplier at each milestone")
+class DivByTenConfig(Section):
+    max_lr: float = opt(0.4, "learning rate before the first milestone", NON_NEGATIVE)
+    min_lr: float = opt(2e-4, "floor", NON_NEGATIVE)
+    milestones: Tuple[int, ...] = opt(
+        (40, 80, 120), "epochs where the LR is multiplied by factor, increasing (epochs in both clock modes)",
+        AT_LEAST_1,
+    )
+    factor: float = opt(0.1, "multiplier at each milestone", FACTOR)
+
+    def check(self) -> None:
+        _check_order("min_lr", self.min_lr, "max_lr", self.max_lr)
+        steps = self.milestones
+        for i in range(1, len(steps)):
+            if steps[i] <= steps[i - 1]:
+                raise FieldError(f"milestones[{i}]", f"{steps[i]} must be larger than the one before ({steps[i - 1]})")
 
 
 @dataclass(frozen=True)
-class PlateauConfig:
-    max_lr: float = opt(0.4, "starting learning rate")
-    min_lr: float = opt(2e-4, "floor")
-    patience: int = opt(10, "epochs without improvement of the val metric before dividing")
-    factor: float = opt(0.1, "multiplier on a plateau")
-    threshold: float = opt(0.0, "the val metric must improve by more than this (absolute) to count")
+class PlateauConfig(Section):
+    max_lr: float = opt(0.4, "starting learning rate", NON_NEGATIVE)
+    min_lr: float = opt(2e-4, "floor", NON_NEGATIVE)
+    patience: int = opt(10, "epochs without improvement of the val metric before dividing", AT_LEAST_1)
+    factor: float = opt(0.1, "multiplier on a plateau", FACTOR)
+    threshold: float = opt(0.0, "the val metric must improve by more than this (absolute) to count", NON_NEGATIVE)
+
+    def check(self) -> None:
+        _check_order("min_lr", self.min_lr, "max_lr", self.max_lr)
 
 
 @dataclass(frozen=True)
-class PolynomialConfig:
-    max_lr: float = opt(0.1, "starting learning rate")
-    min_lr: float = opt(1e-5, "final learning rate")
-    power: float = opt(2.5, "polynomial power")
+class PolynomialConfig(Section):
+    max_lr: float = opt(0.1, "starting learning rate", NON_NEGATIVE)
+    min_lr: float = opt(1e-5, "final learning rate", NON_NEGATIVE)
+    power: float = opt(2.5, "polynomial power", POSITIVE)
+
+    def check(self) -> None:
+        _check_order("min_lr", self.min_lr, "max_lr", self.max_lr)
 
 
 @dataclass(frozen=True)
-class FixedConfig:
-    lr: float = opt(0.001, "constant learning rate")
+class FixedConfig(Section):
+    lr: float = opt(0.001, "constant learning rate", NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
-class SchedulerConfig:
+class SchedulerConfig(Section):
     name: Literal["cosine", "cyclic", "div_by_ten", "plateau", "polynomial", "fixed"] = opt("cosine", "LR schedule")
-    max_epochs: int = opt(200, "training epochs")
-    warmup_iterations: int = opt(3000, "linear warmup iterations (0 disables warmup)")
-    warmup_init_lr: float = opt(0.0002, "learning rate at iteration 0 of the warmup")
-    is_iteration_based: bool = opt(False, "cosine/cyclic/polynomial progress per iteration, decaying from the end of warmup, instead of per epoch")
+    max_epochs: int = opt(200, "training epochs", AT_LEAST_1)
+    warmup_iterations: int = opt(3000, "linear warmup iterations (0 disables warmup)", NON_NEGATIVE)
+    warmup_init_lr: float = opt(0.0002, "learning rate at iteration 0 of the warmup", NON_NEGATIVE)
+    is_iteration_based: bool = opt(False, "cosine/polynomial progress per iteration, from the end of warmup to the run's last step, instead of per epoch (cyclic and div_by_ten count epochs either way)")
     cosine: CosineConfig = block(CosineConfig, "cosine settings")
     cyclic: CyclicConfig = block(CyclicConfig, "cyclic settings")
     div_by_ten: DivByTenConfig = block(DivByTenConfig, "step (divide-by-ten) settings")
@@ -263,19 +433,21 @@ class SchedulerConfig:
 
 # --------------------------------------------------------------------------- ema, stats, eval
 @dataclass(frozen=True)
-class EMAConfig:
+class EMAConfig(Section):
     enable: bool = opt(False, "keep an exponential moving average of the weights")
-    momentum: float = opt(0.0005, "per-iteration momentum: ema = (1 - m) * ema + m * model")
+    momentum: float = opt(0.0005, "per-iteration momentum: ema = (1 - m) * ema + m * model", FACTOR)
+    warmup: bool = opt(True, "start with a large momentum that decays to `momentum` (max(m, (1 + step)^-2/3), "
+                       "as timm's EMA warmup); the paper's runs had none")
 
 
 @dataclass(frozen=True)
-class StatsConfig:
+class StatsConfig(Section):
     checkpoint_metric: Literal["top1", "top5", "loss"] = opt("top1", "val metric that picks checkpoint_best.pt")
     checkpoint_metric_max: bool = opt(True, "larger is better for checkpoint_metric")
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Section):
     split: Literal["val", "test"] = opt("val", "split to evaluate (test has no labels: writes predictions)")
     ema: bool = opt(False, "evaluate the EMA weights stored in the checkpoint")
     output_json: Optional[str] = opt(None, "also write the metrics to this JSON file")
@@ -284,16 +456,23 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class ExportConfig:
+class ExportConfig(Section):
     format: Literal["torchscript", "onnx"] = opt("torchscript", "artifact: TorchScript (traced) or ONNX (needs the export extra)")
     output: Optional[str] = opt(None, "artifact path; null = beside the checkpoint (<stem>.torchscript.pt / <stem>.onnx)")
     ema: bool = opt(False, "export the EMA weights stored in the checkpoint")
-    batch_size: int = opt(1, "batch size of the example input (the fixed batch unless dynamic_batch)")
+    batch_size: int = opt(1, "batch size of the example input (the fixed batch unless dynamic_batch)", AT_LEAST_1)
     dynamic_batch: bool = opt(False, "any batch size (ONNX: a symbolic batch axis)")
     dynamic_shape: bool = opt(False, "ONNX only: any height and width (>= 32), not just the crop size")
     verify: bool = opt(True, "compare the artifact's logits with the checkpoint model's before writing it")
-    tolerance: float = opt(1e-3, "allowed |logit difference| in the verify check (relative once |logits| exceed 1)")
-    opset: int = opt(18, "ONNX opset (the torch.export-based exporter needs 18 or newer)")
+    tolerance: float = opt(
+        1e-3, "allowed |logit difference| in the verify check (relative once |logits| exceed 1)", NON_NEGATIVE
+    )
+    opset: int = opt(18, "ONNX opset (the torch.export-based exporter needs 18 or newer)", AT_LEAST_1)
+
+    def check(self) -> None:
+        if self.dynamic_shape and self.format != "onnx":
+            raise FieldError("dynamic_shape", f"true needs format: onnx (format is {self.format}); a traced "
+                             "TorchScript model keeps the input size it was traced at")
 
 
 @dataclass(frozen=True)
@@ -310,3 +489,42 @@ class Config:
     stats: StatsConfig = block(StatsConfig, "checkpoint selection")
     eval: EvalConfig = block(EvalConfig, "main_eval.py settings")
     export: ExportConfig = block(ExportConfig, "main_export.py settings")
+
+
+# --------------------------------------------------------------------------- schema walking
+def iter_keys(cls: type = Config, prefix: str = "") -> Iterator[Tuple[str, Any, dataclasses.Field]]:
+    """Yield (dotted key, type, field) for every leaf of the schema."""
+    types = hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, key = types[f.name], f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from iter_keys(tp, key + ".")
+        else:
+            yield key, tp, f
+
+
+def _section_keys(cls: type = Config, prefix: str = "") -> Iterator[str]:
+    for name, tp in hints(cls).items():
+        if dataclasses.is_dataclass(tp):
+            yield prefix + name
+            yield from _section_keys(tp, f"{prefix}{name}.")
+
+
+def field_type(key: str) -> Any:
+    """The schema type of a dotted leaf key (`optim.name` -> Literal[...]); KeyError if unknown."""
+    cls: Any = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls) or part not in hints(cls):
+            raise KeyError(f"{key!r} is not a key of options/schema.py")
+        cls = hints(cls)[part]
+    return cls
+
+
+def literal_choices(key: str) -> Tuple[Any, ...]:
+    """The allowed values of a Literal key (Optional[Literal] included)."""
+    tp = field_type(key)
+    if typing.get_origin(tp) is Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    if typing.get_origin(tp) is not Literal:
+        raise KeyError(f"{key!r} is not a Literal key of options/schema.py")
+    return typing.get_args(tp)
