@@ -9,7 +9,11 @@ ONNX goes through the torch.export-based exporter (torch.onnx.export(dynamo=True
 default since torch 2.9; it needs onnxscript). The older TorchScript-based exporter is
 deprecated and bakes every shape computed in Python into the graph, so it cannot give
 MobileViT a symbolic height and width; torch.export keeps them symbolic. One more step
-makes a dynamic-shape graph correct for every size: see AnySizeMobileViTBlock.
+makes a dynamic-shape graph correct for every size: `make_any_size` (MobileViTBlock's
+`always_resize`).
+
+Settings that cannot work raise ValueError naming the export.* key, a missing optional
+package MissingExtraError; the entry point turns both into a one-line error.
 """
 from __future__ import annotations
 
@@ -25,7 +29,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvnets.mobilevit import MobileViTBlock
-from options.config import ConfigError
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 MIN_DYNAMIC_SIDE = 32  # smallest height/width a dynamic-shape ONNX graph accepts (the 32x downsampling)
@@ -38,7 +41,7 @@ JIT_DEPRECATION = r"`torch\.jit\."  # start of torch 2.14's "`torch.jit.trace` i
 Runner = Callable[[Tensor], Tensor]  # images [B, 3, H, W] -> logits [B, C], on the CPU
 
 
-class MissingExtraError(ConfigError):
+class MissingExtraError(Exception):
     """An optional package of the export extra is not installed (one line, names the fix)."""
 
 
@@ -78,58 +81,30 @@ def package_versions() -> Dict[str, Optional[str]]:
 
 
 # ----------------------------------------------------------------------------- dynamic shapes
-class AnySizeMobileViTBlock(nn.Module):
-    """A MobileViTBlock (its own weights) whose resize to whole patches always runs.
-
-    The block resizes a feature map only when a side is not a multiple of the patch size.
-    torch.export settles that branch for the example input: a graph exported at 64x64 skips
-    the resize and then fails at 96x96, where layer5 sees 3x3 maps. Bilinear resizing of a
-    map to its own size (half-pixel centres) returns it unchanged, so resizing always gives
-    the same logits at every size and one graph serves them all.
-    """
-
-    def __init__(self, block: MobileViTBlock) -> None:
-        super().__init__()
-        self.block = block
-
-    def forward(self, x: Tensor) -> Tensor:
-        b = self.block
-        height, width = x.shape[-2:]
-        _, _, padded_h, padded_w = b.token_grid(height, width)
-        y = F.interpolate(b.local(x), size=(padded_h, padded_w), mode="bilinear", align_corners=False)
-        y = b.fold(b.transformer(b.unfold(y)), padded_h, padded_w)
-        y = b.proj(F.interpolate(y, size=(height, width), mode="bilinear", align_corners=False))
-        if b.fusion == "concat_conv":
-            return b.fuse(torch.cat((x, y), dim=1))
-        if b.fusion == "residual":
-            return b.fuse(x + y)
-        return y
-
-
 def make_any_size(model: nn.Module) -> int:
-    """Wrap every MobileViTBlock of `model` (in place) in AnySizeMobileViTBlock; the count."""
-    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if isinstance(child, MobileViTBlock)]
-    for parent, name, child in targets:
-        setattr(parent, name, AnySizeMobileViTBlock(child))
-    return len(targets)
+    """Make every MobileViTBlock of `model` (in place) resize to whole patches at every input
+    size, so that one dynamic-shape graph serves all sizes; the number of blocks."""
+    blocks = [m for m in model.modules() if isinstance(m, MobileViTBlock)]
+    for block in blocks:
+        block.always_resize = True
+    return len(blocks)
 
 
 # ----------------------------------------------------------------------------- writing artifacts
 def check_settings(fmt: str, batch_size: int, dynamic_shape: bool, opset: int, tolerance: float) -> None:
-    """Reject export settings that cannot work, before any model is built (ConfigError)."""
+    """Reject export settings that cannot work, before any model is built (ValueError naming the key)."""
     if fmt not in FORMATS:
-        raise ConfigError(f"export.format: {fmt!r} is not one of {', '.join(FORMATS)}")
+        raise ValueError(f"export.format: {fmt!r} is not one of {', '.join(FORMATS)}")
     if batch_size < 1:
-        raise ConfigError(f"export.batch_size: {batch_size} must be >= 1")
-    if tolerance < 0:
-        raise ConfigError(f"export.tolerance: {tolerance} must be >= 0")
+        raise ValueError(f"export.batch_size: {batch_size} must be >= 1")
+    if not tolerance >= 0:  # NaN fails too
+        raise ValueError(f"export.tolerance: {tolerance} must be >= 0")
     if dynamic_shape and fmt != "onnx":
-        raise ConfigError("export.dynamic_shape: true needs export.format: onnx; a traced TorchScript "
-                          "model keeps the input size it was traced at")
+        raise ValueError("export.dynamic_shape: true needs export.format: onnx; a traced TorchScript "
+                         "model keeps the input size it was traced at")
     if fmt == "onnx" and opset < MIN_OPSET:
-        raise ConfigError(f"export.opset: {opset} is older than {MIN_OPSET}, the oldest opset the "
-                          f"torch.export-based ONNX exporter writes; use {MIN_OPSET} or newer")
+        raise ValueError(f"export.opset: {opset} is older than {MIN_OPSET}, the oldest opset the "
+                         f"torch.export-based ONNX exporter writes; use {MIN_OPSET} or newer")
 
 
 def export_torchscript(model: nn.Module, example: Tensor, path: str) -> None:

@@ -1,15 +1,13 @@
-"""Fold inference-mode BatchNorm into the convolution that feeds it, for good.
+"""Fold inference-mode BatchNorm into the convolution that feeds it, in a copy of the model.
 
-In eval mode BatchNorm is a fixed per-channel affine map, y = a * x + b with
-a = gamma / sqrt(running_var + eps) and b = beta - a * running_mean. When x is the output
-of a convolution, scaling the conv's output channel k by a[k] and shifting its bias gives
-the same function with one layer less. ConvNormAct already applies that fold on the fly in
-eval mode (cvnets.layers.fold_batchnorm_into); here a copy of the model gets the folded
-weights as plain Conv2d parameters, so that an exported graph holds one convolution and no
-BatchNorm arithmetic. Only a Conv2d directly followed by a BatchNorm2d inside an
-nn.Sequential (ConvNormAct and every stem, branch and shortcut built from it) is folded; a
-BatchNorm with anything else in front of it (MobileViT's residual fusion normalises a sum)
-is left as it is.
+In eval mode BatchNorm is a fixed per-channel affine map, so a conv followed by it is one
+conv with scaled weights and a shifted bias (torch.nn.utils.fusion.fuse_conv_bn_eval
+computes them). The folded copy runs one layer less per pair, which makes evaluation faster,
+and an exported graph holds plain convolutions and no BatchNorm arithmetic.
+
+Only a Conv2d directly followed by a BatchNorm2d inside an nn.Sequential (ConvNormAct and
+every stem, branch and shortcut built from it) is folded. MobileViT's residual fusion
+normalises a sum with a parameter-free layer norm, which has nothing to fold.
 """
 from __future__ import annotations
 
@@ -18,15 +16,14 @@ from typing import Iterator, List, Tuple
 
 import torch
 from torch import nn
-
-from cvnets.layers import fold_batchnorm_into
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 # (the Sequential holding the pair, the conv's name in it, the norm's name in it)
 ConvNormPair = Tuple[nn.Sequential, str, str]
 
 
 def conv_bn_pairs(model: nn.Module) -> Iterator[ConvNormPair]:
-    """Every Conv2d that is immediately followed by a foldable BatchNorm2d in a Sequential."""
+    """Every Conv2d that is immediately followed by a foldable BatchNorm in a Sequential."""
     for module in model.modules():
         if not isinstance(module, nn.Sequential):
             continue
@@ -37,10 +34,11 @@ def conv_bn_pairs(model: nn.Module) -> Iterator[ConvNormPair]:
 
 
 def _foldable(norm: nn.Module, channels: int) -> bool:
-    # Without running statistics BatchNorm normalises with the batch's own statistics even in
-    # eval mode, which no fixed affine map reproduces.
+    # SyncBatchNorm (sync_bn under DDP) is an ordinary BatchNorm in eval mode. Without running
+    # statistics BatchNorm normalises with the batch's own statistics even in eval mode, which
+    # no fixed affine map reproduces.
     return (
-        isinstance(norm, nn.BatchNorm2d)
+        isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm))
         and norm.track_running_stats
         and norm.running_mean is not None
         and norm.num_features == channels
@@ -48,25 +46,18 @@ def _foldable(norm: nn.Module, channels: int) -> bool:
 
 
 @torch.no_grad()
-def fold_conv_bn(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> nn.Conv2d:
-    """A new Conv2d computing norm(conv(x)) in eval mode (with a bias even if conv had none)."""
-    weight, bias = fold_batchnorm_into(conv.weight, conv.bias, norm)
-    fused = copy.deepcopy(conv)
-    fused.weight.copy_(weight)
-    fused.bias = nn.Parameter(bias, requires_grad=conv.weight.requires_grad)
-    return fused
-
-
 def fold_batchnorm(model: nn.Module) -> Tuple[nn.Module, int]:
     """An eval-mode copy of `model` with every conv -> BatchNorm pair folded, and the pair count.
 
-    The original model is left untouched (the parity check runs it beside the copy). Folded
-    norms become nn.Identity, so module names, and the layer a traceback points at, stay the same.
+    The original model is left untouched (it may go on training; the export's parity check
+    runs it beside the copy). Folded norms become nn.Identity, so module names, and the layer
+    a traceback points at, stay the same. Costs one copy of the weights: cheap enough to
+    evaluate every validation pass on a fresh fold of the current weights.
     """
     folded = copy.deepcopy(model).eval()
     pairs: List[ConvNormPair] = list(conv_bn_pairs(folded))
     for parent, conv_name, norm_name in pairs:
-        setattr(parent, conv_name, fold_conv_bn(getattr(parent, conv_name), getattr(parent, norm_name)))
+        setattr(parent, conv_name, fuse_conv_bn_eval(getattr(parent, conv_name), getattr(parent, norm_name)))
         setattr(parent, norm_name, nn.Identity())
     return folded, len(pairs)
 

@@ -7,7 +7,7 @@ pool -> dropout -> linear head.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable, ClassVar, Dict, Optional, Tuple
+from typing import Callable, ClassVar, Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -17,12 +17,6 @@ from cvnets.init import LinearInit
 
 ActFactory = Callable[[], nn.Module]
 
-# Activations that may overwrite their input when no autograd graph is recorded (inference).
-# In training they must not: autograd would then save a copy of the input for the backward.
-_INPLACE_ACTS: Dict[type, Callable[[Tensor], Tensor]] = {
-    nn.SiLU: lambda x: F.silu(x, inplace=True),
-    nn.ReLU: lambda x: F.relu(x, inplace=True),
-}
 # On the CPU, attention over at most this many tokens is faster as two batched matmuls than as
 # the fused SDPA kernel (1.8x at 16 tokens for forward + backward, slower from 64 tokens).
 _CPU_MATMUL_ATTENTION_MAX_TOKENS = 32
@@ -31,16 +25,31 @@ _CPU_MATMUL_ATTENTION_MAX_TOKENS = 32
 def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = None) -> int:
     """Round `value` to the nearest multiple of `divisor` (at least `min_value`).
 
-    One more multiple is added when rounding down would lose more than 10 %, the rule
-    MobileNetV2 and ml-cvnets use for channel counts.
+    One more multiple is added when rounding down would lose more than 10 %: ml-cvnets' rule,
+    for MobileNetV2 channel counts and for the variable batch sampler's crop sizes alike.
     """
     min_value = divisor if min_value is None else min_value
     rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
     return rounded + divisor if rounded < 0.9 * value else rounded
 
 
+class SiLU(nn.SiLU):
+    """nn.SiLU that overwrites its input when no autograd graph is recorded (inference).
+
+    Only for inputs nobody else reads: the fresh output of the conv, norm or linear layer in
+    front of it. In training it must not: autograd needs SiLU's input for the backward.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.silu(x, inplace=self.inplace or not torch.is_grad_enabled())
+
+
 class ConvNormAct(nn.Sequential):
-    """Conv2d, then optional BatchNorm2d and activation ("same" padding for odd kernels)."""
+    """Conv2d, then optional BatchNorm2d and activation ("same" padding for odd kernels).
+
+    A plain Sequential: for fast inference and export, cvnets.fuse.fold_batchnorm folds the
+    norm into the conv of a model copy.
+    """
 
     def __init__(
         self,
@@ -50,7 +59,7 @@ class ConvNormAct(nn.Sequential):
         stride: int = 1,
         groups: int = 1,
         norm: bool = True,
-        act: Optional[ActFactory] = nn.SiLU,
+        act: Optional[ActFactory] = SiLU,
         bias: Optional[bool] = None,
     ) -> None:
         layers: "OrderedDict[str, nn.Module]" = OrderedDict()
@@ -64,61 +73,12 @@ class ConvNormAct(nn.Sequential):
         if act is not None:
             layers["act"] = act()
         super().__init__(layers)
-        self._folded: Optional[Tuple[tuple, Tuple[Tensor, Tensor]]] = None  # (source versions, weight/bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        norm = self._modules.get("norm")
-        if self.training or not _has_running_stats(norm):
-            return super().forward(x)  # training, or the norm was folded away already (cvnets/fuse.py)
-        # Eval: BatchNorm is a fixed per-channel affine map, folded into the conv's weight and
-        # bias; that saves a full pass over the activations.
-        conv = self.conv
-        weight, bias = self._folded_weights(norm)
-        y = F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-        act = self._modules.get("act")
-        if act is None:
-            return y
-        inplace = _INPLACE_ACTS.get(type(act))
-        return inplace(y) if inplace is not None and not torch.is_grad_enabled() else act(y)
-
-    def __getstate__(self) -> dict:
-        # Copies (deepcopy for the EMA, pickling) fold their own weights rather than carry these.
-        return {**super().__getstate__(), "_folded": None}
-
-    def _folded_weights(self, norm: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
-        """The conv's weight and bias with `norm` folded in, reused while none of their sources changes.
-
-        Recomputing them costs a few small ops per layer, which dominates at batch size 1. Any
-        in-place update (optimizer step, EMA, load_state_dict) bumps a source's version and any
-        move (.to) changes its address, so either one invalidates the cache.
-        """
-        conv = self.conv
-        sources = [t for t in (conv.weight, conv.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
-                   if t is not None]
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():  # gradients or a graph must see the fold
-            return fold_batchnorm_into(conv.weight, conv.bias, norm)
-        key = tuple((t.data_ptr(), t._version) for t in sources)
-        if self._folded is None or self._folded[0] != key:
-            self._folded = (key, fold_batchnorm_into(conv.weight, conv.bias, norm))
-        return self._folded[1]
 
 
-def _has_running_stats(norm: Optional[nn.Module]) -> bool:
-    return isinstance(norm, nn.BatchNorm2d) and norm.running_var is not None
-
-
-def fold_batchnorm_into(weight: Tensor, bias: Optional[Tensor], norm: nn.BatchNorm2d) -> Tuple[Tensor, Tensor]:
-    """(weight, bias) of a conv computing norm(conv(x)) with `norm` in eval mode."""
-    scale = torch.rsqrt(norm.running_var + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight
-    shift = -norm.running_mean * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias
-    if bias is not None:
-        shift = shift + bias * scale
-    # weight [out, in/groups, kh, kw]: output channel k is scaled by scale[k]
-    return weight * scale.reshape(-1, 1, 1, 1), shift
+def check_dropout(key: str, p: float) -> None:
+    """Raise ValueError unless `p` is a probability (the check nn.Dropout makes, naming the key)."""
+    if not 0.0 <= p <= 1.0:  # NaN fails too
+        raise ValueError(f"{key}: {p} must be in [0, 1]")
 
 
 class Dropout(nn.Dropout):
@@ -140,7 +100,7 @@ class InvertedResidual(nn.Module):
     """MobileNetV2 block: 1x1 expand -> 3x3 depthwise (stride) -> 1x1 linear projection."""
 
     def __init__(
-        self, in_channels: int, out_channels: int, stride: int, expand_ratio: float, act: ActFactory = nn.SiLU
+        self, in_channels: int, out_channels: int, stride: int, expand_ratio: float, act: ActFactory = SiLU
     ) -> None:
         super().__init__()
         hidden = make_divisible(round(in_channels * expand_ratio), 8)
@@ -212,7 +172,7 @@ class TransformerBlock(nn.Module):
         self.drop_attn = Dropout(dropout)
         self.norm_ffn = nn.LayerNorm(dim)
         self.ffn = nn.Sequential(
-            nn.Linear(dim, ffn_dim), nn.SiLU(), Dropout(ffn_dropout), nn.Linear(ffn_dim, dim), Dropout(dropout)
+            nn.Linear(dim, ffn_dim), SiLU(), Dropout(ffn_dropout), nn.Linear(ffn_dim, dim), Dropout(dropout)
         )
 
     def forward(self, x: Tensor) -> Tensor:

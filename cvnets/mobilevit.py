@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, Dict, Mapping, Tuple
+from typing import Any, ClassVar, Dict, List, Mapping, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -11,14 +11,14 @@ from torch import Tensor, nn
 
 from cvnets import MODELS
 from cvnets.init import LinearInit
-from cvnets.layers import ConvNormAct, InvertedResidual, StagedClassifier, TransformerBlock
-from options.config import ConfigError
+from cvnets.layers import ConvNormAct, InvertedResidual, StagedClassifier, TransformerBlock, check_dropout
 from options.schema import MobileViTConfig, ModelConfig
 
 PATCH = 2  # patch height and width, 2x2 everywhere
 HEAD_EXPANSION = 4  # the 1x1 head conv widens the last stage 4x ...
 HEAD_MAX_CHANNELS = 960  # ... up to this many channels
 REMOVABLE_LAYERS = (3, 4, 5)
+FUSIONS = ("concat_conv", "none", "residual")
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,13 @@ VARIANTS["tiny"] = replace(VARIANTS["x_small"], remove_layers=(3, 4), fusion="no
 class MobileViTBlock(nn.Module):
     """Local 3x3 conv, global attention across 2x2 patches, projection back, then fusion.
 
-    Each of the P = 4 pixel positions of a patch attends across all N patches.
+    Each of the P = 4 pixel positions of a patch attends across all N patches. A feature map
+    whose sides are not multiples of the patch size is resized to whole patches and back.
+    `always_resize` resizes every map, also one that fits already: bilinear resizing to the
+    map's own size (half-pixel centres) returns it unchanged, so the logits stay the same, but
+    the graph no longer branches on the input size. torch.export settles such a branch for
+    its example input (a graph exported at 64x64 would skip the resize and then fail at 96x96,
+    where layer5 sees 3x3 maps), so dynamic-shape ONNX export sets it (cvnets.export).
     """
 
     def __init__(
@@ -104,10 +110,14 @@ class MobileViTBlock(nn.Module):
         attn_dropout: float,
         ffn_dropout: float,
         fusion: str,
+        always_resize: bool = False,
     ) -> None:
         super().__init__()
+        if fusion not in FUSIONS:
+            raise ValueError(f"model.mobilevit.fusion: {fusion!r} is not one of {', '.join(FUSIONS)}")
         self.d = d
         self.fusion = fusion
+        self.always_resize = always_resize
         # The 1x1 conv to d has neither norm nor bias (the paper's parameter counts depend on it).
         self.local = nn.Sequential(
             ConvNormAct(channels, channels, 3), ConvNormAct(channels, d, 1, norm=False, act=None, bias=False)
@@ -120,12 +130,9 @@ class MobileViTBlock(nn.Module):
             nn.LayerNorm(d),
         )
         self.proj = ConvNormAct(d, channels, 1)
+        # "residual" normalises x + y with a layer norm without weights; "none" returns y.
         if fusion == "concat_conv":
             self.fuse = ConvNormAct(2 * channels, channels, 3)
-        elif fusion == "residual":
-            self.fuse = nn.BatchNorm2d(channels)
-        elif fusion != "none":
-            raise ConfigError(f"model.mobilevit.fusion: {fusion!r} is not one of concat_conv, none, residual")
 
     @staticmethod
     def token_grid(height: int, width: int) -> Tuple[int, int, int, int]:
@@ -160,7 +167,8 @@ class MobileViTBlock(nn.Module):
         height, width = x.shape[-2:]
         _, _, padded_h, padded_w = self.token_grid(height, width)
         y = self.local(x)
-        resize = (padded_h, padded_w) != (height, width)
+        # always_resize first: with it set the size comparison (a guard under torch.export) never runs.
+        resize = self.always_resize or (padded_h, padded_w) != (height, width)
         if resize:
             # Odd sizes (e.g. 9x9 from a 66 px input) are stretched to whole patches and back.
             y = F.interpolate(y, size=(padded_h, padded_w), mode="bilinear", align_corners=False)
@@ -173,7 +181,8 @@ class MobileViTBlock(nn.Module):
         if self.fusion == "concat_conv":
             return self.fuse(torch.cat((x, y), dim=1))
         if self.fusion == "residual":
-            return self.fuse(x + y)
+            # The paper's variant: input + output, normalised over (C, H, W) per sample, no weights.
+            return F.layer_norm(x + y, x.shape[1:])
         return y
 
 
@@ -185,11 +194,9 @@ class MobileViT(StagedClassifier):
 
     def __init__(self, knobs: MobileViTConfig, num_classes: int, classifier_dropout: float) -> None:
         super().__init__()
+        check_knobs(knobs)
         variant = VARIANTS[knobs.mode]
-        removed = set(variant.remove_layers if knobs.remove_layers is None else knobs.remove_layers)
-        if not removed <= set(REMOVABLE_LAYERS):
-            bad = ", ".join(str(i) for i in sorted(removed - set(REMOVABLE_LAYERS)))
-            raise ConfigError(f"model.mobilevit.remove_layers: {bad} cannot be removed; choose from 3, 4, 5")
+        removed = removed_layers(knobs)
         block_args = dict(
             num_heads=knobs.num_heads,
             dropout=knobs.dropout,
@@ -212,3 +219,42 @@ class MobileViT(StagedClassifier):
     @classmethod
     def from_config(cls, cfg: ModelConfig, num_classes: int) -> "MobileViT":
         return cls(cfg.mobilevit, num_classes, cfg.classifier_dropout)
+
+    @staticmethod
+    def check_config(cfg: ModelConfig) -> None:
+        """Raise ValueError for `model.mobilevit` settings this class cannot build."""
+        check_knobs(cfg.mobilevit)
+
+
+def removed_layers(knobs: MobileViTConfig) -> Tuple[int, ...]:
+    """The removed layer numbers, sorted: the config's, else the mode's."""
+    variant = VARIANTS[knobs.mode]
+    return tuple(sorted(set(variant.remove_layers if knobs.remove_layers is None else knobs.remove_layers)))
+
+
+def check_knobs(knobs: MobileViTConfig) -> None:
+    """Raise ValueError, naming the key, for settings no MobileViT can be built from."""
+    if knobs.mode not in VARIANTS:
+        raise ValueError(f"model.mobilevit.mode: {knobs.mode!r} is not one of {', '.join(VARIANTS)}")
+    if knobs.fusion is not None and knobs.fusion not in FUSIONS:
+        raise ValueError(f"model.mobilevit.fusion: {knobs.fusion!r} is not one of {', '.join(FUSIONS)}")
+    removed = removed_layers(knobs)
+    bad = [i for i in removed if i not in REMOVABLE_LAYERS]
+    if bad:
+        raise ValueError(f"model.mobilevit.remove_layers: {', '.join(map(str, bad))} cannot be removed; "
+                         f"choose from {', '.join(map(str, REMOVABLE_LAYERS))}")
+    for key in ("dropout", "attn_dropout", "ffn_dropout"):
+        check_dropout(f"model.mobilevit.{key}", getattr(knobs, key))
+    heads = knobs.num_heads
+    if heads < 1:
+        raise ValueError(f"model.mobilevit.num_heads: {heads} must be >= 1")
+    widths: List[Tuple[str, int]] = [
+        (f"layer{index}", spec.d) for index, spec in enumerate(VARIANTS[knobs.mode].layers, start=1)
+        if isinstance(spec, ViTLayer) and index not in removed
+    ]
+    for layer, d in widths:
+        if d % heads:
+            kept = [str(w) for _, w in widths]
+            choices = kept[0] if len(kept) == 1 else f"{', '.join(kept[:-1])} and {kept[-1]}"
+            raise ValueError(f"model.mobilevit.num_heads: {heads} does not divide the transformer width {d} "
+                             f"of {layer} ({knobs.mode}); choose a divisor of {choices}")
