@@ -1,25 +1,26 @@
-"""The data pipeline: TinyImageNet in its own layout, augmentations, batch samplers, loaders.
+"""The data pipeline: TinyImageNet in its own layout, batch augmentations, batch samplers, loaders.
 
-The engine uses two builders:
+The engine uses three entry points:
 
-    loaders = data.build_loaders(cfg, rank, world_size, device)   # train + val, for main_train
-    loader, dataset = data.build_eval_loader(cfg, "test")          # for main_eval
+    data.check_config(cfg)                                          # before any work; ValueError
+    loaders = data.build_loaders(cfg, rank, world_size, device)     # train + val, for training
+    loader, dataset = data.build_eval_loader(cfg, "test", rank, world_size, device)
 
-Batches are (images float32 [B, 3, h, w] in [0, 1] or mean/std-normalised, targets): targets
-are int64 class indices [B], soft float [B, num_classes] for a training loader with mixup or
-cutmix on, and dataset indices [B] for the unlabelled test split (dataset.file_names[i]).
+A loader yields (images float32 [B, 3, h, w] in [0, 1] or mean/std-normalised, targets):
+targets are int64 class indices [B], soft float [B, num_classes] for a training loader with
+mixup or cutmix on, and dataset indices [B] for the unlabelled test split
+(dataset.file_names[i]). `loader.batch_sampler.set_epoch(epoch, start_batch)` picks the
+epoch; `loader.batch_sampler.epoch_length(epoch)` tells any epoch's number of batches.
 
-Where the batches are made depends on the device the builders are given: for the CPU, in the
-DataLoader workers; for a CUDA device, the workers ship uint8 batches and the float conversion,
-mixing and normalisation run on the device, so batches arrive there already; with
-`dataset.cache: gpu` the whole split lives on the device and batches are built there
-(data/gpu_cache.py). Either way the engine only moves them (a no-op when already there).
+Where the augmentation runs is `dataset.augment_on` (data/loaders.py): in the DataLoader
+workers (batches arrive on the CPU; the engine moves them) or on the training device (batches
+arrive there already; with a decoded cache the whole split lives on the device).
 
 The builders are imported on first use, so that `python -m data.fake` starts without torch.
 """
 from typing import Any
 
-_LAZY = {"Loaders", "build_loaders", "build_eval_loader"}
+_LAZY = {"Loader", "Loaders", "build_loaders", "build_eval_loader", "check_config"}
 
 __all__ = sorted(_LAZY)
 

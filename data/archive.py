@@ -13,10 +13,12 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Optional
 
 from data.base import DatasetError, logger, progress_bar
+from options.files import atomic_open, is_disk_full
 
 
 @dataclass(frozen=True)
@@ -34,47 +36,47 @@ OFFICIAL = ArchiveSpec(
 _CHUNK = 1 << 20
 
 
-def where_to_get_it(root: str) -> str:
-    """The shared advice of every missing-dataset message."""
+def where_to_get_it(root: str, downloading: bool = False) -> str:
+    """The shared advice of every missing-dataset message (without the download option when
+    downloading is what just failed)."""
+    download = "" if downloading else ", or set dataset.download: true"
     return (
         f"get {OFFICIAL.url} ({OFFICIAL.size:,} bytes) and set dataset.archive: PATH_TO_ZIP, "
         f"or unpack it yourself and point dataset.root at the tiny-imagenet-200 folder "
-        f"(now {root}), or set dataset.download: true"
+        f"(now {os.path.abspath(root)}){download}"
     )
 
 
-def download_archive(dest: str, spec: ArchiveSpec = OFFICIAL, progress: bool = True) -> str:
-    """Download `spec.url` to `dest` (verified by size and MD5) unless a good copy is there already."""
+def download_archive(dest: str, root: str, spec: ArchiveSpec = OFFICIAL, progress: bool = True) -> str:
+    """Download `spec.url` to `dest` (verified by size and MD5) unless a good copy is there already.
+
+    `root` is the dataset root the archive is for (named in the error messages).
+    """
     if os.path.isfile(dest) and _matches(dest, spec):
         return dest
-    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-    logger.info("downloading %s (%s bytes) to %s", spec.url, f"{spec.size:,}", dest)
-    part = dest + ".part"
+    logger.info("downloading %s (%s bytes) to %s", spec.url, f"{spec.size:,}", os.path.abspath(dest))
     digest = hashlib.md5()
-    try:
-        with urllib.request.urlopen(spec.url, timeout=60) as response, open(part, "wb") as out:
-            with progress_bar(progress, total=spec.size, unit="B", unit_scale=True, desc="download") as bar:
-                for chunk in iter(lambda: response.read(_CHUNK), b""):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as e:
-        _remove(part)
-        reason = getattr(e, "reason", None) or e
-        raise DatasetError(
-            f"cannot download {spec.url} ({reason}); {where_to_get_it(os.path.dirname(dest))}"
-        ) from None
-    except BaseException:
-        _remove(part)
-        raise
-    size = os.path.getsize(part)
-    if size != spec.size or digest.hexdigest() != spec.md5:
-        _remove(part)
-        raise DatasetError(
-            f"downloaded {spec.url} is damaged ({size:,} bytes, MD5 {digest.hexdigest()}; expected "
-            f"{spec.size:,} bytes, MD5 {spec.md5}); run again, or download it by hand and set dataset.archive"
-        )
-    os.replace(part, dest)
+    with atomic_open(dest, "wb", expected_size=spec.size) as out:
+        try:
+            with urllib.request.urlopen(spec.url, timeout=60) as response:
+                with progress_bar(progress, total=spec.size, unit="B", unit_scale=True, desc="download") as bar:
+                    for chunk in iter(lambda: response.read(_CHUNK), b""):
+                        out.write(chunk)
+                        digest.update(chunk)
+                        bar.update(len(chunk))
+        except (urllib.error.URLError, OSError) as e:
+            if is_disk_full(e):
+                raise
+            reason = getattr(e, "reason", None) or e
+            raise DatasetError(
+                f"cannot download {spec.url} ({reason}); {where_to_get_it(root, downloading=True)}"
+            ) from None
+        size = out.tell()
+        if size != spec.size or digest.hexdigest() != spec.md5:
+            raise DatasetError(
+                f"downloaded {spec.url} is damaged ({size:,} bytes, MD5 {digest.hexdigest()}; expected "
+                f"{spec.size:,} bytes, MD5 {spec.md5}); run again, or download it by hand and set dataset.archive"
+            )
     return dest
 
 
@@ -105,7 +107,7 @@ def _extract(archive: str, out: str, progress: bool) -> None:
         with zipfile.ZipFile(archive) as zf:
             for member in progress_bar(progress, zf.infolist(), desc="unpack", unit="file"):
                 zf.extract(member, out)  # zipfile strips absolute paths and '..' from names
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, zlib.error) as e:  # zlib: a member's data
         raise DatasetError(
             f"{archive} is damaged or not a zip file ({e}); delete it and download it again "
             f"({OFFICIAL.url}, MD5 {OFFICIAL.md5})"
@@ -131,9 +133,3 @@ def _matches(path: str, spec: ArchiveSpec) -> bool:
             digest.update(chunk)
     return digest.hexdigest() == spec.md5
 
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass

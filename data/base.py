@@ -1,17 +1,24 @@
-"""Pieces shared by the data package: its errors, the dataset registry, reading one image."""
+"""Pieces shared by the data package: its errors, the dataset registry, reading one image, the
+batch types that travel from the sampler through the DataLoader to the augmentation, and the
+DataLoader workers' signal handling."""
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Any
+import os
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Optional, Tuple
 
 import numpy as np
+import torch
 from PIL import Image
 from tqdm import tqdm
 
-from options.config import ConfigError
 from options.registry import Registry
 
-DATASETS = Registry("dataset")
+DATASETS = Registry("dataset", config_key="dataset.name")
 
 # A child of the engine's "cvnets" logger: long one-off steps (download, unpack, cache build)
 # reach its log file; progress bars are for terminals only.
@@ -20,11 +27,8 @@ logger = logging.getLogger("cvnets.data")
 IMAGE_SIZE = 64  # TinyImageNet's side length; every decoded image has it
 
 
-class DatasetError(ConfigError):
-    """A dataset on disk that cannot be used. The one-line message names the path and the fix.
-
-    A ConfigError, so entry points report it like a bad setting: one line, exit status 2.
-    """
+class DatasetError(Exception):
+    """A dataset on disk that cannot be used. The one-line message names the path and the fix."""
 
     def __init__(self, message: str) -> None:
         super().__init__(_original_line(message, type(self).__name__))
@@ -76,14 +80,68 @@ def progress_bar(enabled: bool, iterable: Any = None, **kwargs: Any) -> tqdm:
     return tqdm(iterable, disable=None if enabled else True, **kwargs)
 
 
-class SeededList(list):
-    """A list (a batch of sampler items, or the samples built from them) with a seed attached.
+# ----------------------------------------------------------------------------- batches
+@dataclass(frozen=True)
+class BatchSpec:
+    """One batch as a sampler draws it: which samples, at which crop size, and the seed of all
+    its random augmentation draws. Batches are a pure function of their spec, so the number of
+    DataLoader workers, persistent workers or a resume cannot change them."""
 
-    Batch samplers yield these so that a batch's augmentations are drawn from its own seed:
-    the same (seed, epoch) gives the same augmented batches whatever the number of workers,
-    with persistent workers, and after resuming. It pickles to DataLoader workers like a list.
+    indices: Tuple[int, ...]  # dataset indices
+    crop_size: int
+    seed: int
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class RawBatch(NamedTuple):
+    """A batch before augmentation: what the dataset (or a device-resident split) delivers."""
+
+    images: torch.Tensor  # uint8 [B, 3, 64, 64], any strides (often a view of [B, 64, 64, 3])
+    labels: torch.Tensor  # int64 [B]: class indices, or dataset indices for the unlabelled test split
+    spec: BatchSpec
+
+    def to(self, device: torch.device) -> "RawBatch":
+        """On `device`; asynchronous from pinned memory (a no-op when already there)."""
+        return RawBatch(self.images.to(device, non_blocking=True), self.labels.to(device, non_blocking=True),
+                        self.spec)
+
+
+def on_device(values: Any, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Host values (a tensor, array or list) as a tensor on `device`. For a CUDA device the copy
+    goes through pinned memory asynchronously, so that the host never waits for the device to
+    catch up (a copy from pageable memory would)."""
+    tensor = torch.as_tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------- workers
+def worker_init(parent_pid: int) -> Callable[[int], None]:
+    """A DataLoader worker_init_fn that leaves SIGINT, SIGTERM and SIGUSR1 to the main process
+    (`parent_pid`, the process building the DataLoader).
+
+    timeout, SLURM and Ctrl-C signal every process of the job; a worker that died of it would
+    break the main process's iteration before it could save and exit. SIGINT and SIGUSR1 are
+    ignored. SIGTERM is ignored too, except from the main process itself: multiprocessing
+    ends workers that way (terminate() at interpreter exit, or when they fail to join), and a
+    worker deaf to it would keep the main process waiting for ever.
     """
+    return functools.partial(_leave_signals, parent_pid)
 
-    def __init__(self, items=(), seed: int = 0) -> None:
-        super().__init__(items)
-        self.seed = seed
+
+def _leave_signals(parent_pid: int, worker_id: int) -> None:
+    for sig in (signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+    # Blocked in this thread and so in every thread it starts: a SIGTERM stays pending until the
+    # watcher takes it, with its sender.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_exit_on_terminate, args=(parent_pid,), name="sigterm-watch", daemon=True).start()
+
+
+def _exit_on_terminate(parent_pid: int) -> None:
+    while True:
+        if signal.sigwaitinfo({signal.SIGTERM}).si_pid == parent_pid:
+            os._exit(0)  # as a worker terminated by the default action would, minus the signal status

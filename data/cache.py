@@ -5,10 +5,18 @@ an array is not. `memory` decodes at start-up into RAM; `disk` writes an .npy fi
 memory-mapped, so the page cache shares it between DataLoader workers) and reuses it while a
 fingerprint of the file list, sizes and modification times still matches. Pixels come from
 the same decode_image as the JPEG path, so both paths agree exactly.
+
+The disk cache checks itself when opened (header, shape, dtype, file size and a checksum of a
+strided sample of rows) and is rebuilt when any check fails. It is written through a uniquely
+named temporary file (options/files.py) whose full size is reserved up front, so a full disk
+is a DiskFullError before any decoding, not a SIGBUS on the memory map; temporary files of
+builders that were killed are removed when the next build starts.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -18,10 +26,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data.base import IMAGE_SIZE, CorruptImageError, DatasetError, decode_image, logger, progress_bar
+from data.base import IMAGE_SIZE, CorruptImageError, DatasetError, decode_image, logger, progress_bar, worker_init
+from options.files import atomic_open, remove_quietly, remove_stale_temp_files, write_json
 
-CACHE_VERSION = 1  # bump when the decoded pixels or the file format change
+CACHE_VERSION = 2  # bump when the decoded pixels or the file format change (2: checksum in the .json)
 _CHUNK = 256  # images decoded per worker task
+_CHECKED_ROWS = 1024  # rows the checksum samples, evenly spaced
 
 
 @dataclass
@@ -32,6 +42,7 @@ class DecodedImages:
 
 def decode_all(paths: Sequence[str], workers: int = 0, progress: bool = True, desc: str = "decode") -> DecodedImages:
     """Decode every file into a new in-memory array, using `workers` processes."""
+    logger.info("%s: decoding %d images into memory (dataset.cache: memory)", desc, len(paths))
     images = np.zeros((len(paths), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     unreadable = _decode_into(paths, images.__setitem__, workers, progress, desc)
     return DecodedImages(images, unreadable)
@@ -43,15 +54,25 @@ def find_unreadable(paths: Sequence[str], workers: int = 0, progress: bool = Tru
 
 
 def disk_cache(paths: Sequence[str], prefix: str, workers: int = 0, progress: bool = True) -> DecodedImages:
-    """The decoded images stored at `<prefix>.npy` (+ `.json`), rebuilt when the files changed."""
+    """The decoded images stored at `<prefix>.npy` (+ `.json`), rebuilt when the files changed
+    or the stored array fails its checks."""
     meta_path, array_path = prefix + ".json", prefix + ".npy"
     expected = {"version": CACHE_VERSION, "size": IMAGE_SIZE, "count": len(paths), "fingerprint": fingerprint(paths)}
     meta = _read_json(meta_path)
-    if meta is not None and all(meta.get(k) == v for k, v in expected.items()) and os.path.isfile(array_path):
-        return DecodedImages(np.load(array_path, mmap_mode="r"), list(meta["unreadable"]))
-    unreadable = _write_array(paths, array_path, meta_path, workers, progress)
-    _write_json(meta_path, {**expected, "unreadable": unreadable})
-    return DecodedImages(np.load(array_path, mmap_mode="r"), unreadable)
+    if meta is not None and all(meta.get(k) == v for k, v in expected.items()):
+        images, problem = _open_checked(array_path, len(paths), meta.get("checksum"))
+        if images is not None:
+            return DecodedImages(images, list(meta["unreadable"]))
+        logger.warning("decoded cache %s %s; rebuilding it", array_path, problem)
+    elif meta is not None:
+        logger.info("decoded cache %s is stale (the image files changed); rebuilding it", array_path)
+    unreadable, checksum = _write_array(paths, array_path, meta_path, workers, progress)
+    write_json(meta_path, {**expected, "unreadable": unreadable, "checksum": checksum})
+    images, problem = _open_checked(array_path, len(paths), checksum)
+    if images is None:  # written just now: the disk or another writer changed it under us
+        raise DatasetError(f"decoded cache {array_path} {problem} right after it was written; check the disk, "
+                           f"or use dataset.cache: memory")
+    return DecodedImages(images, unreadable)
 
 
 def fingerprint(paths: Sequence[str]) -> str:
@@ -61,6 +82,34 @@ def fingerprint(paths: Sequence[str]) -> str:
         st = os.stat(path)
         digest.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
+
+
+def checksum(images: np.ndarray) -> str:
+    """Hash of an evenly spaced sample of rows (and the shape): cheap on a 1.2 GB memory map,
+    and zeroed, overwritten or shifted pixels change it."""
+    rows = np.unique(np.linspace(0, len(images) - 1, min(len(images), _CHECKED_ROWS)).astype(np.int64))
+    digest = hashlib.blake2b(repr(images.shape).encode(), digest_size=16)
+    digest.update(np.ascontiguousarray(images[rows]).tobytes())
+    return digest.hexdigest()
+
+
+def _open_checked(array_path: str, count: int, expected_checksum: Optional[str]) -> Tuple[Optional[np.ndarray], str]:
+    """(the memory-mapped array, "") when the file passes every check, else (None, what failed)."""
+    try:
+        images = np.load(array_path, mmap_mode="r")
+    except FileNotFoundError:
+        return None, "is missing"
+    except (OSError, ValueError, EOFError) as e:  # garbage header, truncated data
+        return None, f"cannot be read ({e})"
+    shape = (count, IMAGE_SIZE, IMAGE_SIZE, 3)
+    if images.shape != shape or images.dtype != np.uint8:
+        return None, f"holds {images.dtype} {images.shape}, not uint8 {shape}"
+    size = os.path.getsize(array_path)
+    if size != images.offset + images.nbytes:
+        return None, f"is {size:,} bytes, not {images.offset + images.nbytes:,}"
+    if count and checksum(images) != expected_checksum:
+        return None, "has pixels that do not match their checksum (overwritten or zeroed)"
+    return images, ""
 
 
 class _FileDecoder(Dataset):
@@ -83,8 +132,8 @@ def _decode_into(paths: Sequence[str], store: Callable[[slice, np.ndarray], None
                  progress: bool, desc: str) -> List[int]:
     """Decode in chunks on DataLoader worker processes (threads do not help: decoding a small
     JPEG is mostly Python-side work under the GIL) and store each chunk; return unreadable rows."""
-    logger.info("%s: decoding %d images", desc, len(paths))
-    chunks = DataLoader(_FileDecoder(paths), batch_size=_CHUNK, num_workers=workers)
+    chunks = DataLoader(_FileDecoder(paths), batch_size=_CHUNK, num_workers=workers,
+                        worker_init_fn=worker_init(os.getpid()) if workers > 0 else None)
     unreadable: List[int] = []
     with progress_bar(progress, total=len(paths), desc=desc, unit="img") as bar:
         for start, (pixels, readable) in zip(range(0, len(paths), _CHUNK), chunks):
@@ -94,47 +143,53 @@ def _decode_into(paths: Sequence[str], store: Callable[[slice, np.ndarray], None
     return unreadable
 
 
-def _write_array(paths: Sequence[str], array_path: str, meta_path: str, workers: int, progress: bool) -> List[int]:
-    folder = os.path.dirname(array_path)
+def _write_array(paths: Sequence[str], array_path: str, meta_path: str, workers: int,
+                 progress: bool) -> Tuple[List[int], str]:
+    """Decode `paths` into a new .npy at array_path; (unreadable rows, checksum)."""
+    folder = os.path.dirname(os.path.abspath(array_path))
+    shape = (len(paths), IMAGE_SIZE, IMAGE_SIZE, 3)
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    total = len(header.getvalue()) + int(np.prod(shape))
     try:
         os.makedirs(folder, exist_ok=True)
-        _remove(meta_path)  # from here on no stale metadata can vouch for a half-replaced array
-        tmp = f"{array_path}.tmp-{os.getpid()}"
-        array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
-                                          shape=(len(paths), IMAGE_SIZE, IMAGE_SIZE, 3))
-    except OSError as e:
+        removed = remove_stale_temp_files(folder)
+        if removed:
+            logger.info("removed %d temporary file(s) of interrupted cache builds in %s", removed, folder)
+        remove_quietly(meta_path)  # from here on no stale metadata can vouch for a half-replaced array
+        logger.info("building the decoded cache %s (%d images, %s bytes)", array_path, len(paths), f"{total:,}")
+        with atomic_open(array_path, "w+b", expected_size=total) as f:
+            f.write(header.getvalue())
+            f.flush()
+            _reserve(f.fileno(), total)
+            array = np.memmap(f, dtype=np.uint8, mode="r+", offset=len(header.getvalue()), shape=shape)
+            unreadable = _decode_into(paths, array.__setitem__, workers, progress,
+                                      f"cache {os.path.basename(array_path)}")
+            array.flush()
+            digest = checksum(array)
+            del array
+    except OSError as e:  # not DiskFullError: that one names the folder and the bytes itself
         raise DatasetError(
-            f"cannot write the decoded cache in {folder} ({e.strerror}); make it writable, "
+            f"cannot write the decoded cache in {folder} ({e.strerror or e}); make it writable, "
             f"set dataset.cache_dir to a writable folder, or use dataset.cache: memory"
         ) from None
+    return unreadable, digest
+
+
+def _reserve(fd: int, size: int) -> None:
+    """Allocate the file's blocks now: a full disk then fails here with ENOSPC, instead of a
+    SIGBUS when a page of the memory map is first written."""
     try:
-        unreadable = _decode_into(paths, array.__setitem__, workers, progress, f"cache {os.path.basename(array_path)}")
-        array.flush()
-        del array
-        os.replace(tmp, array_path)
-    except BaseException:
-        _remove(tmp)
-        raise
-    return unreadable
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)  # a filesystem without fallocate: a sparse file is the best left
 
 
 def _read_json(path: str) -> Optional[dict]:
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             return json.load(f)
     except (OSError, ValueError):
         return None
-
-
-def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-
-
-def _remove(path: str) -> None:
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass

@@ -1,4 +1,4 @@
-"""TinyImageNet read in the archive's own layout (see PAPER.md, end).
+"""TinyImageNet read in the archive's own layout (README, "Training on TinyImageNet").
 
 Class index = position of the wnid in sorted(wnids.txt); names come from words.txt; val labels
 come from val/val_annotations.txt, so nobody has to reorganise the val folder by hand. Every
@@ -10,7 +10,7 @@ import os
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -18,16 +18,13 @@ from torch.utils.data import Dataset
 
 from data import cache as decoded
 from data.archive import OFFICIAL, download_archive, unpack_archive, where_to_get_it
-from data.base import DATASETS, CorruptImageError, DatasetError, SeededList, decode_image
+from data.base import DATASETS, IMAGE_SIZE, BatchSpec, CorruptImageError, DatasetError, RawBatch, decode_image, logger
 from data.fake import make_fake_tinyimagenet
 from options.schema import DatasetConfig
 
 SPLITS = ("train", "val", "test")
 _IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 _REFETCH = "re-unpack the archive (delete the folder and set dataset.download: true or dataset.archive)"
-
-# A transform maps an image tensor uint8 [3, H, W] and the batch's crop size to a new tensor.
-SampleTransform = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -44,18 +41,19 @@ class Classes:
 
 # ----------------------------------------------------------------------------- preparing the root
 def prepare_root(cfg: DatasetConfig, progress: bool = True) -> str:
-    """Make sure cfg.root exists: generate fake data, unpack cfg.archive or download, as configured."""
+    """Make sure cfg.root exists: generate sample data, unpack cfg.archive or download, as configured."""
     root = cfg.root
     if os.path.isdir(root):
         return root
     if cfg.fake.enable:
         f = cfg.fake
+        logger.info("writing a generated sample dataset (%d classes) to %s", f.classes, os.path.abspath(root))
         make_fake_tinyimagenet(root, f.classes, f.train_per_class, f.val_per_class, f.test_per_class, f.seed)
     elif cfg.archive:
         unpack_archive(cfg.archive, root, progress)
     elif cfg.download:
         zip_path = os.path.join(os.path.dirname(os.path.abspath(root)), os.path.basename(OFFICIAL.url))
-        unpack_archive(download_archive(zip_path, OFFICIAL, progress), root, progress)
+        unpack_archive(download_archive(zip_path, root, OFFICIAL, progress), root, progress)
     else:
         raise DatasetError(f"dataset.root: {root} does not exist; {where_to_get_it(root)}")
     return root
@@ -72,8 +70,7 @@ def read_classes(root: str) -> Classes:
             f"{wnids_path} not found; dataset.root must be the unpacked tiny-imagenet-200 folder "
             f"(the one holding wnids.txt, train/, val/)"
         )
-    with open(wnids_path) as f:
-        wnids = sorted({line.strip() for line in f if line.strip()})
+    wnids = sorted({line.strip() for line in _lines(wnids_path) if line.strip()})
     if not wnids:
         raise DatasetError(f"{wnids_path} lists no classes; {_REFETCH}")
     words = _read_words(os.path.join(root, "words.txt"))
@@ -91,14 +88,22 @@ def read_split(root: str, split: str, wnids: Sequence[str]) -> SplitFiles:
     return files
 
 
+def _lines(path: str) -> List[str]:
+    """The lines of a text file of the layout; one that is not UTF-8 is a DatasetError."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read().splitlines()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path} is not UTF-8 text (byte {e.start}); {_REFETCH}") from None
+
+
 def _read_words(path: str) -> Dict[str, str]:
     if not os.path.isfile(path):
         return {}  # names are a nicety: fall back to the wnids
     words = {}
-    with open(path) as f:
-        for line in f:
-            wnid, _, names = line.rstrip("\n").partition("\t")
-            words[wnid.strip()] = names.strip()
+    for line in _lines(path):
+        wnid, _, names = line.partition("\t")
+        words[wnid.strip()] = names.strip()
     return words
 
 
@@ -109,6 +114,8 @@ def _train_files(root: str, index: Dict[str, int]) -> SplitFiles:
         if not os.path.isdir(folder):
             raise DatasetError(f"{folder} is missing but wnids.txt lists {wnid}; {_REFETCH}")
         names = _image_names(folder)
+        if not names:  # a class without images would train as if it did not exist
+            raise DatasetError(f"{folder} holds no images but wnids.txt lists {wnid}; {_REFETCH}")
         paths += [os.path.join(folder, n) for n in names]
         labels += [label] * len(names)
     return SplitFiles(paths, np.asarray(labels, np.int64))
@@ -121,21 +128,20 @@ def _val_files(root: str, index: Dict[str, int]) -> SplitFiles:
         raise DatasetError(f"{annotations} not found (it holds the val labels); {_REFETCH}")
     present = set(_image_names(folder)) if os.path.isdir(folder) else set()
     paths, labels = [], []
-    with open(annotations) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            fields = line.split("\t")
-            where = f"{annotations}:{number}"
-            if len(fields) < 2:
-                raise DatasetError(f"{where}: expected '<file>\\t<wnid>\\t...', got {line.strip()!r}; {_REFETCH}")
-            name, wnid = fields[0].strip(), fields[1].strip()
-            if wnid not in index:
-                raise DatasetError(f"{where}: wnid {wnid} is not in wnids.txt; {_REFETCH}")
-            if name not in present:
-                raise DatasetError(f"{where}: {os.path.join(folder, name)} does not exist; {_REFETCH}")
-            paths.append(os.path.join(folder, name))
-            labels.append(index[wnid])
+    for number, line in enumerate(_lines(annotations), 1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        where = f"{annotations}:{number}"
+        if len(fields) < 2:
+            raise DatasetError(f"{where}: expected '<file>\\t<wnid>\\t...', got {line.strip()!r}; {_REFETCH}")
+        name, wnid = fields[0].strip(), fields[1].strip()
+        if wnid not in index:
+            raise DatasetError(f"{where}: wnid {wnid} is not in wnids.txt; {_REFETCH}")
+        if name not in present:
+            raise DatasetError(f"{where}: {os.path.join(folder, name)} does not exist; {_REFETCH}")
+        paths.append(os.path.join(folder, name))
+        labels.append(index[wnid])
     return SplitFiles(paths, np.asarray(labels, np.int64))
 
 
@@ -153,32 +159,26 @@ def _image_names(folder: str) -> List[str]:
 
 
 # ----------------------------------------------------------------------------- the dataset
-# A sampler item: a plain index (default crop size) or (index, crop size).
-Item = Union[int, Tuple[int, int]]
-
-
 @DATASETS.register("tinyimagenet")
 class TinyImageNet(Dataset):
-    """One split of TinyImageNet; item i is (image uint8 [3, h, w] after the transform, target).
+    """One split of TinyImageNet, as raw pixels: augmentation happens per batch (data/augment.py).
 
-    The target is the int64 class index, or for the unlabelled test split the item's index
-    (file_names[index] is then its file). Items may be (index, crop_size) pairs from the batch
-    samplers; the crop size is handed to the transform (random_resized_crop, center_crop...).
+    Item i is (image uint8 [3, 64, 64], target); a batch (DataLoader's __getitems__ with a
+    BatchSpec) is a RawBatch. The target is the int64 class index, or for the unlabelled test
+    split the item's index (file_names[index] is then its file).
     """
 
     def __init__(
         self,
         root: str,
         split: str,
-        transform: Optional[SampleTransform] = None,
         cache: str = "none",
         cache_dir: Optional[str] = None,
         skip_corrupt: bool = False,
-        crop_size: int = 64,
         workers: int = 0,
         progress: bool = True,
     ) -> None:
-        self.root, self.split, self.transform, self.crop_size = root, split, transform, crop_size
+        self.root, self.split = root, split
         classes = read_classes(root)
         self.wnids, self.class_names = classes.wnids, classes.names
         files = read_split(os.path.abspath(root), split, self.wnids)
@@ -190,10 +190,8 @@ class TinyImageNet(Dataset):
         self._rows = np.asarray(keep, np.int64)  # row in the decoded array of each item
 
     @classmethod
-    def from_config(cls, cfg: DatasetConfig, split: str, transform: Optional[SampleTransform],
-                    crop_size: int, progress: bool = True) -> "TinyImageNet":
-        return cls(cfg.root, split, transform, cfg.cache, cfg.cache_dir, cfg.skip_corrupt, crop_size, cfg.workers,
-                   progress)
+    def from_config(cls, cfg: DatasetConfig, split: str, progress: bool = True) -> "TinyImageNet":
+        return cls(cfg.root, split, cfg.cache, cfg.cache_dir, cfg.skip_corrupt, cfg.workers, progress)
 
     @property
     def num_classes(self) -> int:
@@ -204,35 +202,46 @@ class TinyImageNet(Dataset):
         """File names (no folder) in item order, e.g. for a test-split predictions CSV."""
         return [os.path.basename(p) for p in self.paths]
 
+    @property
+    def cached(self) -> bool:
+        """Whether the pixels are decoded already (dataset.cache memory or disk)."""
+        return self._images is not None
+
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, item: Item) -> Tuple[torch.Tensor, int]:
-        index, crop_size = item if isinstance(item, tuple) else (item, self.crop_size)
-        image = torch.from_numpy(self._pixels(index)).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W] (a view)
-        if self.transform is not None:
-            image = self.transform(image, crop_size)
-        target = int(self.labels[index]) if self.labels is not None else index
-        return image, target
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        image = torch.from_numpy(self.pixels([index])[0]).permute(2, 0, 1)  # [H, W, 3] -> [3, H, W] (a view)
+        return image, int(self.targets([index])[0])
 
-    def _pixels(self, index: int) -> np.ndarray:
-        """Item `index` as a writable uint8 array [64, 64, 3], from the cache or its file."""
-        if self._images is None:
-            return decode_image(self.paths[index])
-        return np.array(self._images[self._rows[index]])  # a copy: the disk cache maps read-only
+    def __getitems__(self, items: Union[BatchSpec, Sequence[int]]) -> Union[RawBatch, List[Tuple[torch.Tensor, int]]]:
+        """A batch (DataLoader calls this once per batch): a RawBatch for a sampler's BatchSpec,
+        else a list of items (for a plain DataLoader)."""
+        if not isinstance(items, BatchSpec):
+            return [self[i] for i in items]
+        indices = np.asarray(items.indices, np.int64)
+        images = torch.from_numpy(self.pixels(indices)).permute(0, 3, 1, 2)  # [B, H, W, 3] -> [B, 3, H, W]
+        return RawBatch(images, torch.from_numpy(self.targets(indices)), items)
 
-    def __getitems__(self, items: List[Item]) -> List[Tuple[torch.Tensor, int]]:
-        """A batch's samples (DataLoader calls this once per batch).
+    def pixels(self, indices: Sequence[int]) -> np.ndarray:
+        """Items `indices` as a new uint8 array [len, 64, 64, 3], from the cache or their files."""
+        if self._images is not None:
+            return self._images[self._rows[np.asarray(indices, np.int64)]]  # fancy indexing copies
+        out = np.empty((len(indices), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        for k, i in enumerate(indices):
+            out[k] = decode_image(self.paths[i])
+        return out
 
-        A SeededList batch draws its augmentations from its own seed, which makes them
-        independent of worker processes; the result carries the seed on for mixup.
-        """
-        seed = getattr(items, "seed", None)
-        if seed is None:
-            return [self[item] for item in items]
-        with torch.random.fork_rng(devices=[]):  # leave the caller's random stream as it was
-            torch.default_generator.manual_seed(seed)
-            return SeededList([self[item] for item in items], seed)
+    def targets(self, indices: Sequence[int]) -> np.ndarray:
+        """int64 targets of items `indices` (class indices, or the indices for the test split)."""
+        indices = np.asarray(indices, np.int64)
+        return self.labels[indices] if self.labels is not None else indices
+
+    def chunks(self, size: int) -> Iterator[Tuple[slice, np.ndarray, np.ndarray]]:
+        """(slice of items, pixels uint8 [k, 64, 64, 3], targets [k]) over the split in order."""
+        for start in range(0, len(self), size):
+            part = np.arange(start, min(start + size, len(self)))
+            yield slice(start, start + len(part)), self.pixels(part), self.targets(part)
 
     def _decoded(self, paths: List[str], cache: str, cache_dir: Optional[str], workers: int,
                  progress: bool) -> Optional[decoded.DecodedImages]:
@@ -243,8 +252,6 @@ class TinyImageNet(Dataset):
         if cache == "disk":
             folder = cache_dir or os.path.join(self.root, "cache")
             return decoded.disk_cache(paths, os.path.join(folder, f"{self.split}-u8"), workers, progress)
-        if cache == "gpu":
-            raise DatasetError("dataset.cache: gpu is not available yet; use dataset.cache: memory or disk")
         raise ValueError(f"cache {cache!r} is not one of none, memory, disk")
 
     def _readable(self, paths: List[str], cached: Optional[decoded.DecodedImages], skip_corrupt: bool,

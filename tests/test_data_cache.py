@@ -1,6 +1,11 @@
-"""The decoded cache: same pixels as decoding the JPEGs, reused while valid, rebuilt when stale."""
+"""The decoded cache: same pixels as decoding the JPEGs, reused while valid, rebuilt when stale
+or damaged, no temporary file left behind, a full disk found before decoding."""
+import errno
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -10,6 +15,9 @@ from PIL import Image
 import data.cache
 from data.base import DatasetError, decode_image
 from data.tinyimagenet import TinyImageNet
+from options.files import DiskFullError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cache_files(root, split="train"):
@@ -23,6 +31,13 @@ def assert_same_pixels(cached, jpeg):
         assert torch.equal(image, jpeg[i][0]) and label == jpeg[i][1], jpeg.paths[i]
 
 
+def no_rebuild(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("a valid cache must not be rebuilt")
+
+    monkeypatch.setattr(data.cache, "_write_array", refuse)
+
+
 @pytest.mark.parametrize("cache", ["memory", "disk"])
 @pytest.mark.parametrize("split", ["train", "val", "test"])
 def test_cached_pixels_equal_jpeg_decoding(fake_copy, cache, split):
@@ -31,13 +46,9 @@ def test_cached_pixels_equal_jpeg_decoding(fake_copy, cache, split):
 
 def test_disk_cache_is_memory_mapped_and_reused(fake_copy, monkeypatch):
     TinyImageNet(fake_copy, "val", cache="disk", progress=False)
-    array_path, meta_path = cache_files(fake_copy, "val")
+    array_path, _ = cache_files(fake_copy, "val")
     assert np.load(array_path).shape == (16, 64, 64, 3)
-
-    def no_decoding(*args):
-        raise AssertionError("a valid cache must not be rebuilt")
-
-    monkeypatch.setattr(data.cache, "_write_array", no_decoding)
+    no_rebuild(monkeypatch)
     again = TinyImageNet(fake_copy, "val", cache="disk", progress=False)
     assert isinstance(again._images, np.memmap)
 
@@ -71,6 +82,76 @@ def test_disk_cache_is_rebuilt_when_the_files_change(fake_copy, change):
     assert_same_pixels(cached, TinyImageNet(fake_copy, "train"))
 
 
+# ----------------------------------------------------------------------------- damage
+def _truncate(path):
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+
+
+def _garbage_header(path):
+    with open(path, "r+b") as f:
+        f.write(b"definitely not an npy header")
+
+
+def _zero_pixels(path):
+    array = np.load(path, mmap_mode="r+")
+    array[:] = 0
+    array.flush()
+
+
+def _random_pixels(path):
+    array = np.load(path, mmap_mode="r+")
+    array[: len(array) // 2] = np.random.default_rng(0).integers(0, 256, array[: len(array) // 2].shape)
+    array.flush()
+
+
+def _other_shape(path):
+    np.save(path, np.zeros((3, 64, 64, 3), np.uint8))
+
+
+def _appended_bytes(path):
+    with open(path, "ab") as f:
+        f.write(b"\0" * 1000)
+
+
+@pytest.mark.parametrize("damage", [_truncate, _garbage_header, _zero_pixels, _random_pixels, _other_shape,
+                                    _appended_bytes])
+def test_a_damaged_cache_is_detected_and_rebuilt(fake_copy, damage, caplog):
+    TinyImageNet(fake_copy, "train", cache="disk", progress=False)
+    array_path, _ = cache_files(fake_copy)
+    damage(array_path)
+    with caplog.at_level("WARNING", logger="cvnets.data"):
+        cached = TinyImageNet(fake_copy, "train", cache="disk", progress=False)
+    assert any("rebuilding it" in r.getMessage() and array_path in r.getMessage() for r in caplog.records)
+    assert_same_pixels(cached, TinyImageNet(fake_copy, "train"))
+
+
+def test_a_damaged_cache_that_cannot_be_rebuilt_is_one_line(fake_copy, monkeypatch):
+    TinyImageNet(fake_copy, "val", cache="disk", progress=False)
+    _zero_pixels(cache_files(fake_copy, "val")[0])
+
+    def read_only(path, *args, **kwargs):  # as a read-only folder answers (root ignores chmod)
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(data.cache, "atomic_open", read_only)
+    with pytest.raises(DatasetError, match="cannot write the decoded cache in .*Permission denied.*dataset.cache_dir") \
+            as err:
+        TinyImageNet(fake_copy, "val", cache="disk", progress=False)
+    assert os.path.join(fake_copy, "cache") in str(err.value) and "\n" not in str(err.value)
+
+
+def test_checksum_samples_rows_across_the_whole_split():
+    images = np.zeros((100_000, 2, 2, 3), np.uint8)
+    reference = data.cache.checksum(images)
+    # the sample holds both ends and one row in every 98: damage spanning that many rows shows
+    for start, rows in ((0, 1), (99_999, 1), (31_337, 98), (77_000, 98)):
+        changed = images.copy()
+        changed[start:start + rows] = 1
+        assert data.cache.checksum(changed) != reference
+    assert data.cache.checksum(np.zeros((99_999, 2, 2, 3), np.uint8)) != reference  # the shape counts
+
+
+# ----------------------------------------------------------------------------- building
 def test_images_of_another_size_are_resized_into_the_cache(fake_copy):
     path = TinyImageNet(fake_copy, "val").paths[0]
     Image.new("RGB", (80, 96), (10, 200, 30)).save(path)
@@ -94,6 +175,47 @@ def test_interrupted_build_leaves_no_cache_behind(fake_copy, monkeypatch):
     assert os.listdir(os.path.join(fake_copy, "cache")) == []
 
 
+def test_a_killed_builders_temporary_file_is_removed_by_the_next_build(fake_copy):
+    """kill -9 during the build leaves the temporary file; the next build removes it."""
+    script = textwrap.dedent(f"""
+        import os, signal
+        import data.cache
+        from data.tinyimagenet import TinyImageNet
+        calls = []
+        def decode_then_die(path):
+            calls.append(path)
+            if len(calls) > 5:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return data.base.decode_image(path)
+        data.cache.decode_image = decode_then_die
+        TinyImageNet({fake_copy!r}, "train", cache="disk", progress=False)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=120)
+    assert done.returncode == -9
+    folder = os.path.join(fake_copy, "cache")
+    (left,) = os.listdir(folder)
+    assert left.startswith(".train-u8.npy.") and left.endswith(".tmp")
+    assert os.path.getsize(os.path.join(folder, left)) >= 48 * 64 * 64 * 3  # reserved in full up front
+    TinyImageNet(fake_copy, "train", cache="disk", progress=False)
+    assert sorted(os.listdir(folder)) == ["train-u8.json", "train-u8.npy"]
+
+
+def test_a_full_disk_is_found_before_decoding(fake_copy, monkeypatch):
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    monkeypatch.setattr(data.cache, "_decode_into", lambda *args: pytest.fail("decoded before reserving the space"))
+    with pytest.raises(DiskFullError) as err:
+        TinyImageNet(fake_copy, "train", cache="disk", progress=False)
+    folder = os.path.join(fake_copy, "cache")
+    needed = 48 * 64 * 64 * 3
+    message = str(err.value)
+    assert folder in message and "\n" not in message
+    assert any(int(n.replace(",", "")) >= needed for n in message.split() if n.replace(",", "").isdigit())
+    assert os.listdir(folder) == []  # no temporary file left
+
+
 def test_cache_dir_setting_and_unwritable_folder(fake_copy, tmp_path):
     folder = str(tmp_path / "elsewhere")
     TinyImageNet(fake_copy, "val", cache="disk", cache_dir=folder, progress=False)
@@ -112,8 +234,3 @@ def test_skip_corrupt_is_applied_when_a_cache_is_reopened(fake_copy):
         TinyImageNet(fake_copy, "val", cache="disk", skip_corrupt=True, progress=False)
     with pytest.raises(DatasetError, match=victim):
         TinyImageNet(fake_copy, "val", cache="disk", progress=False)
-
-
-def test_gpu_cache_is_refused_clearly(fake_root):
-    with pytest.raises(DatasetError, match="gpu is not available yet; use dataset.cache: memory or disk"):
-        TinyImageNet(fake_root, "val", cache="gpu")

@@ -76,6 +76,25 @@ def test_interrupted_unpack_leaves_no_root(fake_zip, tmp_path, monkeypatch):
     assert_nothing_left(tmp_path / "out")
 
 
+def test_member_failing_its_crc_names_the_archive_and_the_fix(fake_zip, tmp_path):
+    damaged = str(tmp_path / "crc.zip")
+    with open(fake_zip, "rb") as f:
+        raw = bytearray(f.read())
+    with zipfile.ZipFile(fake_zip) as zf:  # flip bytes inside the stored data of a large member
+        member = max(zf.infolist(), key=lambda m: m.compress_size)
+    start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    for k in range(start + 10, start + 20):
+        raw[k] ^= 0xFF
+    with open(damaged, "wb") as f:
+        f.write(raw)
+    os.makedirs(tmp_path / "out")
+    with pytest.raises(DatasetError) as err:
+        unpack_archive(damaged, str(tmp_path / "out" / "tiny"), progress=False)
+    message = str(err.value)
+    assert message.startswith(f"{damaged} is damaged") and "download it again" in message and "\n" not in message
+    assert_nothing_left(tmp_path / "out")
+
+
 def test_zip_without_wnids_is_rejected(tmp_path):
     other = str(tmp_path / "other.zip")
     with zipfile.ZipFile(other, "w") as zf:
@@ -97,18 +116,21 @@ def test_download_checks_size_and_md5_then_unpacks(fake_zip, tmp_path, monkeypat
 def test_download_with_wrong_checksum_keeps_nothing(fake_zip, tmp_path):
     wrong = dataclasses.replace(spec_of(fake_zip), md5="0" * 32)
     with pytest.raises(DatasetError, match="is damaged .*expected .*MD5 0{32}"):
-        download_archive(str(tmp_path / "a.zip"), wrong, progress=False)
+        download_archive(str(tmp_path / "a.zip"), str(tmp_path / "root"), wrong, progress=False)
     assert_nothing_left(tmp_path)
 
 
-def test_unreachable_download_says_where_to_get_the_archive(tmp_path):
-    missing = ArchiveSpec((tmp_path / "nowhere.zip").as_uri(), 1, "0" * 32)
+def test_unreachable_download_says_where_to_get_the_archive(tmp_path, monkeypatch):
+    monkeypatch.setattr(data.tinyimagenet, "OFFICIAL", ArchiveSpec((tmp_path / "nowhere.zip").as_uri(), 1, "0" * 32))
+    root = str(tmp_path / "datasets" / "tiny-imagenet-200")
     with pytest.raises(DatasetError) as err:
-        download_archive(str(tmp_path / "a.zip"), missing, progress=False)
+        prepare_root(DatasetConfig(root=root, download=True), progress=False)
     message = str(err.value)
     assert "cannot download" in message and "dataset.archive" in message and "\n" not in message
     assert data.archive.OFFICIAL.url in message
-    assert_nothing_left(tmp_path)
+    assert f"(now {root})" in message  # the dataset root itself, not the folder the zip goes to
+    assert "dataset.download" not in message  # it is set already
+    assert_nothing_left(tmp_path / "datasets")
 
 
 def test_missing_root_without_a_source_explains_every_option(tmp_path):

@@ -1,8 +1,6 @@
 """TinyImageNet read in its own layout: labels, class order, colour modes, errors, the fake tree."""
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,7 +12,6 @@ from conftest import FAKE_TREE
 from data.base import CorruptImageError, DatasetError, decode_image
 from data.fake import make_fake_tinyimagenet
 from data.tinyimagenet import TinyImageNet, read_classes
-from options.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -56,6 +53,18 @@ def test_test_split_has_file_names_and_index_targets(fake_root):
     assert ds.file_names[:3] == ["test_0.JPEG", "test_1.JPEG", "test_2.JPEG"]  # natural order
     image, target = ds[5]
     assert target == 5 and image.shape == (3, 64, 64) and image.dtype == torch.uint8
+
+
+def test_a_batch_is_the_raw_pixels_of_its_items(fake_root):
+    from data.base import BatchSpec
+
+    ds = TinyImageNet(fake_root, "train")
+    spec = BatchSpec((5, 0, 17), crop_size=48, seed=3)
+    batch = ds.__getitems__(spec)
+    assert batch.spec == spec and batch.images.dtype == torch.uint8 and batch.images.shape == (3, 3, 64, 64)
+    for k, i in enumerate(spec.indices):
+        assert torch.equal(batch.images[k], ds[i][0]) and batch.labels[k] == ds[i][1]
+    assert len(ds.__getitems__([1, 2])) == 2  # a plain DataLoader's list of indices gets items
 
 
 def test_grayscale_files_in_the_tree_become_rgb(fake_root):
@@ -128,6 +137,23 @@ def _missing_root(root):
     return root
 
 
+def _empty_class_folder(root):
+    folder = os.path.join(root, "train", read_classes(root).wnids[2], "images")
+    for name in os.listdir(folder):
+        os.remove(os.path.join(folder, name))
+    return folder
+
+
+def _latin1(name):
+    def damage(root):
+        path = os.path.join(root, *name.split("/"))
+        with open(path, "ab") as f:
+            f.write("caf\xe9\n".encode("latin-1"))  # not UTF-8
+        return path
+    damage.__name__ = f"_latin1_{name}"
+    return damage
+
+
 @pytest.mark.parametrize("split, damage, fix", [
     ("train", _missing_root, "dataset.archive"),
     ("train", _remove_wnids, "dataset.root"),
@@ -136,13 +162,17 @@ def _missing_root(root):
     ("val", _missing_val_file, "re-unpack"),
     ("val", _missing_annotations, "re-unpack"),
     ("test", _empty_test_split, "re-unpack"),
+    ("train", _empty_class_folder, "holds no images"),
+    ("train", _latin1("wnids.txt"), "is not UTF-8 text"),
+    ("train", _latin1("words.txt"), "is not UTF-8 text"),
+    ("val", _latin1("val/val_annotations.txt"), "is not UTF-8 text"),
 ])
 def test_layout_problems_are_one_line_errors_naming_path_and_fix(fake_copy, split, damage, fix):
     where = damage(fake_copy)
     with pytest.raises(DatasetError) as err:
         TinyImageNet(fake_copy, split)
     message = str(err.value)
-    assert isinstance(err.value, ConfigError)  # entry points print it and exit with status 2
+    assert not isinstance(err.value, ValueError)  # the data package's own kind: the front door maps it
     assert "\n" not in message and where in message and fix in message
 
 
@@ -187,18 +217,19 @@ def test_skip_corrupt_warns_and_counts(fake_copy, cache):
 
 
 # ----------------------------------------------------------------------------- the fake tree
-def test_fake_cli_writes_the_layout(tmp_path):
+def test_fake_cli_writes_the_layout(tmp_path, capsys):
     root = str(tmp_path / "tiny")
-    cmd = [sys.executable, "-m", "data.fake", root, "--classes", "3", "--train-per-class", "2",
-           "--val-per-class", "2", "--test-per-class", "1", "--seed", "3"]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    argv = [root, "--classes", "3", "--train-per-class", "2", "--val-per-class", "2", "--test-per-class", "1",
+            "--seed", "3"]
+    data.fake.main(argv)  # what `python -m data.fake ...` runs
+    assert "wrote 15 images in 3 classes" in capsys.readouterr().out
     assert len(TinyImageNet(root, "train")) == 6 and len(TinyImageNet(root, "val")) == 6
     assert len(TinyImageNet(root, "test")) == 3
     wnid = read_classes(root).wnids[0]
     assert lines(os.path.join(root, "train", wnid, f"{wnid}_boxes.txt"))[0][0] == f"{wnid}_0.JPEG"
-    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
-    assert again.returncode == 2 and "already exists" in again.stderr
+    with pytest.raises(SystemExit) as again:
+        data.fake.main(argv)
+    assert again.value.code == 2 and "already exists" in capsys.readouterr().err
 
 
 def test_fake_tree_is_written_atomically(tmp_path, monkeypatch):
@@ -211,34 +242,29 @@ def test_fake_tree_is_written_atomically(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny tensors train faster on one thread, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_fake_images_are_learnable_by_a_small_cnn(fake_root, one_thread):
     """A tiny CNN on random resized crops + flips beats chance (25%) on val within a few epochs."""
-    from data.transforms import build_pipeline
+    import numpy as np
+
+    from data.augment import Augmentation
+    from data.base import BatchSpec
+    from data.transforms import build_transforms
 
     torch.manual_seed(0)
-    augment = build_pipeline([{"name": "random_resized_crop", "scale": [0.25, 1.0]},
-                              {"name": "random_horizontal_flip"}], "train")
-    train, val = TinyImageNet(fake_root, "train", augment, crop_size=32), TinyImageNet(fake_root, "val")
+    augment = Augmentation(build_transforms([{"name": "random_resized_crop", "scale": [0.25, 1.0]},
+                                             {"name": "random_horizontal_flip"}], "train"))
+    train, val = TinyImageNet(fake_root, "train"), TinyImageNet(fake_root, "val")
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(16, 32, 3, stride=2),
         torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 4),
     )
     opt = torch.optim.Adam(model.parameters(), lr=0.01)
-    for _ in range(6):
-        for batch in torch.utils.data.DataLoader(train, batch_size=16, shuffle=True):
-            images, labels = batch[0].float() / 255, batch[1]
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(model(images), labels).backward()
-            opt.step()
+    rng = np.random.default_rng(0)
+    for step in range(6 * len(train) // 16):
+        images, labels = augment(train.__getitems__(BatchSpec(tuple(rng.permutation(len(train))[:16]), 32, step)))
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(images), labels).backward()
+        opt.step()
     images, labels = next(iter(torch.utils.data.DataLoader(val, batch_size=len(val))))
     accuracy = (model(images.float() / 255).argmax(1) == labels).float().mean().item()
     assert accuracy >= 0.6
