@@ -8,7 +8,7 @@ from torch import nn
 from options.registry import Registry
 from options.schema import LossConfig
 
-LOSSES: Registry[Callable[..., nn.Module]] = Registry("loss")
+LOSSES: Registry[Callable[..., nn.Module]] = Registry("loss", config_key="loss.name")
 
 
 def build_loss(cfg: LossConfig) -> nn.Module:

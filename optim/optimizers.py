@@ -15,11 +15,10 @@ from torch import nn
 from torch.optim import Optimizer
 
 from optim.param_groups import ParamGroups, check_param_groups, param_groups
-from options.config import ConfigError
 from options.registry import Registry
 from options.schema import OptimConfig
 
-OPTIMIZERS: Registry[Callable[..., Optimizer]] = Registry("optimizer")
+OPTIMIZERS: Registry[Callable[..., Optimizer]] = Registry("optimizer", config_key="optim.name")
 
 # The engine writes the scheduler's lr into every group before each step; 0 until then
 # means a forgotten update shows up as a model that does not train, not as a wrong lr.
@@ -37,7 +36,7 @@ def adam(
 ) -> Optimizer:
     # Adam adds weight decay to the gradient (L2 penalty), scaled by the adaptive step.
     return torch.optim.Adam(
-        params, lr=lr, weight_decay=weight_decay, betas=_two_betas(betas), eps=eps, amsgrad=amsgrad
+        params, lr=lr, weight_decay=weight_decay, betas=_pair(betas), eps=eps, amsgrad=amsgrad
     )
 
 
@@ -47,14 +46,14 @@ def adamw(
 ) -> Optimizer:
     # AdamW decays the weights directly (decoupled), independent of the gradient scale.
     return torch.optim.AdamW(
-        params, lr=lr, weight_decay=weight_decay, betas=_two_betas(betas), eps=eps, amsgrad=amsgrad
+        params, lr=lr, weight_decay=weight_decay, betas=_pair(betas), eps=eps, amsgrad=amsgrad
     )
 
 
-def _two_betas(betas: Sequence[float]) -> Tuple[float, float]:
-    if len(betas) != 2:
-        raise ConfigError(f"optimizer betas must be two numbers (beta1, beta2), got {list(betas)}")
-    return float(betas[0]), float(betas[1])
+def _pair(betas: Sequence[float]) -> Tuple[float, float]:
+    """torch wants a tuple; the config holds exactly two (options/schema.py checks it)."""
+    beta1, beta2 = betas
+    return float(beta1), float(beta2)
 
 
 def create_optimizer(

@@ -3,17 +3,25 @@
 ``iteration`` is the global optimizer-step count from 0; ``epoch`` counts from 0.
 
 Warmup (shared by all, ml-cvnets semantics): while iteration < warmup_iterations,
-    lr = warmup_init_lr + (peak_lr - warmup_init_lr) * iteration / warmup_iterations
-where peak_lr is the schedule's max_lr (``fixed``: its lr). Iteration 0 therefore gives
-warmup_init_lr and iteration warmup_iterations the schedule's own value.
+    lr = warmup_init_lr + (target - warmup_init_lr) * iteration / warmup_iterations
+where target is the schedule's max_lr (``fixed``: its lr; ``cyclic``: its min_lr, as in the
+paper's code). Iteration 0 therefore gives warmup_init_lr and iteration warmup_iterations the
+schedule's own value.
 
-After warmup, cosine, cyclic and polynomial read their progress through the run:
+After warmup, cosine and polynomial read their progress through the run:
 - epoch-based (default): progress = epoch / max_epochs. As in ml-cvnets, the epochs spent
-  in warmup count as part of the run, so the LR may step down when warmup ends.
-- iteration-based: progress = (iteration - W) / (max_epochs * iterations_per_epoch - W)
-  with W = warmup_iterations, so the decay starts from the peak exactly where warmup ends.
-div_by_ten counts epochs in both modes (a step schedule only changes at epoch boundaries);
+  in warmup count as part of the run, so the LR may step down when warmup ends, and the last
+  epoch runs one step above min_lr.
+- iteration-based: progress = (iteration - W) / (T - 1 - W) with W = warmup_iterations and
+  T = the run's total optimizer steps (the engine counts them from the sampler's epoch
+  lengths), so the decay starts from the peak where warmup ends and reaches min_lr on the
+  last step of the last epoch.
+div_by_ten and cyclic count epochs in both modes (they only change at epoch boundaries);
 fixed and plateau have no notion of progress.
+
+Settings are validated where the config is built (options/schema.py: ranges, min_lr <= max_lr,
+...). The classes here check only what needs the run itself, raising ValueError with the
+config key first (``optim.check_config`` runs those checks on a loaded config).
 """
 from __future__ import annotations
 
@@ -21,15 +29,14 @@ import dataclasses
 import math
 from typing import Any, Dict, Optional, Sequence, Tuple, Type
 
-from options.config import ConfigError
 from options.registry import Registry
 from options.schema import SchedulerConfig
 
 
 # ----------------------------------------------------------------------------- pure formulas
-def warmup_lr(iteration: int, warmup_iterations: int, warmup_init_lr: float, peak_lr: float) -> float:
-    """Linear ramp from warmup_init_lr (iteration 0) toward peak_lr (iteration warmup_iterations)."""
-    return warmup_init_lr + (peak_lr - warmup_init_lr) * iteration / warmup_iterations
+def warmup_lr(iteration: int, warmup_iterations: int, warmup_init_lr: float, target_lr: float) -> float:
+    """Linear ramp from warmup_init_lr (iteration 0) toward target_lr (iteration warmup_iterations)."""
+    return warmup_init_lr + (target_lr - warmup_init_lr) * iteration / warmup_iterations
 
 
 def cosine_lr(progress: float, max_lr: float, min_lr: float) -> float:
@@ -42,14 +49,31 @@ def polynomial_lr(progress: float, max_lr: float, min_lr: float, power: float) -
     return min_lr + (max_lr - min_lr) * (1.0 - progress) ** power
 
 
-def cyclic_lr(done: int, total: int, cycles: int, max_lr: float, min_lr: float) -> float:
-    """`cycles` linear sweeps from max_lr down toward min_lr over `total` steps, each restarting at max_lr.
+def cyclic_lr(
+    epoch: int, min_lr: float, epochs_per_cycle: int, total_cycles: int, max_epochs: int,
+    last_cycle_end_lr: float, last_cycle_type: str,
+) -> float:
+    """The paper's cyclic schedule (its fork's optim/scheduler/cyclic.py), per epoch.
 
-    Integer arithmetic puts each sweep's first step exactly at max_lr; a float phase of
-    0.9999... there would give nearly min_lr instead.
+    The first total_cycles - 1 cycles repeat by epoch % epochs_per_cycle: one epoch at min_lr,
+    then peak = min_lr * epochs_per_cycle falling linearly toward min_lr (5 epochs of 0.1:
+    0.1, 0.5, 0.4, 0.3, 0.2). Epoch C = epochs_per_cycle * (total_cycles - 1) still starts a
+    cycle (min_lr). The remaining L = max_epochs - C epochs form the last cycle, which falls
+    from min_lr so that epoch max_epochs - 1 is exactly last_cycle_end_lr: the fraction done
+    at epoch e is (e - C + 1) / L, linearly (the fork's) or along half a cosine (the fork's
+    cosine never reaches last_cycle_end_lr; no run of the authors used it).
     """
-    phase = (done * cycles % total) / total  # position inside the current sweep, in [0, 1)
-    return max_lr - (max_lr - min_lr) * phase
+    cyclic_epochs = epochs_per_cycle * (total_cycles - 1)
+    if epoch <= cyclic_epochs:
+        phase = epoch % epochs_per_cycle
+        if phase == 0:
+            return min_lr
+        peak = min_lr * epochs_per_cycle
+        return peak - (peak - min_lr) * (phase - 1) / (epochs_per_cycle - 1)
+    done = min((epoch - cyclic_epochs + 1) / (max_epochs - cyclic_epochs), 1.0)
+    if last_cycle_type == "linear":
+        return min_lr - (min_lr - last_cycle_end_lr) * done
+    return cosine_lr(done, min_lr, last_cycle_end_lr)
 
 
 def step_lr(epoch: int, max_lr: float, min_lr: float, milestones: Sequence[int], factor: float) -> float:
@@ -61,46 +85,43 @@ def step_lr(epoch: int, max_lr: float, min_lr: float, milestones: Sequence[int],
 # ----------------------------------------------------------------------------- run timing
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    """How long the run is and how it warms up: the part every schedule shares."""
+    """How long the run is and how it warms up: the part every schedule shares.
+
+    total_iterations is the exact number of optimizer steps of the whole run (with the
+    variable batch sampler every epoch has its own length; the engine adds them up).
+    """
 
     max_epochs: int
-    iterations_per_epoch: int
+    total_iterations: int
     warmup_iterations: int = 0
     warmup_init_lr: float = 0.0
     is_iteration_based: bool = False
 
     def __post_init__(self) -> None:
-        if self.max_epochs < 1:
-            raise ConfigError(f"scheduler.max_epochs must be at least 1, got {self.max_epochs}")
-        if self.iterations_per_epoch < 1:
-            raise ValueError(f"iterations_per_epoch must be at least 1, got {self.iterations_per_epoch}")
-        if self.warmup_iterations < 0:
-            raise ConfigError(f"scheduler.warmup_iterations must be >= 0, got {self.warmup_iterations}")
+        if self.total_iterations < 1:
+            raise ValueError(f"total_iterations (optimizer steps of the run) must be at least 1, "
+                             f"got {self.total_iterations}")
         if self.is_iteration_based and self.warmup_iterations >= self.total_iterations:
-            raise ConfigError(
+            raise ValueError(
                 f"scheduler.warmup_iterations ({self.warmup_iterations}) must be shorter than the run "
-                f"({self.max_epochs} epochs x {self.iterations_per_epoch} iterations = {self.total_iterations})"
+                f"({self.total_iterations} optimizer steps) when scheduler.is_iteration_based is true"
             )
 
-    @property
-    def total_iterations(self) -> int:
-        return self.max_epochs * self.iterations_per_epoch
-
-    def elapsed(self, epoch: int, iteration: int) -> Tuple[int, int]:
-        """(steps done, steps in the run) on the schedule's clock after warmup."""
-        if self.is_iteration_based:
-            return iteration - self.warmup_iterations, self.total_iterations - self.warmup_iterations
-        return epoch, self.max_epochs
-
     def progress(self, epoch: int, iteration: int) -> float:
-        """Fraction of the run done, clamped to [0, 1]."""
-        done, total = self.elapsed(epoch, iteration)
-        return min(max(done / total, 0.0), 1.0)
+        """Fraction of the run done after warmup, clamped to [0, 1]."""
+        if self.is_iteration_based:
+            # The last step (total_iterations - 1) is the end of the decay.
+            done, span = iteration - self.warmup_iterations, self.total_iterations - 1 - self.warmup_iterations
+        else:
+            done, span = epoch, self.max_epochs
+        if span <= 0:  # a single step after warmup: it is the last one
+            return 1.0
+        return min(max(done / span, 0.0), 1.0)
 
 
 # ----------------------------------------------------------------------------- schedulers
 class Scheduler:
-    """Linear warmup to peak_lr, then the subclass's ``after_warmup(epoch, iteration)``.
+    """Linear warmup to warmup_target, then the subclass's ``after_warmup(epoch, iteration)``.
 
     ``state_keys`` names the attributes that change during training; they make up
     state_dict(), so a schedule without any (all but plateau) checkpoints as {}.
@@ -108,9 +129,9 @@ class Scheduler:
 
     state_keys: Tuple[str, ...] = ()
 
-    def __init__(self, timing: Timing, peak_lr: float) -> None:
+    def __init__(self, timing: Timing, warmup_target: float) -> None:
         self.timing = timing
-        self.peak_lr = peak_lr
+        self.warmup_target = warmup_target
 
     @property
     def max_epochs(self) -> int:
@@ -120,7 +141,7 @@ class Scheduler:
         """The learning rate for the optimizer step `iteration` (global, from 0) in `epoch`."""
         t = self.timing
         if iteration < t.warmup_iterations:
-            return warmup_lr(iteration, t.warmup_iterations, t.warmup_init_lr, self.peak_lr)
+            return warmup_lr(iteration, t.warmup_iterations, t.warmup_init_lr, self.warmup_target)
         return self.after_warmup(epoch, iteration)
 
     def after_warmup(self, epoch: int, iteration: int) -> float:
@@ -134,7 +155,7 @@ class Scheduler:
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if set(state) != set(self.state_keys):
-            raise ConfigError(
+            raise ValueError(
                 f"{type(self).__name__} state needs keys {sorted(self.state_keys)}, got {sorted(state)}; "
                 "was the checkpoint written with another scheduler?"
             )
@@ -146,17 +167,7 @@ class Scheduler:
         return f"{type(self).__name__}({fields})"
 
 
-def _check_range(owner: str, max_lr: float, min_lr: float) -> None:
-    if not 0.0 <= min_lr <= max_lr:
-        raise ConfigError(f"scheduler.{owner}: need 0 <= min_lr <= max_lr, got min_lr {min_lr}, max_lr {max_lr}")
-
-
-def _check_factor(owner: str, factor: float) -> None:
-    if not 0.0 < factor <= 1.0:
-        raise ConfigError(f"scheduler.{owner}.factor must be in (0, 1], got {factor}")
-
-
-SCHEDULERS: Registry[Type[Scheduler]] = Registry("scheduler")
+SCHEDULERS: Registry[Type[Scheduler]] = Registry("scheduler", config_key="scheduler.name")
 
 
 @SCHEDULERS.register("cosine")
@@ -164,29 +175,39 @@ class CosineScheduler(Scheduler):
     """max_lr -> min_lr along half a cosine over the run."""
 
     def __init__(self, timing: Timing, max_lr: float, min_lr: float) -> None:
-        _check_range("cosine", max_lr, min_lr)
-        super().__init__(timing, peak_lr=max_lr)
-        self.min_lr = min_lr
+        super().__init__(timing, warmup_target=max_lr)
+        self.max_lr, self.min_lr = max_lr, min_lr
 
     def after_warmup(self, epoch: int, iteration: int) -> float:
-        return cosine_lr(self.timing.progress(epoch, iteration), self.peak_lr, self.min_lr)
+        return cosine_lr(self.timing.progress(epoch, iteration), self.max_lr, self.min_lr)
 
 
 @SCHEDULERS.register("cyclic")
 class CyclicScheduler(Scheduler):
-    """`cycles` equal linear sweeps from max_lr toward min_lr, restarting at max_lr."""
+    """The paper's cyclic schedule (see cyclic_lr): repeated 1-epoch-low, peak-then-falling
+    cycles, then one last cycle falling to last_cycle_end_lr. The warmup ramps to min_lr."""
 
-    def __init__(self, timing: Timing, max_lr: float, min_lr: float, cycles: int) -> None:
-        _check_range("cyclic", max_lr, min_lr)
-        if cycles < 1:
-            raise ConfigError(f"scheduler.cyclic.cycles must be at least 1, got {cycles}")
-        super().__init__(timing, peak_lr=max_lr)
+    def __init__(
+        self, timing: Timing, min_lr: float, epochs_per_cycle: int, total_cycles: int,
+        last_cycle_end_lr: float, last_cycle_type: str,
+    ) -> None:
+        repeated = epochs_per_cycle * (total_cycles - 1)
+        if repeated >= timing.max_epochs:
+            raise ValueError(
+                f"scheduler.cyclic.total_cycles: {total_cycles - 1} repeated cycles of {epochs_per_cycle} epochs "
+                f"leave no epoch of scheduler.max_epochs ({timing.max_epochs}) for the last cycle; "
+                f"need max_epochs > {repeated}"
+            )
+        super().__init__(timing, warmup_target=min_lr)
         self.min_lr = min_lr
-        self.cycles = cycles
+        self.epochs_per_cycle = epochs_per_cycle
+        self.total_cycles = total_cycles
+        self.last_cycle_end_lr = last_cycle_end_lr
+        self.last_cycle_type = last_cycle_type
 
     def after_warmup(self, epoch: int, iteration: int) -> float:
-        done, total = self.timing.elapsed(epoch, iteration)
-        return cyclic_lr(done, total, self.cycles, self.peak_lr, self.min_lr)
+        return cyclic_lr(epoch, self.min_lr, self.epochs_per_cycle, self.total_cycles, self.timing.max_epochs,
+                         self.last_cycle_end_lr, self.last_cycle_type)
 
 
 @SCHEDULERS.register("div_by_ten")
@@ -196,15 +217,13 @@ class DivByTenScheduler(Scheduler):
     def __init__(
         self, timing: Timing, max_lr: float, min_lr: float, milestones: Sequence[int], factor: float
     ) -> None:
-        _check_range("div_by_ten", max_lr, min_lr)
-        _check_factor("div_by_ten", factor)
-        super().__init__(timing, peak_lr=max_lr)
-        self.min_lr = min_lr
+        super().__init__(timing, warmup_target=max_lr)
+        self.max_lr, self.min_lr = max_lr, min_lr
         self.milestones = tuple(milestones)
         self.factor = factor
 
     def after_warmup(self, epoch: int, iteration: int) -> float:
-        return step_lr(epoch, self.peak_lr, self.min_lr, self.milestones, self.factor)
+        return step_lr(epoch, self.max_lr, self.min_lr, self.milestones, self.factor)
 
 
 @SCHEDULERS.register("plateau")
@@ -221,11 +240,7 @@ class PlateauScheduler(Scheduler):
     def __init__(
         self, timing: Timing, max_lr: float, min_lr: float, patience: int, factor: float, threshold: float
     ) -> None:
-        _check_range("plateau", max_lr, min_lr)
-        _check_factor("plateau", factor)
-        if patience < 1:
-            raise ConfigError(f"scheduler.plateau.patience must be at least 1, got {patience}")
-        super().__init__(timing, peak_lr=max_lr)
+        super().__init__(timing, warmup_target=max_lr)
         self.min_lr = min_lr
         self.patience = patience
         self.factor = factor
@@ -261,13 +276,12 @@ class PolynomialScheduler(Scheduler):
     """max_lr -> min_lr as (1 - progress)^power."""
 
     def __init__(self, timing: Timing, max_lr: float, min_lr: float, power: float) -> None:
-        _check_range("polynomial", max_lr, min_lr)
-        super().__init__(timing, peak_lr=max_lr)
-        self.min_lr = min_lr
+        super().__init__(timing, warmup_target=max_lr)
+        self.max_lr, self.min_lr = max_lr, min_lr
         self.power = power
 
     def after_warmup(self, epoch: int, iteration: int) -> float:
-        return polynomial_lr(self.timing.progress(epoch, iteration), self.peak_lr, self.min_lr, self.power)
+        return polynomial_lr(self.timing.progress(epoch, iteration), self.max_lr, self.min_lr, self.power)
 
 
 @SCHEDULERS.register("fixed")
@@ -275,19 +289,24 @@ class FixedScheduler(Scheduler):
     """A constant LR (after the warmup, if any)."""
 
     def __init__(self, timing: Timing, lr: float) -> None:
-        super().__init__(timing, peak_lr=lr)
+        super().__init__(timing, warmup_target=lr)
+        self.fixed_lr = lr
 
     def after_warmup(self, epoch: int, iteration: int) -> float:
-        return self.peak_lr
+        return self.fixed_lr
 
 
 # ----------------------------------------------------------------------------- builder
-def build_scheduler(cfg: SchedulerConfig, iterations_per_epoch: int) -> Scheduler:
-    """The scheduler named by ``cfg.name``, configured by the block named after it."""
+def build_scheduler(cfg: SchedulerConfig, total_iterations: int) -> Scheduler:
+    """The scheduler named by ``cfg.name``, configured by the block named after it.
+
+    total_iterations: the optimizer steps of the whole run (the engine counts them from the
+    sampler's per-epoch lengths and the gradient accumulation).
+    """
     scheduler_cls = SCHEDULERS.get(cfg.name)
     timing = Timing(
         max_epochs=cfg.max_epochs,
-        iterations_per_epoch=iterations_per_epoch,
+        total_iterations=total_iterations,
         warmup_iterations=cfg.warmup_iterations,
         warmup_init_lr=cfg.warmup_init_lr,
         is_iteration_based=cfg.is_iteration_based,

@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from optim import SCHEDULERS, build_scheduler
+from optim import SCHEDULERS, Timing, build_scheduler, check_config
+from options.config import load_config, override
 from options.registry import RegistryError
 from options.schema import SchedulerConfig
 
@@ -17,7 +18,7 @@ def make(
     name: str,
     *,
     max_epochs: int = 100,
-    iterations_per_epoch: int = 10,
+    total_iterations: int = 1000,
     warmup_iterations: int = 0,
     warmup_init_lr: float = 0.0,
     is_iteration_based: bool = False,
@@ -34,13 +35,14 @@ def make(
         is_iteration_based=is_iteration_based,
         **{name: dataclasses.replace(getattr(default, name), **block)},
     )
-    return build_scheduler(cfg, iterations_per_epoch)
+    return build_scheduler(cfg, total_iterations)
 
 
-# Every schedule with its peak set to 0.5, so its value at epoch 0 after warmup is 0.5.
+# Every schedule with its warmup target set to 0.5, so its value at epoch 0 after warmup is 0.5
+# (cyclic warms up to its min_lr, which is also its epoch-0 value).
 PEAK_HALF = {
     "cosine": {"max_lr": 0.5, "min_lr": 0.0},
-    "cyclic": {"max_lr": 0.5, "min_lr": 0.0},
+    "cyclic": {"min_lr": 0.5, "last_cycle_end_lr": 0.0},
     "div_by_ten": {"max_lr": 0.5, "min_lr": 0.0},
     "plateau": {"max_lr": 0.5, "min_lr": 0.0},
     "polynomial": {"max_lr": 0.5, "min_lr": 0.0},
@@ -55,7 +57,7 @@ def test_every_registered_scheduler_is_covered():
 # ----------------------------------------------------------------------------- warmup
 @pytest.mark.parametrize("name", sorted(PEAK_HALF))
 def test_warmup_is_linear_from_init_lr_to_the_schedule_value(name):
-    s = make(name, warmup_iterations=100, warmup_init_lr=0.1, iterations_per_epoch=1000, **PEAK_HALF[name])
+    s = make(name, warmup_iterations=100, warmup_init_lr=0.1, total_iterations=100_000, **PEAK_HALF[name])
     assert s.lr(0, 0) == pytest.approx(0.1)
     assert s.lr(0, 50) == pytest.approx(0.3)  # 0.1 + (0.5 - 0.1) * 50 / 100
     assert s.lr(0, 99) == pytest.approx(0.496)  # 0.1 + 0.4 * 99 / 100
@@ -64,7 +66,7 @@ def test_warmup_is_linear_from_init_lr_to_the_schedule_value(name):
 
 @pytest.mark.parametrize("name", sorted(PEAK_HALF))
 def test_every_scheduler_builds_from_its_defaults(name):
-    s = build_scheduler(SchedulerConfig(name=name), iterations_per_epoch=50)
+    s = build_scheduler(SchedulerConfig(name=name), total_iterations=50 * SchedulerConfig().max_epochs)
     assert s.max_epochs == SchedulerConfig().max_epochs
     values = [s.lr(epoch, epoch * 50) for epoch in range(s.max_epochs)]
     assert all(math.isfinite(v) and v > 0 for v in values)
@@ -72,7 +74,7 @@ def test_every_scheduler_builds_from_its_defaults(name):
 
 def test_paper_mobilevit_recipe_warmup():
     # AdamW recipe: warmup from 2e-4 over 3000 iterations to the cosine's max_lr 2e-3.
-    s = make("cosine", max_epochs=200, iterations_per_epoch=782, warmup_iterations=3000,
+    s = make("cosine", max_epochs=200, total_iterations=200 * 782, warmup_iterations=3000,
              warmup_init_lr=2e-4, max_lr=2e-3, min_lr=2e-4)
     assert s.lr(0, 0) == pytest.approx(2e-4)
     assert s.lr(1, 1500) == pytest.approx(1.1e-3)
@@ -88,24 +90,51 @@ def test_cosine_per_epoch():
 
 
 def test_cosine_per_epoch_ignores_the_iteration_inside_an_epoch():
-    s = make("cosine", max_epochs=10, iterations_per_epoch=100, max_lr=1.0, min_lr=0.0)
+    s = make("cosine", max_epochs=10, total_iterations=1000, max_lr=1.0, min_lr=0.0)
     assert s.lr(3, 300) == s.lr(3, 399) == pytest.approx(0.5 * (1 + math.cos(0.3 * math.pi)))
 
 
-def test_cosine_per_iteration_decays_from_the_end_of_warmup():
-    # 10 epochs x 100 iterations = 1000; 900 of them after the 100 warmup iterations.
-    s = make("cosine", max_epochs=10, iterations_per_epoch=100, warmup_iterations=100,
-             is_iteration_based=True, max_lr=1.0, min_lr=0.0)
+def test_cosine_per_iteration_decays_from_the_end_of_warmup_to_the_last_step():
+    # 901 steps: 100 of warmup, then 800 steps from the peak (step 100) to the last one (step 900).
+    s = make("cosine", max_epochs=10, total_iterations=901, warmup_iterations=100,
+             is_iteration_based=True, max_lr=1.0, min_lr=0.1)
     assert s.lr(1, 100) == pytest.approx(1.0)
-    assert s.lr(4, 400) == pytest.approx(0.75)  # progress 1/3: 0.5 * (1 + cos(pi / 3))
-    assert s.lr(5, 550) == pytest.approx(0.5)  # progress 1/2
-    assert s.lr(10, 1000) == pytest.approx(0.0)
+    assert s.lr(3, 300) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))  # progress 1/4
+    assert s.lr(5, 500) == pytest.approx(0.55)  # progress 1/2
+    assert s.lr(9, 900) == pytest.approx(0.1)  # the last step of the run is min_lr
+    assert s.lr(9, 899) > 0.1
     assert s.lr(4, 401) < s.lr(4, 400)  # moves inside an epoch, unlike the epoch-based form
 
 
+@pytest.mark.parametrize("name, block", [("cosine", {"max_lr": 0.4, "min_lr": 2e-4}),
+                                         ("polynomial", {"max_lr": 0.4, "min_lr": 2e-4, "power": 2.0})])
+def test_iteration_based_reaches_min_lr_on_the_last_step_of_variable_length_epochs(name, block):
+    # The variable batch sampler gives every epoch its own length (issue 14.2); the engine passes
+    # their sum, and the final value lands on the last step of the last epoch, not after it.
+    epoch_lengths = [960, 945, 952, 961]
+    total = sum(epoch_lengths)
+    s = make(name, max_epochs=4, total_iterations=total, warmup_iterations=300, warmup_init_lr=0.05,
+             is_iteration_based=True, **block)
+    assert s.lr(3, total - 1) == pytest.approx(2e-4)
+    assert s.lr(3, total - 2) > 2e-4
+    assert s.lr(0, 300) == pytest.approx(0.4)
+
+
+def test_a_single_step_after_warmup_is_the_last_one():
+    s = make("cosine", max_epochs=1, total_iterations=11, warmup_iterations=10, is_iteration_based=True,
+             max_lr=1.0, min_lr=0.25)
+    assert s.lr(0, 10) == pytest.approx(0.25)
+
+
 def test_iteration_based_needs_a_run_longer_than_warmup():
-    with pytest.raises(ValueError, match="warmup_iterations .* shorter than the run"):
-        make("cosine", max_epochs=2, iterations_per_epoch=10, warmup_iterations=20, is_iteration_based=True)
+    with pytest.raises(ValueError, match=r"^scheduler.warmup_iterations \(20\) must be shorter than the run \(20"):
+        make("cosine", max_epochs=2, total_iterations=20, warmup_iterations=20, is_iteration_based=True)
+    make("cosine", max_epochs=2, total_iterations=20, warmup_iterations=20)  # epoch-based: no constraint
+
+
+def test_the_run_has_at_least_one_step():
+    with pytest.raises(ValueError, match="total_iterations .* at least 1"):
+        Timing(max_epochs=1, total_iterations=0)
 
 
 # ----------------------------------------------------------------------------- others
@@ -116,23 +145,54 @@ def test_polynomial():
     assert s.lr(10, 100) == pytest.approx(0.1)
 
 
-def test_cyclic_per_epoch_sweeps_high_to_low_and_restarts():
-    # 50 epochs in 5 sweeps of 10 epochs, each from 0.1 down toward 0.01.
-    s = make("cyclic", max_epochs=50, max_lr=0.1, min_lr=0.01, cycles=5)
-    assert s.lr(0, 0) == pytest.approx(0.1)
-    assert s.lr(5, 50) == pytest.approx(0.055)  # 0.1 - 0.09 * 5 / 10
-    assert s.lr(9, 90) == pytest.approx(0.019)  # 0.1 - 0.09 * 9 / 10
-    assert s.lr(10, 100) == pytest.approx(0.1)
-    assert s.lr(49, 490) == pytest.approx(0.019)
+# The authors' cyclic run (Table 4's extra row): results/AU_results_resnet_tiny_correct_class_depth18_cyclic.txt
+# on branch au-3070 of footh/ml-cvnets, ResNet-18, 782 batches per epoch. Each tuple is (epoch, optimizer
+# step, LR) as that log prints them (rounded to 6 decimals): warmup from 0.05 to min_lr 0.1 over 7500
+# steps, the cycles 0.1, 0.5, 0.4, 0.3, 0.2 through epoch 50, then linear down to 0.0002 at epoch 149.
+LOGGED_CYCLIC_LRS = [
+    (0, 0, 0.05), (0, 500, 0.053333), (1, 782, 0.055213), (1, 1282, 0.058547), (2, 2064, 0.06376),
+    (4, 3628, 0.074187), (6, 5192, 0.084613), (8, 6756, 0.09504), (9, 7038, 0.09692), (9, 7538, 0.2),
+    (10, 7820, 0.1), (11, 8602, 0.5), (12, 9384, 0.4), (13, 10166, 0.3), (14, 10948, 0.2),
+    (15, 11730, 0.1), (16, 12512, 0.5), (47, 36754, 0.4), (48, 37536, 0.3), (49, 38318, 0.2),
+    (50, 39100, 0.1), (50, 39600, 0.1), (51, 39882, 0.098004), (52, 40664, 0.097006),
+    (53, 41446, 0.096008), (99, 77418, 0.0501), (100, 78200, 0.049102), (120, 93840, 0.029142),
+    (148, 115736, 0.001198), (149, 116518, 0.0002), (149, 117018, 0.0002),
+]
 
 
-def test_cyclic_per_iteration():
-    # 5 epochs x 20 iterations = 100 iterations in 2 sweeps of 50.
-    s = make("cyclic", max_epochs=5, iterations_per_epoch=20, is_iteration_based=True,
-             max_lr=0.1, min_lr=0.01, cycles=2)
-    assert s.lr(1, 25) == pytest.approx(0.055)
-    assert s.lr(2, 50) == pytest.approx(0.1)
-    assert s.lr(4, 99) == pytest.approx(0.1 - 0.09 * 49 / 50)
+def authors_cyclic(**changes):
+    settings = dict(max_epochs=150, total_iterations=150 * 782, warmup_iterations=7500, warmup_init_lr=0.05,
+                    min_lr=0.1, epochs_per_cycle=5, total_cycles=11, last_cycle_end_lr=0.0002,
+                    last_cycle_type="linear")
+    settings.update(changes)
+    return make("cyclic", **settings)
+
+
+@pytest.mark.parametrize("epoch, iteration, logged", LOGGED_CYCLIC_LRS)
+def test_cyclic_matches_the_authors_log(epoch, iteration, logged):
+    assert authors_cyclic().lr(epoch, iteration) == pytest.approx(logged, abs=1e-6)
+
+
+def test_cyclic_counts_epochs_in_both_clock_modes():
+    per_epoch, per_iteration = authors_cyclic(), authors_cyclic(is_iteration_based=True)
+    assert [per_iteration.lr(e, e * 782) for e in range(150)] == [per_epoch.lr(e, e * 782) for e in range(150)]
+
+
+def test_cyclic_cosine_last_cycle_ends_at_last_cycle_end_lr():
+    # 2 repeated cycles of 4 epochs (0.1, 0.4, 0.3, 0.2), epoch 8 starts a cycle, epochs 9..11 fall.
+    s = make("cyclic", max_epochs=12, min_lr=0.1, epochs_per_cycle=4, total_cycles=3, last_cycle_end_lr=0.01,
+             last_cycle_type="cosine")
+    assert [s.lr(e, 0) for e in range(9)] == pytest.approx([0.1, 0.4, 0.3, 0.2, 0.1, 0.4, 0.3, 0.2, 0.1])
+    # The last cycle has 4 epochs (8..11); epoch e is (e - 8 + 1) / 4 of the way down the cosine.
+    assert s.lr(9, 0) == pytest.approx(0.01 + 0.045 * (1 + math.cos(math.pi / 2)))
+    assert s.lr(11, 0) == pytest.approx(0.01)
+
+
+def test_cyclic_needs_epochs_for_its_last_cycle():
+    with pytest.raises(ValueError, match=r"^scheduler.cyclic.total_cycles: 10 repeated cycles of 5 epochs .*"
+                                         r"need max_epochs > 50"):
+        make("cyclic", max_epochs=50, min_lr=0.1, epochs_per_cycle=5, total_cycles=11)
+    make("cyclic", max_epochs=51, min_lr=0.1, epochs_per_cycle=5, total_cycles=11)
 
 
 def test_fixed():
@@ -143,16 +203,18 @@ def test_fixed():
 
 @pytest.mark.parametrize(
     "epoch, expected",
-    [(0, 0.4), (39, 0.4), (40, 0.04), (59, 0.04), (60, 0.004), (79, 0.004), (80, 0.0004), (120, 0.0004)],
+    [(0, 0.4), (39, 0.4), (40, 0.04), (79, 0.04), (80, 0.004), (119, 0.004), (120, 0.0004), (149, 0.0004)],
 )
-def test_div_by_ten_at_its_milestones(epoch, expected):
-    s = make("div_by_ten", max_epochs=150, max_lr=0.4, min_lr=2e-4, milestones=(40, 60, 80), factor=0.1)
+def test_div_by_ten_at_the_papers_milestones_by_default(epoch, expected):
+    # Every config and log of the authors steps at epochs 40, 80 and 120 (the schema's default).
+    s = make("div_by_ten", max_epochs=150, max_lr=0.4, min_lr=2e-4)
+    assert s.milestones == (40, 80, 120)
     assert s.lr(epoch, epoch * 10) == pytest.approx(expected)
 
 
 def test_div_by_ten_floors_at_min_lr_and_counts_epochs_in_both_modes():
     for iteration_based in (False, True):
-        s = make("div_by_ten", max_epochs=150, is_iteration_based=iteration_based,
+        s = make("div_by_ten", max_epochs=150, total_iterations=1500, is_iteration_based=iteration_based,
                  max_lr=0.4, min_lr=1e-3, milestones=(40, 60, 80), factor=0.1)
         assert s.lr(60, 600) == pytest.approx(0.004)
         assert s.lr(80, 800) == pytest.approx(1e-3)  # 0.0004 floored
@@ -172,9 +234,20 @@ def test_stateless_schedulers(name):
         s.load_state_dict({"current_lr": 0.1, "best": 0.5, "bad_epochs": 0})
 
 
-def test_min_lr_above_max_lr_is_rejected():
-    with pytest.raises(ValueError, match="scheduler.cosine: need 0 <= min_lr <= max_lr"):
-        make("cosine", max_lr=0.1, min_lr=0.2)
+# ----------------------------------------------------------------------------- check_config
+def test_check_config_passes_the_defaults_and_rejects_a_cyclic_run_too_short():
+    cfg = load_config([])
+    check_config(cfg)
+    with pytest.raises(ValueError, match=r"^scheduler.cyclic.total_cycles:"):
+        check_config(override(cfg, {"scheduler.name": "cyclic", "scheduler.max_epochs": 40}))
+
+
+def test_check_config_leaves_the_warmup_against_the_run_length_to_the_engine():
+    # Only the engine knows the run's optimizer steps; check_config must not guess them.
+    cfg = override(load_config([]), {"scheduler.is_iteration_based": True, "scheduler.warmup_iterations": 10**7})
+    check_config(cfg)
+    with pytest.raises(ValueError, match="shorter than the run"):
+        build_scheduler(cfg.scheduler, total_iterations=200 * 782)
 
 
 # ----------------------------------------------------------------------------- plateau
@@ -249,7 +322,7 @@ def test_plateau_state_round_trips_through_a_checkpoint():
 # ----------------------------------------------------------------------------- registry
 def test_unknown_scheduler_lists_the_known_ones():
     with pytest.raises(RegistryError) as info:
-        build_scheduler(SchedulerConfig(name="cosin"), iterations_per_epoch=10)
+        build_scheduler(SchedulerConfig(name="cosin"), total_iterations=10)
     message = str(info.value)
     assert all(name in message for name in SCHEDULERS.names())
     assert "did you mean 'cosine'" in message
