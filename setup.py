@@ -7,22 +7,21 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["cvnets", "data", "loss_fn", "optim", "engine", "options"],
-    # The entry scripts are installed as modules so the console scripts can import them.
-    py_modules=["main_train", "main_eval", "main_export"],
+    packages=["cvnets", "data", "loss_fn", "optim", "engine", "options", "tools"],
     install_requires=["torch>=2.1", "torchvision>=0.16", "pyyaml>=6", "numpy", "tqdm", "pillow"],
     extras_require={
-        "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime", "timm"],
+        "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime", "timm", "tensorboard", "submitit"],
         "export": ["onnx", "onnxscript", "onnxruntime"],
         "plots": ["matplotlib"],
         "bench": ["timm"],
         "tensorboard": ["tensorboard"],
+        "cluster": ["submitit"],
     },
     entry_points={
         "console_scripts": [
-            "cvnets-train=main_train:main",
-            "cvnets-eval=main_eval:main",
-            "cvnets-export=main_export:main",
+            "cvnets-train=engine.commands:train",
+            "cvnets-eval=engine.commands:evaluate",
+            "cvnets-export=engine.commands:export",
         ]
     },
 )

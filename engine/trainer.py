@@ -1,47 +1,68 @@
-"""The Trainer: runs epochs of train_one_epoch/evaluate and owns the run folder.
+"""The Trainer: runs epochs of train_one_epoch/evaluate and keeps the run folder truthful.
 
-Run folder (<results_loc>/<run_label>/): config.yaml, metrics.jsonl (one object per epoch),
-train.log, summary.json, checkpoint_last.pt (full state), checkpoint_best.pt and, with EMA,
-checkpoint_ema_best.pt. Only rank 0 writes; every write is atomic.
+At the end of every epoch, in this order: the best-weights checkpoints, checkpoint_last.pt
+(which carries the whole per-epoch history), then the metrics.jsonl row, TensorBoard and
+summary.json. A kill anywhere in between leaves a checkpoint that knows more than or as much as
+the records; resuming rebuilds the records from the checkpoint, so every epoch appears exactly
+once (engine/run_folder.py). Signals (SIGINT, SIGTERM, SIGUSR1) finish the current optimizer
+step, save and stop; the process exits 128 + the signal number.
 """
 from __future__ import annotations
 
-import json
 import logging
+import math
 import os
 import signal
 import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from engine import checkpoint as ckpt
 from engine.ema import ModelEMA
-from engine.loops import LoopOptions, Progress, evaluate, train_one_epoch
-from engine.utils import DistInfo, atomic_torch_save, rng_state, set_rng_state, write_json
+from engine.loops import LoopOptions, NonFiniteLossError, Progress, evaluate, train_one_epoch
+from engine.run_folder import RunFolder, append_metrics, resume_path, write_metrics, write_summary
+from engine.utils import DistInfo
 from options.config import ConfigError, save_config, to_dict
 from options.schema import Config
 
 logger = logging.getLogger("cvnets")
 
-CHECKPOINT_VERSION = 1
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's warning before a time limit
+
+# Keys a resume may change without changing what the run computes: where files are, how
+# fast or verbose it runs, what main_eval/main_export do. Any other difference is refused.
+HARMLESS_ON_RESUME = (
+    "common.config_file", "common.results_loc", "common.run_label", "common.resume", "common.resume_allow_changes",
+    "common.log_every_batches", "common.tensorboard", "common.device", "common.compile", "common.channels_last",
+    "dataset.root", "dataset.download", "dataset.archive", "dataset.cache", "dataset.cache_dir",
+    "dataset.augment_on", "dataset.workers", "dataset.persistent_workers", "dataset.pin_memory",
+    "dataset.prefetch_factor", "dataset.skip_corrupt", "dataset.val_batch_size", "model.checkpoint", "eval", "export",
+)
 
 
 class TrainingInterrupted(Exception):
-    """SIGINT/SIGTERM arrived; the state was saved to checkpoint_last.pt."""
+    """A stop signal arrived; `saved` says whether checkpoint_last.pt holds the state at the stop."""
 
-    def __init__(self, signum: int, path: str) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name}; state saved to {path}")
-        self.signum = signum
+    def __init__(self, signum: int, path: str, saved: bool = True) -> None:
+        name = signal.Signals(signum).name
+        where = f"state saved to {path}" if saved else f"stopped before saving; {path} holds the last save"
+        super().__init__(f"stopped by {name}; {where}")
+        self.signum, self.saved = signum, saved
+
+
+class _StopNow(BaseException):
+    """A second stop signal while training (not while saving): leave at once."""
 
 
 @dataclass
 class Components:
-    """Everything main_train builds from the config, handed to the Trainer."""
+    """Everything engine/build.py builds from the config, handed to the Trainer."""
 
     model: nn.Module  # the plain module (its state_dict is what checkpoints hold)
     train_model: nn.Module  # what the loop calls: possibly DDP- and/or compile-wrapped
@@ -52,71 +73,80 @@ class Components:
     scheduler: Any
     num_classes: int
     wnids: List[str]
+    class_names: List[str]
+    epoch_batches: Callable[[int], int]  # batches trained in epoch e (the sampler's length, capped)
     scaler: Optional[torch.amp.GradScaler] = None
     ema: Optional[ModelEMA] = None
+    eval_copy: Callable[[nn.Module], nn.Module] = lambda module: module  # e.g. a BatchNorm-folded copy
 
 
 class Trainer:
-    def __init__(self, cfg: Config, parts: Components, opts: LoopOptions, run_dir: str, dist_info: DistInfo) -> None:
-        self.cfg = cfg
-        self.parts = parts
-        self.opts = opts
-        self.run_dir = run_dir
-        self.dist = dist_info
+    def __init__(self, cfg: Config, parts: Components, opts: LoopOptions, dist_info: DistInfo) -> None:
+        self.cfg, self.parts, self.opts, self.dist = cfg, parts, opts, dist_info
         self.progress = Progress()
         self.best: Dict[str, Optional[Dict[str, Any]]] = {"model": None, "ema": None}
-        self._signal: Optional[int] = None
-        self._tb = None
+        self.history: List[Dict[str, Any]] = []  # one row per finished epoch
         self.params = sum(p.numel() for p in parts.model.parameters())
-
-    # ------------------------------------------------------------------ paths
-    def path(self, name: str) -> str:
-        return os.path.join(self.run_dir, name)
+        self.folder: Optional[RunFolder] = None
+        self.resumes = 0
+        self._signal: Optional[int] = None
+        self._saving = False
+        self._tb = None
 
     # ------------------------------------------------------------------ main loop
-    def run(self, stop_after_epoch: Optional[int] = None) -> Dict[str, Any]:
-        """Train until scheduler.max_epochs (or stop early after `stop_after_epoch` epochs).
+    def run(self, folder: RunFolder, stop_after_epoch: Optional[int] = None) -> Dict[str, Any]:
+        """Train in the open `folder` until scheduler.max_epochs (or `stop_after_epoch` epochs).
 
-        Returns the summary written to summary.json.
+        Continues from the checkpoint common.resume names; returns the summary (also in
+        summary.json), whose "state" says how the run ended.
         """
+        if self.folder is None:  # the first call; later ones (stop_after_epoch) continue in memory
+            start = resume_path(folder.path, self.cfg.common.resume)
+            if start is not None:
+                self.resume(start)
+        self.folder = folder
         max_epochs = self.cfg.scheduler.max_epochs
         until = max_epochs if stop_after_epoch is None else min(stop_after_epoch, max_epochs)
-        self._open_run_dir()
+        if self.progress.epoch >= max_epochs:
+            return self._summary("finished", already=True)
+        self._start_records()
         try:
-            logger.info("model: %s, %s parameters, %d classes", self.cfg.model.name, f"{self.params:,}",
-                        self.parts.num_classes)
             with self._catch_signals():
                 while self.progress.epoch < until:
                     self._run_epoch()
                     if self._signal is not None:  # saved (mid-epoch or at its end): stop here
-                        raise TrainingInterrupted(self._signal, self.path("checkpoint_last.pt"))
-            summary = self._summary(finished=self.progress.epoch >= max_epochs)
-            if self.dist.is_main:
-                write_json(self.path("summary.json"), summary)
-            return summary
+                        raise TrainingInterrupted(self._signal, folder.last_checkpoint)
+        except _StopNow:
+            self._write_summary("interrupted", stopped_by=signal.Signals(self._signal).name)
+            raise TrainingInterrupted(self._signal, folder.last_checkpoint, saved=False) from None
+        except TrainingInterrupted:
+            self._write_summary("interrupted", stopped_by=signal.Signals(self._signal).name)
+            raise
+        except NonFiniteLossError as e:
+            saved = os.path.isfile(folder.last_checkpoint)
+            message = f"{e}; " + ("checkpoint_last.pt still holds the last good epoch" if saved
+                                  else "no checkpoint was written yet")
+            self._write_summary("failed", error=message)
+            raise NonFiniteLossError(message) from None
+        except Exception as e:
+            self._write_summary("failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+            raise
         finally:
-            self._close_run_dir()
+            self._close_records()
+        return self._summary("finished" if self.progress.epoch >= max_epochs else "interrupted")
 
     def _run_epoch(self) -> None:
-        epoch = self.progress.epoch
-        sampler = self.parts.train_loader.batch_sampler
-        sampler.set_epoch(epoch, start_batch=self.progress.batch_in_epoch)
-        t0 = time.perf_counter()
-        scheduler = self.parts.scheduler
-        loader, bar = self._progress_bar(epoch)
+        epoch, parts = self.progress.epoch, self.parts
+        epoch_batches = parts.epoch_batches(epoch)
+        first_batch = self.progress.batch_in_epoch  # > 0 when resuming mid-epoch
+        parts.train_loader.batch_sampler.set_epoch(epoch, start_batch=first_batch)
+        started = time.perf_counter()
+        loader, bar = self._progress_bar(epoch, epoch_batches)
         train = train_one_epoch(
-            self.parts.train_model,
-            loader,
-            self.parts.criterion,
-            self.parts.optimizer,
-            lambda iteration: scheduler.lr(epoch, iteration),
-            self.progress,
-            self.opts,
-            dist_info=self.dist,
-            scaler=self.parts.scaler,
-            ema=self.parts.ema,
-            should_stop=self._stop_requested,
-            on_log=lambda stats: self._log_step(epoch, stats, bar),
+            parts.train_model, loader, parts.criterion, parts.optimizer,
+            lambda iteration: parts.scheduler.lr(epoch, iteration), self.progress, self.opts, epoch_batches,
+            dist_info=self.dist, scaler=parts.scaler, ema=parts.ema, should_stop=self._stop_requested,
+            on_log=lambda stats: self._log_step(epoch, epoch_batches, first_batch, stats, started, bar),
         )
         if bar is not None:
             bar.close()
@@ -124,26 +154,21 @@ class Trainer:
             self._save_last()
             return
 
-        val = evaluate(self.parts.model, self.parts.val_loader, self.opts, self.dist)
+        val = evaluate(parts.eval_copy(parts.model), parts.val_loader, self.opts, self.dist)
         row: Dict[str, Any] = {
-            "epoch": epoch + 1,
-            "lr": self.parts.optimizer.param_groups[0]["lr"],
-            "train_loss": train["loss"],
-            "train_top1": train["top1"],
-            "train_top5": train["top5"],
-            "val_loss": val["loss"],
-            "val_top1": val["top1"],
-            "val_top5": val["top5"],
-            "train_images": train["count"],
-            "val_images": val["count"],
+            "epoch": epoch + 1, "lr": parts.optimizer.param_groups[0]["lr"],
+            "train_loss": train["loss"], "train_top1": train["top1"], "train_top5": train["top5"],
+            "val_loss": val["loss"], "val_top1": val["top1"], "val_top5": val["top5"],
+            "train_images": train["count"], "val_images": val["count"],
         }
-        if self.parts.ema is not None:
-            ema_val = evaluate(self.parts.ema.module, self.parts.val_loader, self.opts, self.dist)
+        if parts.ema is not None:
+            ema_val = evaluate(parts.eval_copy(parts.ema.module), parts.val_loader, self.opts, self.dist)
             row.update(ema_val_loss=ema_val["loss"], ema_val_top1=ema_val["top1"], ema_val_top5=ema_val["top5"])
         row["images_per_second"] = train["images_per_second"]
-        row["epoch_seconds"] = time.perf_counter() - t0
+        row["train_seconds"] = train["seconds"]
+        row["epoch_seconds"] = time.perf_counter() - started
 
-        scheduler.step_epoch(self._metric(row, ""), higher_is_better=self.cfg.stats.checkpoint_metric_max)
+        parts.scheduler.step_epoch(self._metric(row, ""), higher_is_better=self.cfg.stats.checkpoint_metric_max)
         self.progress.epoch += 1
         self.progress.batch_in_epoch = 0
         self._record(row)
@@ -158,8 +183,8 @@ class Trainer:
         return value > best["value"] if self.cfg.stats.checkpoint_metric_max else value < best["value"]
 
     def _record(self, row: Dict[str, Any]) -> None:
-        """Log the epoch, update best trackers, write metrics and checkpoints (rank 0)."""
-        new_best = {}
+        """Best trackers, then (rank 0) checkpoints, then the records (see the module docstring)."""
+        new_best = []
         for kind, prefix in (("model", ""), ("ema", "ema_")):
             if f"{prefix}val_top1" not in row:
                 continue
@@ -167,165 +192,239 @@ class Trainer:
             if self._is_better(value, self.best[kind]):
                 self.best[kind] = {"value": value, "epoch": row["epoch"], "val_top1": row[f"{prefix}val_top1"],
                                    "val_top5": row[f"{prefix}val_top5"], "train_top1": row["train_top1"]}
-                new_best[kind] = True
+                new_best.append(kind)
+        self.history.append(row)
         self._log_epoch(row)
         if not self.dist.is_main:
             return
-        with open(self.path("metrics.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
         if "model" in new_best:
             self._save_weights("checkpoint_best.pt", self.parts.model.state_dict(), row, ema=False)
         if "ema" in new_best:
-            self._save_weights("checkpoint_ema_best.pt", self.parts.ema.state_dict(), row, ema=True)
+            self._save_weights("checkpoint_ema_best.pt", self.parts.ema.module.state_dict(), row, ema=True)
         self._save_last()
-        write_json(self.path("summary.json"), self._summary(finished=False))
-        if self._tb is not None:
-            for key, value in row.items():
-                if key != "epoch":
-                    self._tb.add_scalar(key, value, row["epoch"])
+        append_metrics(self.folder.path, row)
+        self._add_scalars(row)
+        self._write_summary("running")
 
-    def _summary(self, finished: bool) -> Dict[str, Any]:
+    def _start_records(self) -> None:
+        """Make the records agree with the state just restored (or start them), then save the config."""
+        if not self.dist.is_main:
+            return
+        if write_metrics(self.folder.path, self.history):
+            logger.info("metrics.jsonl rebuilt from the checkpoint (%d epochs)", len(self.history))
+        save_config(self.cfg, self.folder.file("config.yaml"))
+        self._open_tensorboard()
+        self._write_summary("running")
+
+    def _summary(self, state: str, already: bool = False) -> Dict[str, Any]:
+        summary = self._summary_data(state)
+        if self.dist.is_main and not already:
+            write_summary(self.folder.path, summary)
+        summary["already_finished"] = already
+        return summary
+
+    def _write_summary(self, state: str, **extra: Any) -> None:
+        if not self.dist.is_main or self.folder is None:
+            return
+        try:
+            write_summary(self.folder.path, {**self._summary_data(state), **extra})
+        except Exception as e:  # e.g. the disk is full: the error that got us here matters more
+            logger.warning("could not update summary.json: %s", e)
+
+    def _summary_data(self, state: str) -> Dict[str, Any]:
+        wall = sum(r.get("epoch_seconds", 0.0) for r in self.history)
+        train_seconds = sum(r.get("train_seconds", 0.0) for r in self.history)
+        train_images = sum(r.get("train_images", 0) for r in self.history)
         return {
-            "finished": finished,
+            "state": state,
+            "finished": state == "finished",
             "epochs_done": self.progress.epoch,
             "max_epochs": self.cfg.scheduler.max_epochs,
             "params": self.params,
+            "num_classes": self.parts.num_classes,
             "checkpoint_metric": self.cfg.stats.checkpoint_metric,
             "best": self.best["model"],
             "ema_best": self.best["ema"],
+            "final_train_top1": self.history[-1]["train_top1"] if self.history else None,
+            "wall_seconds": wall,
+            "images_per_second": train_images / train_seconds if train_seconds else None,
+            "run_dir": os.path.abspath(self.folder.path),
+            "resumes": self.resumes,
+            "pid": os.getpid(),
         }
 
     # ------------------------------------------------------------------ checkpoints
     def _common_state(self) -> Dict[str, Any]:
-        return {"version": CHECKPOINT_VERSION, "config": to_dict(self.cfg), "num_classes": self.parts.num_classes,
-                "wnids": list(self.parts.wnids), "params": self.params}
+        return {"config": to_dict(self.cfg), "num_classes": self.parts.num_classes, "wnids": list(self.parts.wnids),
+                "class_names": list(self.parts.class_names), "params": self.params}
+
+    def _save(self, state: Dict[str, Any], name: str) -> None:
+        self._saving = True
+        try:
+            ckpt.save(state, self.folder.file(name))
+        finally:
+            self._saving = False
 
     def _save_weights(self, name: str, weights: Dict[str, Any], row: Dict[str, Any], ema: bool) -> None:
-        state = self._common_state()
-        state.update(model=weights, is_ema=ema, epoch=row["epoch"], metrics=row)
-        atomic_torch_save(state, self.path(name))
+        self._save({**self._common_state(), "kind": ckpt.WEIGHTS, "model": weights, "is_ema": ema,
+                    "epoch": row["epoch"], "metrics": row}, name)
 
     def _save_last(self) -> None:
         if not self.dist.is_main:
             return
         parts = self.parts
-        state = self._common_state()
-        state.update(
-            model=parts.model.state_dict(),
-            optimizer=parts.optimizer.state_dict(),
-            scheduler=parts.scheduler.state_dict(),
-            scaler=parts.scaler.state_dict() if parts.scaler is not None else None,
-            ema=parts.ema.state_dict() if parts.ema is not None else None,
-            epoch=self.progress.epoch,
-            iteration=self.progress.iteration,
-            batch_in_epoch=self.progress.batch_in_epoch,
-            meter=self.progress.meter_state,
-            best=self.best,
-            rng=rng_state(),
-        )
-        atomic_torch_save(state, self.path("checkpoint_last.pt"))
+        self._save({
+            **self._common_state(),
+            "kind": ckpt.TRAINING,
+            "model": parts.model.state_dict(),
+            "optimizer": parts.optimizer.state_dict(),
+            "optimizer_name": self.cfg.optim.name,
+            "scheduler": parts.scheduler.state_dict(),
+            "scaler": parts.scaler.state_dict() if parts.scaler is not None else None,
+            "ema": parts.ema.state_dict() if parts.ema is not None else None,
+            "progress": self.progress.state_dict(),
+            "best": self.best,
+            "history": self.history,
+            "resumes": self.resumes,
+            "rng": ckpt.rng_state(),
+        }, "checkpoint_last.pt")
 
     def resume(self, path: str) -> None:
-        """Restore everything checkpoint_last.pt holds, so training continues exactly."""
-        state = load_checkpoint(path)
-        if "optimizer" not in state:
-            raise ConfigError(f"{path} holds weights only, not a training state; resume from checkpoint_last.pt")
+        """Restore everything checkpoint_last.pt holds, so training continues exactly.
+
+        The checkpoint's config is compared with this run's: a change that alters the run is
+        refused unless common.resume_allow_changes names it; every resume is logged with what
+        changed."""
+        state = ckpt.load(path, kind=ckpt.TRAINING)
+        changes = config_changes(state["config"], to_dict(self.cfg))
+        refused = [c for c in changes if not _allowed(c[0], self.cfg.common.resume_allow_changes)]
+        if refused:
+            listing = "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in refused)
+            keys = ",".join(key for key, _, _ in refused)
+            raise ConfigError(f"resuming {path} would change the run: {listing}; resume with the original "
+                              f"settings, allow them with --common.resume-allow-changes {keys}, or start a new run "
+                              "with --common.run-label NAME")
         parts = self.parts
         try:
             parts.model.load_state_dict(state["model"])
-            parts.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as e:
+        except RuntimeError as e:
             first = str(e).strip().splitlines()[0]
-            raise ConfigError(f"{path} does not fit the model/optimizer of this config ({first}); "
-                              "resume with the config the run was started with") from None
-        parts.scheduler.load_state_dict(state["scheduler"])
+            raise ckpt.CheckpointError(f"{path} does not fit the model of this config ({first}); "
+                                       "resume with the config the run was started with") from None
+        if state.get("optimizer_name") == self.cfg.optim.name:
+            parts.optimizer.load_state_dict(state["optimizer"])
+        else:
+            logger.warning("optimizer changed to %s: its state starts fresh", self.cfg.optim.name)
+        if state["config"].get("scheduler", {}).get("name") == self.cfg.scheduler.name:
+            parts.scheduler.load_state_dict(state["scheduler"])
         if parts.scaler is not None and state.get("scaler"):
             parts.scaler.load_state_dict(state["scaler"])
         if parts.ema is not None:
-            if state.get("ema") is None:
-                raise ConfigError(f"{path} has no EMA state but ema.enable is true; resume with --ema.enable false")
-            parts.ema.load_state_dict(state["ema"])
-        self.progress = Progress(epoch=state["epoch"], iteration=state["iteration"],
-                                 batch_in_epoch=state["batch_in_epoch"], meter_state=state.get("meter"))
-        self.best = state["best"]
-        set_rng_state(state["rng"])
-        logger.info("resumed from %s at epoch %d, batch %d (iteration %d)", path, state["epoch"] + 1,
-                    state["batch_in_epoch"], state["iteration"])
+            if state.get("ema") is not None:
+                parts.ema.load_state_dict(state["ema"])
+            else:
+                logger.warning("ema.enable is now true: the average starts from the resumed weights")
+        self.progress = Progress.from_state(state["progress"])
+        self.best, self.history = state["best"], list(state["history"])
+        self.resumes = int(state.get("resumes", 0)) + 1
+        ckpt.set_rng_state(state["rng"])
+        what = "; changed: " + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in changes) if changes else ""
+        logger.info("resumed from %s at epoch %d, batch %d (optimizer step %d)%s", os.path.abspath(path),
+                    self.progress.epoch + 1, self.progress.batch_in_epoch, self.progress.iteration, what)
 
-    # ------------------------------------------------------------------ run folder, logging
-    def _open_run_dir(self) -> None:
-        self._handlers: List[logging.Handler] = []
-        if not self.dist.is_main:
+    # ------------------------------------------------------------------ records
+    def _open_tensorboard(self) -> None:
+        if not self.cfg.common.tensorboard:
             return
-        os.makedirs(self.run_dir, exist_ok=True)
-        save_config(self.cfg, self.path("config.yaml"))
-        handler = logging.FileHandler(self.path("train.log"))
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        logger.addHandler(handler)
-        self._handlers.append(handler)
-        if self.cfg.common.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise ConfigError("common.tensorboard needs the tensorboard package: pip install -e '.[tensorboard]'") from None
-            self._tb = SummaryWriter(self.path("tensorboard"))
+        from torch.utils.tensorboard import SummaryWriter  # the front door checked that it imports
 
-    def _close_run_dir(self) -> None:
-        for handler in self._handlers:
-            logger.removeHandler(handler)
-            handler.close()
+        # purge_step drops what an interrupted run wrote beyond the checkpoint; the last row
+        # the checkpoint vouches for is written again, so every epoch appears once.
+        done = len(self.history)
+        self._tb = SummaryWriter(self.folder.file("tensorboard"), purge_step=done if done else None)
+        if self.history:
+            self._add_scalars(self.history[-1])
+
+    def _add_scalars(self, row: Dict[str, Any]) -> None:
+        if self._tb is None:
+            return
+        for key, value in row.items():
+            if key != "epoch":
+                self._tb.add_scalar(key, value, row["epoch"])
+        self._tb.flush()
+
+    def _close_records(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
 
-    def _progress_bar(self, epoch: int):
+    # ------------------------------------------------------------------ progress display
+    def _progress_bar(self, epoch: int, epoch_batches: int):
         """A tqdm bar around the train loader on a terminal (rank 0); plain log lines otherwise."""
         loader = self.parts.train_loader
         if not (self.dist.is_main and sys.stdout.isatty()):
             return loader, None
-        total = len(loader) - self.progress.batch_in_epoch
-        if self.opts.max_iterations is not None:
-            total = min(total, self.opts.max_iterations - self.progress.batch_in_epoch)
-        bar = tqdm(loader, total=total, desc=f"epoch {epoch + 1}/{self.cfg.scheduler.max_epochs}",
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(loader, total=epoch_batches - self.progress.batch_in_epoch,
+                   desc=f"epoch {epoch + 1}/{self.cfg.scheduler.max_epochs}", leave=False, dynamic_ncols=True)
         return bar, bar
 
-    def _log_step(self, epoch: int, stats: Dict[str, float], bar) -> None:
+    def run_eta(self, epoch_batches: int, first_batch: int, started: float) -> Optional[float]:
+        """Seconds left in the whole run: what is left of this epoch at its current batch rate,
+        plus the epochs after it at the last epoch's duration (this epoch's pace before one)."""
+        batches_done = self.progress.batch_in_epoch - first_batch
+        if batches_done <= 0:
+            return None
+        per_batch = (time.perf_counter() - started) / batches_done
+        per_epoch = self.history[-1]["epoch_seconds"] if self.history else per_batch * epoch_batches
+        epochs_after = self.cfg.scheduler.max_epochs - self.progress.epoch - 1
+        return per_batch * (epoch_batches - self.progress.batch_in_epoch) + epochs_after * per_epoch
+
+    def _log_step(self, epoch: int, epoch_batches: int, first_batch: int, stats: Dict[str, float], started: float,
+                  bar) -> None:
+        eta = self.run_eta(epoch_batches, first_batch, started)
+        eta_text = format_duration(eta) if eta is not None else "?"
         if bar is not None:
             bar.set_postfix(loss=f"{stats['loss']:.3f}", top1=f"{stats['top1']:.1f}", lr=f"{stats['lr']:.2e}",
-                            img_s=f"{stats['images_per_second']:.0f}")
+                            img_s=f"{stats['images_per_second']:.0f}", run_eta=eta_text)
             return
-        logger.info("epoch %d batch %d: loss %.4f top1 %.2f lr %.3g %.0f img/s", epoch + 1,
-                    self.progress.batch_in_epoch, stats["loss"], stats["top1"], stats["lr"], stats["images_per_second"])
+        logger.info("epoch %d/%d batch %d/%d: loss %.4f top1 %.2f lr %.3g %.0f img/s | run ETA %s", epoch + 1,
+                    self.cfg.scheduler.max_epochs, self.progress.batch_in_epoch, epoch_batches, stats["loss"],
+                    stats["top1"], stats["lr"], stats["images_per_second"], eta_text)
 
     def _log_epoch(self, row: Dict[str, Any]) -> None:
         ema = f" | ema val top1 {row['ema_val_top1']:.2f}" if "ema_val_top1" in row else ""
-        logger.info("epoch %d/%d: train loss %.4f top1 %.2f | val loss %.4f top1 %.2f top5 %.2f%s | %.0f img/s, %.1fs",
-                    row["epoch"], self.cfg.scheduler.max_epochs, row["train_loss"], row["train_top1"], row["val_loss"],
-                    row["val_top1"], row["val_top5"], ema, row["images_per_second"], row["epoch_seconds"])
+        left = (self.cfg.scheduler.max_epochs - row["epoch"]) * row["epoch_seconds"]
+        logger.info("epoch %d/%d: train loss %.4f top1 %.2f | val loss %.4f top1 %.2f top5 %.2f%s | %.0f img/s, "
+                    "%.1fs | run ETA %s", row["epoch"], self.cfg.scheduler.max_epochs, row["train_loss"],
+                    row["train_top1"], row["val_loss"], row["val_top1"], row["val_top5"], ema,
+                    row["images_per_second"], row["epoch_seconds"], format_duration(left))
 
     # ------------------------------------------------------------------ signals
     def _stop_requested(self) -> bool:
         if not self.dist.enabled:
             return self._signal is not None
-        if self.progress.batch_in_epoch % self.opts.log_freq:
+        if self.progress.batch_in_epoch % self.opts.log_every_batches:
             return False  # agreeing costs a host-device sync: do it once per log interval
         # Every rank must stop after the same step, so agree on the flag.
-        flag = torch.tensor([1.0 if self._signal is not None else 0.0], device=self.opts.device)
-        torch.distributed.all_reduce(flag)
+        flag = torch.tensor([float(self._signal or 0)], device=self.opts.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() > 0 and self._signal is None:
-            self._signal = signal.SIGTERM
+            self._signal = int(flag.item())
         return flag.item() > 0
 
     @contextmanager
     def _catch_signals(self) -> Iterator[None]:
         def handler(signum, frame):
-            if self._signal is not None:  # a second signal: stop now
-                raise KeyboardInterrupt
-            self._signal = signum
-            logger.warning("%s received: finishing the current step, then saving", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if self._signal is None:
+                self._signal = signum
+                logger.warning("%s received: finishing the current step, then saving (again to stop at once)", name)
+            elif self._saving:
+                pass  # the save in progress completes; the stop follows it
+            else:
+                raise _StopNow()
 
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
         try:
             yield
         finally:
@@ -333,32 +432,53 @@ class Trainer:
                 signal.signal(s, h)
 
 
-def load_pretrained(model: nn.Module, path: str) -> List[str]:
-    """Initialise `model` from a checkpoint's weights for fine-tuning.
-
-    Tensors whose shape differs (typically the classifier, for another number of classes)
-    keep their fresh initialisation; their names are returned. Missing or unexpected keys
-    mean another architecture and are an error.
-    """
-    weights = load_checkpoint(path)["model"]
-    own = model.state_dict()
-    if set(weights) != set(own):
-        odd = sorted(set(weights) ^ set(own))[:3]
-        raise ConfigError(f"model.checkpoint {path} holds another architecture (e.g. {', '.join(odd)}); "
-                          "pick a checkpoint of the same model")
-    skipped = [k for k, v in weights.items() if v.shape != own[k].shape]
-    model.load_state_dict({k: v for k, v in weights.items() if k not in skipped}, strict=False)
-    return skipped
+def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every leaf that differs and would change the run."""
+    a, b = _flatten(old), _flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not _allowed(k, HARMLESS_ON_RESUME)]
 
 
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Read a checkpoint written by the Trainer, with a clear error for a missing or foreign file."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"checkpoint not found: {path}; check the path")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated or not a torch file
-        raise ConfigError(f"cannot read checkpoint {path}: {type(e).__name__}; is it a checkpoint of this tool?") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ConfigError(f"{path} is not a checkpoint of this tool (no model weights and config inside)")
-    return state
+def _allowed(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def _flatten(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    flat: Dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def format_duration(seconds: float) -> str:
+    """3725 -> '1h02m', 75 -> '1m15s', 8 -> '8s'."""
+    seconds = max(0, int(math.ceil(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def closing_block(summary: Dict[str, Any]) -> List[str]:
+    """The lines that end a run (and answer a relaunched finished run): best metrics, timing,
+    where the run folder is and what to run next."""
+    done, total = summary["epochs_done"], summary["max_epochs"]
+    state = "already finished" if summary.get("already_finished") else summary["state"]
+    speed = f", {summary['images_per_second']:,.0f} training images/s" if summary.get("images_per_second") else ""
+    lines = [f"run {state}: {done}/{total} epochs in {format_duration(summary['wall_seconds'])}{speed}"]
+    for key, name in (("best", "model"), ("ema_best", "EMA")):
+        best = summary.get(key)
+        if best:
+            lines.append(f"  best val top-1 {best['val_top1']:.2f}, top-5 {best['val_top5']:.2f} "
+                         f"at epoch {best['epoch']} ({name})")
+    if summary.get("final_train_top1") is not None:
+        lines.append(f"  final train top-1 {summary['final_train_top1']:.2f}")
+    run_dir = summary["run_dir"]
+    lines.append(f"  run folder: {run_dir}")
+    if summary.get("best"):
+        lines.append(f"  evaluate: python main_eval.py --model.checkpoint {os.path.join(run_dir, 'checkpoint_best.pt')}")
+    return lines

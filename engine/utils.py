@@ -1,7 +1,6 @@
-"""Small pieces the engine shares: distributed context, atomic writes, RNG capture, metrics."""
+"""Small pieces the engine shares: distributed context, device choice, seeding, metrics."""
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass
@@ -10,6 +9,8 @@ from typing import Any, Dict, Mapping, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from options.config import ConfigError
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -46,8 +47,7 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    from options.config import ConfigError
-
+    """auto|cpu|cuda -> the device (the local rank's GPU under torchrun)."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("common.device: 'cuda' was asked for but no CUDA device is available; use auto or cpu")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
@@ -56,45 +56,12 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-# ----------------------------------------------------------------------------- files
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """Write to a temp file in the same folder, then rename: a crash never leaves half a file."""
-    tmp = f"{path}.tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: str, data: Mapping[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
 # ----------------------------------------------------------------------------- RNG
 def seed_everything(seed: int) -> None:
+    """Seed every global generator a run or a library it calls may use (once per process)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def rng_state() -> Dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ----------------------------------------------------------------------------- metrics

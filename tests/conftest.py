@@ -22,3 +22,15 @@ def fake_copy(fake_root, tmp_path) -> str:
     # Without decoded caches other tests may have built in the shared tree.
     return shutil.copytree(fake_root, os.path.join(tmp_path, "tiny-imagenet-200"),
                            ignore=shutil.ignore_patterns("cache"))
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: small models and batches run fastest on one, and several
+    threads' OpenMP barriers stall badly whenever other jobs share the cores (a CI runner)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,6 +1,5 @@
-"""tools/benchmark.py `model` and `epoch`: argument handling and tiny runs (no timing assertions),
-plus the model fast paths those benchmarks measure (eval-time BatchNorm folding, CPU attention,
-CPU dropout), which must compute what the plain layers compute."""
+"""tools/benchmark.py `model` and `epoch`: argument handling and tiny runs (no timing assertions).
+The model fast paths these benchmarks measure are tested in test_models.py."""
 import argparse
 import json
 import os
@@ -8,10 +7,8 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
 import tools.benchmark as benchmark
-from cvnets.layers import ConvNormAct, Dropout, MultiHeadAttention
 from options.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +45,7 @@ def test_model_defaults():
 
 def test_epoch_defaults():
     args = parse("epoch", "--dataset-root", "x")
-    assert args.caches == ["none", "memory"] and args.repeats == 1 and args.max_iterations is None
+    assert args.caches == ["none", "memory"] and args.repeats == 1 and args.max_batches is None
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -56,7 +53,7 @@ def test_epoch_defaults():
     (("model", "--dtype", "fp8"), "invalid choice: 'fp8'"),
     (("model", "--memory-format", "nhwc"), "invalid choice: 'nhwc'"),
     (("model", "--modes", "train,test"), "choose from train, eval"),
-    (("epoch", "--dataset-root", "x", "--caches", "none,ram"), "choose from none, memory, disk, gpu"),
+    (("epoch", "--dataset-root", "x", "--caches", "none,ram"), "choose from none, memory, disk, device"),
     (("data", "--dataset-root", "x", "--model.name", "resnet"), "unrecognized arguments: --model.name"),
 ])
 def test_bad_arguments_exit_2_with_the_reason(capsys, argv, message):
@@ -123,68 +120,20 @@ def test_timm_twin_is_identical_and_gets_our_dropouts(flags, twin):
         assert (block.attn.proj_drop.p, block.mlp.drop1.p, block.mlp.drop2.p) == (0.1, 0.0, 0.1)
 
 
-def test_tiny_epoch_run_compares_caches(capsys, fake_root):
-    status, out, _ = run(capsys, "epoch", "--dataset-root", fake_root, "--config", TINY, "--caches", "none,gpu",
-                         "--max-iterations", "1", "--device", "cpu", "--workers", "0",
+def test_tiny_epoch_run_compares_data_variants_and_says_where_device_runs(capsys, fake_root):
+    status, out, _ = run(capsys, "epoch", "--dataset-root", fake_root, "--config", TINY, "--caches", "none,device",
+                         "--max-batches", "1", "--device", "cpu", "--workers", "0",
                          "--dataset.train-batch-size", "4", "--sampler.crop-size", "32",
                          "--image-augmentation.val", "[{name: resize, size: 36}, {name: center_crop}]")
     assert status == 0
-    table = out[out.index("dataset.cache"):].splitlines()
-    assert [line.split()[0] for line in table[2:]] == ["none", "gpu"]
-    assert float(table[2].split()[-1]) == 1.0  # the JPEG row is the reference
+    assert "note: on the CPU the 'device' variant runs the batch augmentation in the training process" in out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if "vs jpeg" in line)
+    rows = lines[header + 2:header + 4]
+    assert [line.split()[0] for line in rows] == ["none", "device"]
+    assert float(rows[0].split()[-1]) == 1.0  # the JPEG row is the reference
 
 
 def test_peak_memory_is_a_size_or_unknown():
     peak = benchmark.peak_memory_mib(lambda: torch.ones(1 << 20).sum(), torch.device("cpu"))
     assert peak is None or peak >= 0
-
-
-# ----------------------------------------------------------------------------- fast paths
-def reference_conv_norm_act(layer: ConvNormAct, x: torch.Tensor) -> torch.Tensor:
-    return nn.Sequential.forward(layer, x)  # conv -> BatchNorm (running stats) -> activation
-
-
-@pytest.mark.parametrize("act", [nn.SiLU, nn.ReLU, None])
-def test_eval_batchnorm_folding_matches_the_plain_layers(act):
-    torch.manual_seed(0)
-    layer = ConvNormAct(8, 16, 3, act=act)
-    with torch.no_grad():
-        layer.norm.running_mean.uniform_(-1, 1), layer.norm.running_var.uniform_(0.5, 2)
-        layer.norm.weight.uniform_(0.5, 2), layer.norm.bias.uniform_(-1, 1)
-    layer.eval()
-    x = torch.randn(2, 8, 9, 9)
-    with torch.no_grad():
-        torch.testing.assert_close(layer(x), reference_conv_norm_act(layer, x), rtol=1e-5, atol=1e-5)
-        layer.conv.weight.mul_(2)  # an in-place update (optimizer step, EMA) invalidates the cached fold
-        layer.norm.running_var.add_(1)
-        torch.testing.assert_close(layer(x), reference_conv_norm_act(layer, x), rtol=1e-5, atol=1e-5)
-    layer(x).sum().backward()  # with autograd the fold is differentiable: BatchNorm's affine gets gradients
-    assert layer.norm.weight.grad is not None and layer.conv.weight.grad is not None
-
-
-def test_folding_leaves_training_mode_alone():
-    layer = ConvNormAct(4, 4, 1).train()
-    x = torch.randn(3, 4, 5, 5)
-    torch.testing.assert_close(layer(x), reference_conv_norm_act(layer, x))
-
-
-def test_cpu_matmul_attention_matches_sdpa():
-    torch.manual_seed(0)
-    attention = MultiHeadAttention(24, 4).eval()
-    x = torch.randn(6, 16, 24, requires_grad=True)  # 16 tokens: the matmul path on the CPU
-    got = attention(x)
-    q, k, v = attention.qkv(x).reshape(6, 16, 3, 4, 6).permute(2, 0, 3, 1, 4)
-    expected = attention.out_proj(torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(6, 16, 24))
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    (grad_got,) = torch.autograd.grad(got.sum(), x)
-    (grad_expected,) = torch.autograd.grad(expected.sum(), x)
-    torch.testing.assert_close(grad_got, grad_expected, rtol=1e-4, atol=1e-5)
-
-
-def test_cpu_dropout_keeps_the_distribution():
-    torch.manual_seed(0)
-    x = torch.ones(200_000)
-    out = Dropout(0.1).train()(x)
-    assert out.unique().tolist() == [0.0, pytest.approx(1 / 0.9)]
-    assert abs((out == 0).float().mean().item() - 0.1) < 0.003
-    assert torch.equal(Dropout(0.1).eval()(x), x) and torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))

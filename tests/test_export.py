@@ -5,23 +5,24 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import pytest
 import torch
 from torch import nn
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import engine.export
+from cvnets import build_model
+from cvnets.export import MissingExtraError, check_settings, load_runner, make_any_size, require_onnx
+from cvnets.fuse import conv_bn_pairs, count_batchnorms, fold_batchnorm
+from cvnets.mobilevit import MobileViTBlock
+from data.tinyimagenet import read_classes
+from engine import checkpoint as ckpt
+from engine.commands import export
+from options.config import load_config, to_dict
+from tools import benchmark
 
-import main_export  # noqa: E402
-from cvnets import build_model  # noqa: E402
-from cvnets.export import AnySizeMobileViTBlock, load_runner, make_any_size  # noqa: E402
-from cvnets.fuse import conv_bn_pairs, count_batchnorms, fold_batchnorm, fold_conv_bn  # noqa: E402
-from cvnets.mobilevit import MobileViTBlock  # noqa: E402
-from data.tinyimagenet import read_classes  # noqa: E402
-from options.config import load_config, to_dict  # noqa: E402
-from tools import benchmark  # noqa: E402
+pytestmark = pytest.mark.usefixtures("one_thread")  # small batches run fastest on one thread
 
 # xx_small without layers 3 and 4: one MobileViT block, at stride 32, where 64 px gives 2x2
 # maps holding a single patch (which torch.export must not specialise on) and 96 px gives 3x3
@@ -34,22 +35,12 @@ FOLD_MODELS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: the models are small, and several threads' OpenMP barriers stall
-    badly whenever other jobs share the cores (a CI runner, a busy workstation)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
     """Trained-looking BatchNorm statistics and affine parameters (fresh ones fold to the identity)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
+            if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)):
                 n = m.num_features
                 m.running_mean.copy_(torch.rand(n, generator=generator) * 2 - 1)
                 m.running_var.copy_(torch.rand(n, generator=generator) * 2 + 0.1)
@@ -62,10 +53,17 @@ def write_checkpoint(path: Path, argv: Sequence[str], wnids: List[str]) -> nn.Mo
     """A checkpoint in the format the trainer writes, from build_model and the config dict."""
     cfg = load_config(list(argv))
     model = randomize_batchnorm(build_model(cfg.model, len(wnids)))
-    torch.save({"model": model.state_dict(), "config": to_dict(cfg), "num_classes": len(wnids),
-                "wnids": list(wnids), "params": sum(p.numel() for p in model.parameters()),
-                "is_ema": False, "epoch": 3}, path)
+    ckpt.save({"kind": ckpt.WEIGHTS, "model": model.state_dict(), "config": to_dict(cfg), "num_classes": len(wnids),
+               "wnids": list(wnids), "params": sum(p.numel() for p in model.parameters()),
+               "is_ema": False, "epoch": 3}, str(path))
     return model
+
+
+def run_export(argv: Sequence[str], output: Path) -> Dict[str, Any]:
+    """Export through the front door (exit status 0) and return the sidecar written beside `output`."""
+    assert export(list(argv)) == 0
+    assert output.is_file()
+    return json.loads(Path(f"{output}.json").read_text())
 
 
 def fake_wnids(count: int = 4) -> List[str]:
@@ -80,32 +78,70 @@ def test_folding_is_exact_and_leaves_no_batchnorm_after_a_conv(name):
     folded, pairs = fold_batchnorm(model)
 
     assert pairs > 0 and list(conv_bn_pairs(folded)) == []
-    # Only the residual fusion's BatchNorm (it normalises a sum, not a conv output) stays.
-    assert count_batchnorms(folded) == (1 if name == "mobilevit_residual_fusion" else 0)
+    # Every BatchNorm follows a conv (the residual fusion's layer norm has no weights).
+    assert pairs == before and count_batchnorms(folded) == 0
     assert count_batchnorms(model) == before  # the original is left alone
     images = torch.rand(4, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(folded(images), model(images), rtol=1e-5, atol=1e-5)
 
 
-def test_fold_conv_bn_handles_groups_and_an_existing_bias():
+def test_folding_handles_groups_and_an_existing_bias():
     conv = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=True)
-    norm = randomize_batchnorm(nn.Sequential(nn.BatchNorm2d(8)))[0]
+    model = randomize_batchnorm(nn.Sequential(conv, nn.BatchNorm2d(8)))
+    folded, pairs = fold_batchnorm(model)
+    assert pairs == 1 and isinstance(folded[1], nn.Identity)
     x = torch.randn(2, 8, 5, 5)
     with torch.no_grad():
-        torch.testing.assert_close(fold_conv_bn(conv, norm)(x), norm(conv(x)), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
 
 
-def test_any_size_block_matches_the_original_at_every_size():
-    model = randomize_batchnorm(build_model(load_config(SMALL_MOBILEVIT).model, 10))
+def test_folding_copies_a_training_model_and_keeps_sync_batchnorm_foldable():
+    model = randomize_batchnorm(nn.Sequential(nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.ReLU())).train()
+    folded, pairs = fold_batchnorm(model)
+    assert pairs == 1 and not folded.training and model.training  # the original keeps its mode
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        got = folded(x)
+        torch.testing.assert_close(got, model.eval()(x), rtol=1e-5, atol=1e-6)
+        model[0].weight.add_(1.0)  # later updates of the original do not reach the copy
+        assert torch.equal(folded(x), got)
+
+
+@pytest.mark.parametrize("fusion", ["concat_conv", "residual"])
+def test_any_size_blocks_match_the_original_at_every_size(fusion):
+    cfg = load_config(SMALL_MOBILEVIT + ["--model.mobilevit.fusion", fusion])
+    model = randomize_batchnorm(build_model(cfg.model, 10))
     wrapped, _ = fold_batchnorm(model)
     assert make_any_size(wrapped) == 1
-    assert not any(isinstance(m, MobileViTBlock) and not isinstance(p, AnySizeMobileViTBlock)
-                   for p in wrapped.modules() for m in p.children())
+    blocks = [m for m in wrapped.modules() if isinstance(m, MobileViTBlock)]
+    assert [b.always_resize for b in blocks] == [True]
+    assert not any(m.always_resize for m in model.modules() if isinstance(m, MobileViTBlock))
     with torch.no_grad():
         for size in (64, 66, 96):  # 2x2, odd (resized), 3x3 (resized) maps in the block
             images = torch.rand(2, 3, size, size)
             torch.testing.assert_close(wrapped(images), model(images), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (("tflite", 1, False, 18, 1e-3), "export.format: 'tflite' is not one of torchscript, onnx"),
+    (("onnx", 0, False, 18, 1e-3), "export.batch_size: 0 must be >= 1"),
+    (("onnx", 1, False, 18, -1.0), "export.tolerance: -1.0 must be >= 0"),
+    (("onnx", 1, False, 18, float("nan")), "export.tolerance: nan must be >= 0"),
+    (("torchscript", 1, True, 18, 1e-3), "export.dynamic_shape: true needs export.format: onnx"),
+    (("onnx", 1, False, 17, 1e-3), "export.opset: 17 is older than 18"),
+])
+def test_bad_export_settings_are_value_errors_naming_the_key(settings, message):
+    with pytest.raises(ValueError) as err:
+        check_settings(*settings)
+    assert str(err.value).startswith(message)
+
+
+def test_missing_onnx_package_is_a_missing_extra_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    with pytest.raises(MissingExtraError, match=r"onnxruntime not installed \(needed to run ONNX models\)"):
+        require_onnx(export=False, run=True)
+    assert not issubclass(MissingExtraError, ValueError)  # its own kind: the entry point maps it
 
 
 # ----------------------------------------------------------------------------- TorchScript + sidecar
@@ -116,12 +152,9 @@ def test_torchscript_export_parity_and_sidecar(fake_root, tmp_path, capsys):
         "--dataset.root", fake_root,
         "--image-augmentation.mean", "0.5,0.4,0.3", "--image-augmentation.std", "0.2,0.25,0.3"], wnids)
 
-    info = main_export.main(["--model.checkpoint", str(checkpoint), "--export.dynamic-batch", "true"])
-
     artifact = tmp_path / "checkpoint_best.torchscript.pt"  # beside the checkpoint by default
-    assert info["path"] == str(artifact) and artifact.is_file()
-    assert not list(tmp_path.glob("*.tmp"))
-    sidecar = json.loads((tmp_path / "checkpoint_best.torchscript.pt.json").read_text())
+    sidecar = run_export(["--model.checkpoint", str(checkpoint), "--export.dynamic-batch", "true"], artifact)
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
     assert sidecar["format"] == "torchscript" and sidecar["source"]["weights"] == "model"
     assert sidecar["input"]["shape"] == ["batch", 3, 64, 64] and sidecar["input"]["channel_order"] == "RGB"
     prep = sidecar["preprocessing"]
@@ -149,9 +182,9 @@ def test_names_fall_back_to_wnids_without_a_dataset(tmp_path):
     checkpoint = tmp_path / "ck.pt"
     write_checkpoint(checkpoint, SMALL_MOBILEVIT + ["--dataset.root", str(tmp_path / "absent")], fake_wnids())
     output = tmp_path / "out" / "model.pt"
-    info = main_export.main(["--model.checkpoint", str(checkpoint), "--export.output", str(output),
-                             "--export.verify", "false"])
-    assert output.is_file() and info["parity"] is None
+    info = run_export(["--model.checkpoint", str(checkpoint), "--export.output", str(output),
+                       "--export.verify", "false"], output)
+    assert info["parity"] is None
     assert info["class_names_source"] == "none (wnids only)"
     assert [c["name"] for c in info["classes"]] == [None] * 4
     assert [c["wnid"] for c in info["classes"]] == fake_wnids()
@@ -171,8 +204,8 @@ def onnx_checkpoint(tmp_path):
 def test_onnx_static_export_runs_in_onnxruntime_at_64(onnx_checkpoint, tmp_path):
     checkpoint, model = onnx_checkpoint
     output = tmp_path / "static.onnx"
-    info = main_export.main(["--model.checkpoint", str(checkpoint), "--export.format", "onnx",
-                             "--export.output", str(output), "--export.verify", "false"])
+    info = run_export(["--model.checkpoint", str(checkpoint), "--export.format", "onnx",
+                       "--export.output", str(output), "--export.verify", "false"], output)
     assert info["input"]["shape"] == [1, 3, 64, 64]
     run = load_runner(str(output), "onnx")
     images = torch.rand(1, 3, 64, 64)
@@ -185,9 +218,9 @@ def test_onnx_static_export_runs_in_onnxruntime_at_64(onnx_checkpoint, tmp_path)
 def test_onnx_dynamic_shape_runs_in_onnxruntime_at_96(onnx_checkpoint, tmp_path):
     checkpoint, model = onnx_checkpoint
     output = tmp_path / "dynamic.onnx"
-    info = main_export.main(["--model.checkpoint", str(checkpoint), "--export.format", "onnx",
-                             "--export.output", str(output), "--export.dynamic-batch", "true",
-                             "--export.dynamic-shape", "true"])
+    info = run_export(["--model.checkpoint", str(checkpoint), "--export.format", "onnx",
+                       "--export.output", str(output), "--export.dynamic-batch", "true",
+                       "--export.dynamic-shape", "true"], output)
     assert info["input"]["shape"] == ["batch", 3, "height", "width"]
     assert {"smooth, larger", "smooth, odd"} <= {c["name"] for c in info["parity"]["cases"]}
     run = load_runner(str(output), "onnx")
@@ -202,9 +235,7 @@ def test_missing_onnx_extra_names_the_install_command(tmp_path, monkeypatch, cap
     checkpoint = tmp_path / "ck.pt"
     write_checkpoint(checkpoint, SMALL_MOBILEVIT, fake_wnids())
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # makes `import onnxscript` fail
-    with pytest.raises(SystemExit) as exit_info:
-        main_export.main(["--model.checkpoint", str(checkpoint), "--export.format", "onnx"])
-    assert exit_info.value.code == 2
+    assert export(["--model.checkpoint", str(checkpoint), "--export.format", "onnx"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "onnxscript" in err and "pip install -e '.[export]'" in err
 
@@ -215,7 +246,7 @@ def test_missing_onnx_extra_names_the_install_command(tmp_path, monkeypatch, cap
 ])
 def test_bad_command_lines_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main_export.main(argv)
+        export(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and err.count("\n") == 1
 
@@ -224,8 +255,15 @@ def test_dynamic_shape_needs_onnx(tmp_path, capsys):
     checkpoint = tmp_path / "ck.pt"
     write_checkpoint(checkpoint, SMALL_MOBILEVIT, fake_wnids())
     with pytest.raises(SystemExit) as exit_info:
-        main_export.main(["--model.checkpoint", str(checkpoint), "--export.dynamic-shape", "true"])
-    assert exit_info.value.code == 2 and "needs export.format: onnx" in capsys.readouterr().err
+        export(["--model.checkpoint", str(checkpoint), "--export.dynamic-shape", "true"])
+    assert exit_info.value.code == 2 and "needs format: onnx" in capsys.readouterr().err
+
+
+def test_an_export_output_that_is_a_folder_is_refused(tmp_path, capsys):
+    checkpoint = tmp_path / "ck.pt"
+    write_checkpoint(checkpoint, SMALL_MOBILEVIT, fake_wnids())
+    assert export(["--model.checkpoint", str(checkpoint), "--export.output", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
 
 
 def test_parity_failure_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys):
@@ -238,10 +276,8 @@ def test_parity_failure_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys
             next(folded.parameters()).add_(0.5)
         return folded, pairs
 
-    monkeypatch.setattr(main_export, "fold_batchnorm", broken_fold)
-    with pytest.raises(SystemExit) as exit_info:
-        main_export.main(["--model.checkpoint", str(checkpoint)])
-    assert exit_info.value.code == 1
+    monkeypatch.setattr(engine.export, "fold_batchnorm", broken_fold)
+    assert export(["--model.checkpoint", str(checkpoint)]) == 1
     assert "parity check failed" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]  # no artifact, no temp file, no sidecar
 

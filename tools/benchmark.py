@@ -29,7 +29,7 @@ times it in the same process, interleaved with ours, so that the ratio holds on 
 machine (needs the bench extra). Config overrides such as --model.mobilevit.dropout 0 follow.
 
     python tools/benchmark.py epoch --dataset-root ROOT --config CONFIG [--caches none,memory,...]
-                                    [--repeats N] [--max-iterations N] [--workers N]
+                                    [--repeats N] [--max-batches N] [--workers N]
                                     [--device auto|cpu|cuda] [--threads N] [--json OUT]
                                     [--section.key value ...]
 
@@ -48,11 +48,9 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-if __package__ in (None, ""):  # run as a script: make the repository importable
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from options.config import ConfigError, load_config, override  # noqa: E402
-from options.schema import Config, ModelConfig  # noqa: E402
+from options.config import ConfigError, load_config, override
+from options.files import atomic_write_text
+from options.schema import Config, ModelConfig
 
 Column = Tuple[str, str, str]  # (row key, header, format spec)
 BENCH_EXTRA = "pip install -e '.[bench]' (or pip install timm)"
@@ -73,8 +71,7 @@ def print_table(rows: Sequence[Dict[str, Any]], columns: Sequence[Column]) -> No
 
 def write_json(path: Optional[str], payload: Dict[str, Any]) -> None:
     if path:
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=2)
+        atomic_write_text(path, json.dumps(payload, indent=2) + "\n")
         print(f"wrote {path}")
 
 
@@ -109,15 +106,6 @@ def comma_list(choices: Sequence[str]) -> Callable[[str], List[str]]:
     return parse
 
 
-def resolve_device(name: str):
-    """torch.device for auto|cpu|cuda; asking for a missing CUDA device is a ConfigError."""
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is available; use --device cpu")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 def synchronize(device) -> None:
     import torch
 
@@ -135,7 +123,7 @@ DATA_COLUMNS: List[Column] = [
     ("speedup", "vs jpeg", ".1f"),
     ("cpu_us_per_image", "cpu us/img", ".0f"),
 ]
-_SOURCES = {"none": "jpeg", "memory": "memory", "disk": "disk", "gpu": "device"}
+_SOURCES = {"none": "jpeg", "memory": "memory", "disk": "disk", "device": "device"}
 
 
 def bench_data(args: argparse.Namespace) -> List[Dict[str, Any]]:
@@ -149,16 +137,17 @@ def bench_data(args: argparse.Namespace) -> List[Dict[str, Any]]:
     cfg = base_config(args.config)
     rows = []
     for cache in args.caches:
+        source, placement = VARIANTS[cache]  # device: the split held in this process, augmented here
         run_cfg = override(cfg, {"dataset.root": args.dataset_root, "dataset.workers": args.workers,
-                                 "dataset.cache": cache, "dataset.persistent_workers": True})
+                                 "dataset.cache": source, "dataset.augment_on": placement,
+                                 "dataset.persistent_workers": True})
         start = time.perf_counter()
         loader = build_loaders(run_cfg).train
         setup = time.perf_counter() - start
         best = max(_images_per_second(loader, args.batches) for _ in range(args.repeats))
         rows.append({"cache": _SOURCES[cache], "workers": args.workers, "setup_s": setup,
                      "images": best.images, "images_per_s": best.images / best.wall_s,
-                     # with workers the main process's CPU time misses theirs: only in-process is shown
-                     "cpu_us_per_image": 1e6 * best.cpu_s / best.images if args.workers == 0 else None})
+                     "cpu_us_per_image": 1e6 * best.cpu_s / best.images if best.cpu_s is not None else None})
         del loader  # ends its workers before the next source starts
     jpeg = next((r["images_per_s"] for r in rows if r["cache"] == "jpeg"), None)
     for row in rows:
@@ -170,18 +159,39 @@ class Timing(NamedTuple):
     images_per_s: float  # first field: max() picks the fastest run
     images: int
     wall_s: float
-    cpu_s: float  # of this process (all its threads)
+    cpu_s: Optional[float]  # of this process and its worker processes (None where /proc is missing)
 
 
 def _images_per_second(loader, batches: int) -> Timing:
     """Throughput over `batches` batches after one warm-up batch (which starts the workers)."""
     batches_iter = _endless(loader)
     next(batches_iter)
-    images, wall, cpu = 0, time.perf_counter(), time.process_time()
+    images, wall, cpu = 0, time.perf_counter(), _tree_cpu_seconds()
     for _ in range(batches):
         images += len(next(batches_iter)[0])
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    return Timing(images / wall, images, wall, cpu)
+    wall, after = time.perf_counter() - wall, _tree_cpu_seconds()
+    return Timing(images / wall, images, wall, after - cpu if cpu is not None and after is not None else None)
+
+
+def _tree_cpu_seconds() -> Optional[float]:
+    """CPU seconds used so far by this process and its live children (the DataLoader workers),
+    from /proc; None where it cannot be read."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    me, total = os.getpid(), 0
+    try:
+        stats = [os.path.join("/proc", p, "stat") for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    for path in stats:
+        try:
+            with open(path) as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # the name in parentheses may hold spaces
+        except OSError:
+            continue  # the process ended meanwhile
+        pid, ppid = int(os.path.basename(os.path.dirname(path))), int(fields[1])
+        if pid == me or ppid == me:
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / ticks
 
 
 def _endless(loader):
@@ -214,7 +224,8 @@ def bench_latency(args: argparse.Namespace) -> List[Dict[str, Any]]:
 
     import numpy as np
     import torch
-    from main_export import input_size
+
+    from engine.export import input_size
 
     unknown = sorted(set(args.runtimes) - set(RUNTIMES))
     if unknown:
@@ -248,12 +259,13 @@ def _latency_label(config: Optional[str], checkpoint: Optional[str]) -> str:
 def _latency_model(config: Optional[str], checkpoint: Optional[str]) -> Tuple[Any, Config]:
     """(eval-mode model, its config): the checkpoint's weights and stored config, or random weights."""
     import cvnets
-    from main_export import load_export_config, load_trained_model
+    from engine import checkpoint as ckpt
+    from engine.evaluation import trained_model
 
     if checkpoint:
-        argv = ["--model.checkpoint", checkpoint] + (["--common.config-file", config] if config else [])
-        cfg, state = load_export_config(argv)
-        return load_trained_model(cfg, state, use_ema=False), cfg
+        state = ckpt.load(checkpoint)
+        cfg = load_config(["--common.config-file", config] if config else [], base=state["config"])
+        return trained_model(cfg, state, use_ema=False, flag="--eval.ema"), cfg
     cfg = base_config(config)
     return cvnets.build_model(cfg.model, RANDOM_WEIGHTS_CLASSES).eval(), cfg
 
@@ -336,6 +348,7 @@ def bench_model(args: argparse.Namespace) -> List[Dict[str, Any]]:
     import torch
 
     import cvnets
+    from engine.utils import resolve_device
 
     device = resolve_device(args.device)
     if args.dtype == "fp16" and device.type != "cuda":
@@ -460,13 +473,14 @@ class StepRunner:
 
         import loss_fn
         import optim
+        from engine.loops import AUTOCAST_DTYPES
 
         fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
         self.model = model.to(device=device, memory_format=fmt)
         self.module = torch.compile(self.model) if compile else self.model
         self.optimizer = optim.build_optimizer(self.model, cfg.optim)
         self.criterion = loss_fn.build_loss(cfg.loss).to(device)
-        self.dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+        self.dtype = AUTOCAST_DTYPES[{"fp32": "none"}.get(dtype, dtype)]
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
         self.images = torch.rand(batch, 3, size, size, device=device).contiguous(memory_format=fmt)
         self.labels = torch.randint(0, num_classes, (batch,), device=device)
@@ -581,7 +595,7 @@ def _proc_status_kib(field: str) -> int:
 
 # ----------------------------------------------------------------------------- epoch
 EPOCH_COLUMNS: List[Column] = [
-    ("cache", "dataset.cache", "s"),
+    ("cache", "data", "s"),
     ("workers", "workers", "d"),
     ("setup_s", "setup s", ".1f"),
     ("images", "images/epoch", ",d"),
@@ -589,60 +603,69 @@ EPOCH_COLUMNS: List[Column] = [
     ("epoch_s", "epoch s", ".1f"),
     ("speedup", "vs jpeg", ".2f"),
 ]
-CACHES = ("none", "memory", "disk", "gpu")
+# variant -> (dataset.cache, dataset.augment_on): JPEG decoding, the decoded caches with the
+# batch augmentation on the workers, and the decoded split held and augmented on the device.
+VARIANTS = {"none": ("none", "workers"), "memory": ("memory", "workers"), "disk": ("disk", "workers"),
+            "device": ("memory", "device")}
 
 
 def bench_epoch(args: argparse.Namespace) -> List[Dict[str, Any]]:
-    """End-to-end training images/second of the Trainer, per dataset.cache variant, vs JPEG decoding."""
+    """End-to-end training images/second of the Trainer, per data variant, vs JPEG decoding."""
+    import logging
     import tempfile
 
     import torch
 
-    import main_train
+    from engine.build import build_trainer, run_dir_for, setup_process
+    from engine.run_folder import RunFolder, read_metrics
 
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = base_config(args.config, args.overrides)
-    device = resolve_device(args.device)
+    logger = logging.getLogger("cvnets")
     with tempfile.TemporaryDirectory() as results:
-        trainers, setup = {}, {}
-        for cache in args.caches:
+        process = setup_process(_epoch_config(cfg, args, "none", results))
+        if "device" in args.caches and process.device.type == "cpu":
+            print("note: on the CPU the 'device' variant runs the batch augmentation in the training process, "
+                  "with no workers; on a GPU it runs on the GPU")
+        trainers, folders, setup = {}, {}, {}
+        for variant in args.caches:
+            run_cfg = _epoch_config(cfg, args, variant, results)
             start = time.perf_counter()
-            trainers[cache] = main_train.build_trainer(_epoch_config(cfg, args, cache, device.type, results))
-            setup[cache] = time.perf_counter() - start
-        epochs: Dict[str, List[Dict[str, Any]]] = {cache: [] for cache in args.caches}
+            trainers[variant] = build_trainer(run_cfg, process)
+            folders[variant] = RunFolder(run_dir_for(run_cfg)).open(logger)
+            setup[variant] = time.perf_counter() - start
+        epochs: Dict[str, List[Dict[str, Any]]] = {variant: [] for variant in args.caches}
         for epoch in range(args.repeats):  # one epoch of every variant in turn
-            for cache, trainer in trainers.items():
-                trainer.run(stop_after_epoch=epoch + 1)
-                epochs[cache].append(_last_metrics(trainer.run_dir))
+            for variant, trainer in trainers.items():
+                trainer.run(folders[variant], stop_after_epoch=epoch + 1)
+                epochs[variant].append(read_metrics(folders[variant].path)[-1])
+        for folder in folders.values():
+            folder.close(logger)
         del trainers  # ends their loader workers while the folder still exists
     label = os.path.splitext(os.path.basename(args.config or "defaults"))[0]
-    print(f"{label}: {cfg.model.name} on {args.dataset_root}, {device.type}, {torch.get_num_threads()} threads; "
-          f"median of {args.repeats} epoch(s) per variant, variants interleaved")
-    rows = [{"cache": cache, "workers": 0 if cache == "gpu" else cfg.dataset.workers, "setup_s": setup[cache],
+    print(f"{label}: {cfg.model.name} on {args.dataset_root}, {process.device.type}, {torch.get_num_threads()} "
+          f"threads; median of {args.repeats} epoch(s) per variant, variants interleaved")
+    rows = [{"cache": variant, "workers": 0 if variant == "device" else cfg.dataset.workers, "setup_s": setup[variant],
              "images": runs[-1]["train_images"],
              "images_per_s": statistics.median(r["images_per_second"] for r in runs),
-             "epoch_s": statistics.median(r["epoch_seconds"] for r in runs), "device": device.type}
-            for cache, runs in epochs.items()]
+             "epoch_s": statistics.median(r["epoch_seconds"] for r in runs), "device": process.device.type}
+            for variant, runs in epochs.items()]
     jpeg = next((r["images_per_s"] for r in rows if r["cache"] == "none"), None)
     for row in rows:
         row["speedup"] = row["images_per_s"] / jpeg if jpeg else None
     return rows
 
 
-def _epoch_config(cfg: Config, args: argparse.Namespace, cache: str, device: str, results: str) -> Config:
-    changes = {"dataset.root": args.dataset_root, "dataset.cache": cache, "common.device": device,
-               "common.results_loc": results, "common.run_label": f"epoch-{cache}", "common.resume": None,
-               "scheduler.max_epochs": max(cfg.scheduler.max_epochs, args.repeats),
-               "common.max_iterations_per_epoch": args.max_iterations}
+def _epoch_config(cfg: Config, args: argparse.Namespace, variant: str, results: str) -> Config:
+    cache, placement = VARIANTS[variant]
+    changes = {"dataset.root": args.dataset_root, "dataset.cache": cache, "dataset.augment_on": placement,
+               "common.device": args.device, "common.results_loc": results, "common.run_label": f"epoch-{variant}",
+               "common.resume": "auto", "scheduler.max_epochs": max(cfg.scheduler.max_epochs, args.repeats),
+               "common.max_batches_per_epoch": args.max_batches, "common.tensorboard": False}
     if args.workers is not None:
         changes["dataset.workers"] = args.workers
     return override(cfg, changes)
-
-
-def _last_metrics(run_dir: str) -> Dict[str, Any]:
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return json.loads(f.read().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------- command line
@@ -654,7 +677,7 @@ def _add_data(sub) -> None:
     p.add_argument("--batches", type=int, default=30, help="batches timed per repeat")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per source; the best counts")
     p.add_argument("--caches", type=lambda s: s.split(","), default=["none", "memory", "disk"],
-                   help="sources to time, of none (JPEG), memory, disk")
+                   help="sources to time, of none (JPEG), memory, disk, device (memory, augmented in-process)")
     p.add_argument("--threads", type=int, help="torch threads of the main process (default: torch's)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(run=bench_data, columns=DATA_COLUMNS)
@@ -699,10 +722,11 @@ def _add_epoch(sub) -> None:
     p = sub.add_parser("epoch", help=bench_epoch.__doc__)
     p.add_argument("--dataset-root", required=True, help="a TinyImageNet-layout tree (python -m data.fake ...)")
     p.add_argument("--common.config-file", "--config", dest="config", help="YAML config to train (default: defaults)")
-    p.add_argument("--caches", type=comma_list(CACHES), default=["none", "memory"],
-                   help=f"dataset.cache variants, of {', '.join(CACHES)} (none = JPEG decoding)")
+    p.add_argument("--caches", type=comma_list(list(VARIANTS)), default=["none", "memory"],
+                   help="data variants, of none (JPEG decoding), memory, disk (decoded caches, augmented on the "
+                   "workers), device (decoded split held and augmented on the training device)")
     p.add_argument("--repeats", type=positive_int, default=1, help="epochs per variant; the median counts")
-    p.add_argument("--max-iterations", type=positive_int, help="batches per epoch (default: the whole split)")
+    p.add_argument("--max-batches", type=positive_int, help="batches per epoch (default: the whole split)")
     p.add_argument("--workers", type=non_negative_int, help="DataLoader workers (default: the config's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's)")

@@ -8,20 +8,17 @@ Shapes and FLOPs are measured on one image at `sampler.crop_size`; the class cou
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-if __package__ in (None, ""):  # run as a file: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-import torch  # noqa: E402
-from torch import Tensor, nn  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count  # noqa: E402
-
-from cvnets import build_model  # noqa: E402
-from cvnets.mobilevit import MobileViTBlock  # noqa: E402
-from options.cli import parse_args, run_or_exit  # noqa: E402
-from options.schema import Config  # noqa: E402
+from cvnets import build_model
+from cvnets.mobilevit import MobileViTBlock
+from options.cli import parse_config
+from options.config import ConfigError
+from options.schema import Config
 
 DEFAULT_CLASSES = 200  # TinyImageNet
 
@@ -93,9 +90,18 @@ def summarize(cfg: Config) -> List[str]:
     return lines
 
 
+def _check_model(cfg: Config) -> None:
+    import cvnets
+
+    try:
+        cvnets.check_config(cfg.model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    cfg = parse_args(argv, prog="tools/model_summary.py", description=__doc__.strip().splitlines()[0])
-    print("\n".join(run_or_exit(lambda: summarize(cfg))))
+    cfg = parse_config(argv, "tools/model_summary.py", __doc__.strip(), check=_check_model)
+    print("\n".join(summarize(cfg)))
     return 0
 
 

@@ -1,0 +1,142 @@
+"""From a validated config to a ready Trainer, in two steps.
+
+`setup_process(cfg)` does what a process does once (pick the device, join the process group,
+seed the generators, set the CUDA backend flags); `build_trainer(cfg, process)` only builds
+components (data, model, loss, optimizer, schedule, EMA) and touches no global state, so a
+benchmark can build several trainers in one process. `check_config(cfg)` runs every
+component's own settings check before any of that, so a bad value is reported in one line
+before data or models are touched (also by --print-config).
+"""
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+import cvnets
+import data
+import loss_fn
+import optim
+from cvnets.fuse import fold_batchnorm
+from engine import checkpoint as ckpt
+from engine.ema import ModelEMA
+from engine.loops import AUTOCAST_DTYPES, LoopOptions, optimizer_steps
+from engine.trainer import Components, Trainer
+from engine.utils import DistInfo, init_distributed, resolve_device, seed_everything
+from options.config import ConfigError
+from options.schema import Config
+
+logger = logging.getLogger("cvnets")
+
+
+@dataclass(frozen=True)
+class Process:
+    """What setup_process decided for this process."""
+
+    device: torch.device
+    dist: DistInfo
+
+
+def check_config(cfg: Config) -> None:
+    """Every check that needs a component's knowledge, as ConfigError (one line, exit status 2)."""
+    checks: tuple[Callable[[], None], ...] = (
+        lambda: cvnets.check_config(cfg.model),
+        lambda: data.check_config(cfg),
+        lambda: optim.check_config(cfg),
+    )
+    for check in checks:
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    if cfg.common.mixed_precision == "fp16" and cfg.common.device == "cpu":
+        raise ConfigError("common.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
+    if cfg.common.tensorboard:
+        try:
+            importlib.import_module("torch.utils.tensorboard")
+        except ImportError:
+            raise ConfigError("common.tensorboard: true needs the tensorboard package: "
+                              "pip install -e '.[tensorboard]'") from None
+
+
+def setup_process(cfg: Config) -> Process:
+    """Once per process: device, process group (under torchrun), seeds and backend flags."""
+    device = resolve_device(cfg.common.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if cfg.common.mixed_precision == "fp16" and device.type != "cuda":
+        raise ConfigError("common.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
+    dist_info = init_distributed(device)
+    seed_everything(cfg.common.seed)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes per crop size: let cuDNN pick its fastest kernels
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for the fp32 parts (attention, linears)
+    return Process(device, dist_info)
+
+
+def run_dir_for(cfg: Config) -> str:
+    """<results_loc>/<run_label>, the label defaulting to the config file's stem."""
+    label = cfg.common.run_label
+    if label is None:
+        label = os.path.splitext(os.path.basename(cfg.common.config_file))[0] if cfg.common.config_file else "run"
+    return os.path.join(cfg.common.results_loc, label)
+
+
+def build_trainer(cfg: Config, process: Process) -> Trainer:
+    """Build every component the config names and return a Trainer (no global state changes)."""
+    common, device, dist_info = cfg.common, process.device, process.dist
+    loaders = data.build_loaders(cfg, rank=dist_info.rank, world_size=dist_info.world_size, device=device)
+    model = cvnets.build_model(cfg.model, loaders.num_classes)
+    if cfg.model.checkpoint is not None:
+        skipped = ckpt.load_pretrained(model, cfg.model.checkpoint)
+        logger.info("initialised from %s%s", cfg.model.checkpoint,
+                    f" (kept fresh, shapes differ: {', '.join(skipped)})" if skipped else "")
+    if dist_info.enabled and common.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    fmt = torch.channels_last if common.channels_last else torch.contiguous_format
+    model = model.to(device=device, memory_format=fmt)
+
+    train_model: nn.Module = model
+    if dist_info.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if common.compile:
+        train_model = torch.compile(train_model)
+
+    sampler = loaders.train.batch_sampler
+    cap = common.max_batches_per_epoch
+
+    def epoch_batches(epoch: int) -> int:
+        length = sampler.epoch_length(epoch)
+        return length if cap is None else min(length, cap)
+
+    # The exact number of optimizer steps of the whole run, so iteration-based schedules end
+    # on their last value at the last step even when epoch lengths vary (variable batch sampler).
+    total_steps = sum(optimizer_steps(epoch_batches(e), common.accum_freq) for e in range(cfg.scheduler.max_epochs))
+    try:
+        scheduler = optim.build_scheduler(cfg.scheduler, total_steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    parts = Components(
+        model=model,
+        train_model=train_model,
+        train_loader=loaders.train,
+        val_loader=loaders.val,
+        criterion=loss_fn.build_loss(cfg.loss),
+        optimizer=optim.build_optimizer(model, cfg.optim),
+        scheduler=scheduler,
+        num_classes=loaders.num_classes,
+        wnids=loaders.wnids,
+        class_names=loaders.class_names,
+        epoch_batches=epoch_batches,
+        scaler=torch.amp.GradScaler("cuda") if common.mixed_precision == "fp16" else None,
+        ema=ModelEMA(model, cfg.ema.momentum, cfg.ema.warmup) if cfg.ema.enable else None,
+        eval_copy=lambda module: fold_batchnorm(module)[0],  # evaluation without BatchNorm passes
+    )
+    opts = LoopOptions(device=device, channels_last=common.channels_last,
+                       autocast_dtype=AUTOCAST_DTYPES[common.mixed_precision], accum_freq=common.accum_freq,
+                       grad_clip=common.grad_clip, log_every_batches=common.log_every_batches)
+    return Trainer(cfg, parts, opts, dist_info)

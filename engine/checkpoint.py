@@ -1,0 +1,169 @@
+"""The checkpoint format: what a checkpoint holds, how it is written and how it is read.
+
+A checkpoint is a dict of tensors and plain data (no Python objects), written atomically and
+read with `torch.load(weights_only=True)`, so loading a file can never run code: a file holding
+anything else is refused with one line. Two kinds:
+
+- training state (`checkpoint_last.pt`): everything a resumed run needs to continue exactly:
+  model, optimizer, scheduler, grad scaler, EMA, progress, best metrics, the per-epoch history
+  (which metrics.jsonl is rebuilt from), the torch RNG states and the resolved config;
+- weights (`checkpoint_best.pt`, `checkpoint_ema_best.pt`): the model (or EMA) weights of one
+  epoch with its metrics and the config, for evaluation, export and fine-tuning.
+
+Every checkpoint also holds the class list (wnids and names) and the parameter count.
+
+    python -m engine.checkpoint --upgrade PATH   # convert a format-1 checkpoint you trust
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import pickle
+import sys
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import nn
+
+from options.files import atomic_write_bytes
+
+VERSION = 2  # 1: cvnets-tiny 0.1 (pickled numpy/python RNG states); 2: tensors and plain data only
+TRAINING, WEIGHTS = "training", "weights"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the one-line message names the file and the fix."""
+
+
+# ----------------------------------------------------------------------------- writing
+def save(state: Mapping[str, Any], path: str) -> None:
+    """Write `state` (plus the format version) atomically: serialised in memory first, so the
+    free space is checked against the exact size and a full disk leaves the old file as it was."""
+    buffer = io.BytesIO()
+    torch.save({**state, "version": VERSION}, buffer)
+    atomic_write_bytes(path, buffer.getbuffer().tobytes())
+
+
+def rng_state() -> Dict[str, Any]:
+    """The random states a run consumes: torch's CPU generator and, when present, CUDA's
+    (dropout and weight init draw from them; augmentation is seeded per batch)."""
+    state: Dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- reading
+def load(path: str, kind: Optional[str] = None) -> Dict[str, Any]:
+    """Read a checkpoint of this tool (any kind, or the given one); CheckpointError otherwise."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}; check the path")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(_refusal(path, e)) from None
+    except Exception as e:  # truncated, not a torch file, ...
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}); "
+                              "is it a complete checkpoint of this tool?") from None
+    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+        raise CheckpointError(f"{path} is not a checkpoint of this tool (no model weights and config inside)")
+    version = state.get("version")
+    if version != VERSION:
+        raise CheckpointError(_version_advice(path, version))
+    if kind == TRAINING and state.get("kind") != TRAINING:
+        raise CheckpointError(f"{path} holds weights only, not a training state; resume from checkpoint_last.pt")
+    return state
+
+
+def _refusal(path: str, error: Exception) -> str:
+    text = str(error)
+    if "GLOBAL" in text or "global" in text:  # the part of torch's message naming the forbidden object
+        first = next((line.strip() for line in text.splitlines() if "GLOBAL" in line), "")
+        detail = f" ({first.rstrip('.')})" if first else ""
+    else:
+        detail = ""
+    return (f"refused to load {path}: it holds Python objects besides tensors and plain data{detail}; "
+            "this tool never runs code from a file. If it is a checkpoint of cvnets-tiny 0.1 that you trust, "
+            f"convert it once with: python -m engine.checkpoint --upgrade {path}")
+
+
+def _version_advice(path: str, version: Any) -> str:
+    if isinstance(version, int) and version > VERSION:
+        return (f"{path} has checkpoint format {version}, newer than this version reads ({VERSION}); "
+                "upgrade cvnets-tiny to use it")
+    return (f"{path} has checkpoint format {version!r}; this version reads format {VERSION}. "
+            f"If you trust the file, convert it once with: python -m engine.checkpoint --upgrade {path}")
+
+
+def weights(state: Mapping[str, Any], use_ema: bool, path: str, flag: str = "--eval.ema") -> Dict[str, Any]:
+    """The model (or, with use_ema, the EMA) weights a checkpoint holds."""
+    if not use_ema or state.get("is_ema"):
+        return state["model"]
+    if state.get("ema") is not None:
+        return state["ema"]["module"]
+    raise CheckpointError(f"{path} holds no EMA weights; drop {flag} or use checkpoint_ema_best.pt / checkpoint_last.pt")
+
+
+def load_pretrained(model: nn.Module, path: str) -> List[str]:
+    """Initialise `model` from a checkpoint's weights for fine-tuning.
+
+    Tensors whose shape differs (typically the classifier, for another number of classes)
+    keep their fresh initialisation; their names are returned. Missing or unexpected keys
+    mean another architecture and are an error.
+    """
+    given = load(path)["model"]
+    own = model.state_dict()
+    if set(given) != set(own):
+        odd = sorted(set(given) ^ set(own))[:3]
+        raise CheckpointError(f"model.checkpoint {path} holds another architecture (e.g. {', '.join(odd)}); "
+                              "pick a checkpoint of the same model")
+    skipped = [k for k, v in given.items() if v.shape != own[k].shape]
+    model.load_state_dict({k: v for k, v in given.items() if k not in skipped}, strict=False)
+    return skipped
+
+
+# ----------------------------------------------------------------------------- format 1 -> 2
+def upgrade(path: str) -> None:
+    """Rewrite a trusted format-1 checkpoint (cvnets-tiny 0.1) in format 2, in place.
+
+    Format 1 pickled numpy and Python RNG states, which weights-only loading refuses; this is
+    the one place that unpickles, and only on the user's explicit request.
+    """
+    old = torch.load(path, map_location="cpu", weights_only=False)  # the user vouched for this file
+    if not isinstance(old, dict) or old.get("version") != 1:
+        raise CheckpointError(f"{path} is not a format-1 checkpoint of this tool; nothing to upgrade")
+    new = {k: v for k, v in old.items() if k not in ("rng", "version", "progress")}
+    new["kind"] = TRAINING if "optimizer" in old else WEIGHTS
+    if "optimizer" in old:
+        new["rng"] = {"torch": old["rng"]["torch"], "cuda": old["rng"].get("cuda")}
+        new["progress"] = {"epoch": old["epoch"], "iteration": old["iteration"],
+                           "batch_in_epoch": old["batch_in_epoch"], "meter": old.get("meter")}
+        new["history"] = []  # format 1 kept no history; metrics.jsonl is trusted as it is
+        if old.get("ema") is not None:
+            new["ema"] = {"module": old["ema"], "updates": old["iteration"]}
+    save(new, path)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.checkpoint",
+                                     description="Convert a trusted format-1 checkpoint to the current format.")
+    parser.add_argument("--upgrade", metavar="PATH", required=True)
+    args = parser.parse_args(argv)
+    try:
+        upgrade(args.upgrade)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"upgraded {args.upgrade} to checkpoint format {VERSION}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

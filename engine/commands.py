@@ -1,0 +1,227 @@
+"""The three commands (train, evaluate, export): the only place that turns errors into exit statuses.
+
+Exit status: 0 done; 1 the run failed (non-finite loss, full disk, run folder in use, a failed
+parity check); 2 bad input (config, flags, dataset, checkpoint: one line naming the problem and
+the fix); 128 + N stopped by signal N after saving (130 SIGINT, 143 SIGTERM, 138 SIGUSR1).
+main_train.py, main_eval.py, main_export.py and the console scripts cvnets-train, cvnets-eval
+and cvnets-export call these functions and exit with what they return.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+
+from options.cli import parse_config
+from options.config import ConfigError
+from options.files import DiskFullError
+from options.schema import Config
+
+logger = logging.getLogger("cvnets")
+
+TRAIN_DOC = """Train a model from a YAML config.
+
+    python main_train.py --common.config-file config/mobilevit_tiny.yaml [--section.key value ...]
+    torchrun --nproc_per_node 2 main_train.py --common.config-file ...    (DDP)"""
+
+EVAL_DOC = """Evaluate a checkpoint written by main_train.py.
+
+    python main_eval.py --model.checkpoint results/RUN/checkpoint_best.pt [--eval.split val|test]
+        [--common.config-file CONFIG] [--eval.ema true] [--eval.output-json PATH] [--eval.per-class true]
+
+The model is rebuilt from the config stored in the checkpoint; a config file given as well
+must describe the same model (its dataset and eval settings are used)."""
+
+EXPORT_DOC = """Export a checkpoint written by main_train.py as TorchScript or ONNX, for deployment.
+
+    python main_export.py --model.checkpoint results/RUN/checkpoint_best.pt
+        [--common.config-file CONFIG] [--export.format torchscript|onnx] [--export.output PATH]
+        [--export.ema true] [--export.batch-size 1] [--export.dynamic-batch true]
+        [--export.dynamic-shape true] [--export.verify false] [--export.tolerance 0.001]
+
+Every BatchNorm that directly follows a convolution is folded into it, and the artifact is
+written only after it reproduces the checkpoint model's logits. ONNX needs the export extra:
+pip install -e '.[export]'."""
+
+
+def _user_errors() -> tuple:
+    """Errors that mean bad input: one line, exit status 2."""
+    from cvnets.export import MissingExtraError
+    from data.base import DatasetError
+    from engine.checkpoint import CheckpointError
+
+    return ConfigError, DatasetError, CheckpointError, MissingExtraError
+
+
+def _run(body: Callable[[], int]) -> int:
+    """Run a command body, mapping the errors a user can meet to one line and an exit status."""
+    from cvnets.export import ParityError
+    from engine.loops import NonFiniteLossError
+    from engine.run_folder import RunFolderBusy
+    from engine.trainer import TrainingInterrupted
+
+    try:
+        return body()
+    except TrainingInterrupted as e:
+        logger.warning(str(e))
+        return 128 + e.signum
+    except _user_errors() as e:
+        _error(str(e))
+        return 2
+    except (NonFiniteLossError, DiskFullError, RunFolderBusy, ParityError) as e:
+        _error(str(e))
+        return 1
+
+
+def _error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+class _Stdout(logging.StreamHandler):
+    """Log lines to whatever sys.stdout is at the time (callers may redirect it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
+
+
+def _setup_logging(rank: int, timestamps: bool) -> None:
+    logger.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    handler = next((h for h in logger.handlers if isinstance(h, _Stdout)), None)
+    if handler is None:
+        handler = _Stdout(sys.stdout)
+        logger.addHandler(handler)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s" if timestamps else "%(message)s", "%H:%M:%S"))
+
+
+def _check(cfg: Config) -> None:
+    from engine.build import check_config
+
+    check_config(cfg)
+
+
+# ----------------------------------------------------------------------------- train
+def train(argv: Optional[Sequence[str]] = None) -> int:
+    """main_train.py / cvnets-train."""
+    cfg = parse_config(argv, "main_train.py", TRAIN_DOC, check=_check)
+    _setup_logging(int(os.environ.get("RANK", "0")), timestamps=True)
+    return _run(lambda: _train(cfg))
+
+
+def _train(cfg: Config) -> int:
+    from engine.build import build_trainer, run_dir_for, setup_process
+    from engine.run_folder import RunFolder, resume_path
+    from engine.trainer import closing_block
+
+    run_dir = run_dir_for(cfg)
+    resume_path(run_dir, cfg.common.resume)  # refuses to overwrite a run before any work
+    # The lock first: a second trainer on this folder stops before anything else happens.
+    folder = RunFolder(run_dir, writer=int(os.environ.get("RANK", "0")) == 0)
+    try:
+        folder.open(logger)
+        process = setup_process(cfg)
+        logger.info("run folder: %s", os.path.abspath(run_dir))
+        summary = build_trainer(cfg, process).run(folder)
+        for line in closing_block(summary):
+            logger.info(line)
+        _barrier()  # no rank tears the process group down while rank 0 still writes
+    finally:
+        folder.close(logger)
+        _end_process_group()
+    return 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _end_process_group() -> None:
+    dist = sys.modules.get("torch.distributed")  # never imported: nothing to end
+    if dist is not None and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------- evaluate, export
+def _checkpoint_config(prog: str, loaded: Dict[str, Any]) -> Callable[[Mapping[str, Any]], Mapping[str, Any]]:
+    """The `base` of parse_config for commands that start from a checkpoint: its stored config."""
+
+    def base(flags: Mapping[str, Any]) -> Mapping[str, Any]:
+        from engine import checkpoint as ckpt
+
+        path = flags.get("model.checkpoint")
+        if not path:
+            raise ConfigError(f"{prog} needs --model.checkpoint PATH (a checkpoint_*.pt of a run folder)")
+        try:
+            loaded["state"] = ckpt.load(path)
+        except ckpt.CheckpointError as e:
+            raise ConfigError(str(e)) from None
+        return loaded["state"]["config"]
+
+    return base
+
+
+def _output_file(key: str, path: Optional[str]) -> None:
+    if path and os.path.isdir(path):
+        raise ConfigError(f"{key}: {path} is a folder; give a file path inside it")
+
+
+def evaluate(argv: Optional[Sequence[str]] = None) -> int:
+    """main_eval.py / cvnets-eval."""
+    loaded: Dict[str, Any] = {}
+
+    def check(cfg: Config) -> None:
+        from engine.evaluation import check_same_model
+
+        _check(cfg)
+        check_same_model(cfg, loaded["state"]["config"])
+        _output_file("eval.output_json", cfg.eval.output_json)
+        _output_file("eval.predictions_csv", cfg.eval.predictions_csv)
+
+    cfg = parse_config(argv, "main_eval.py", EVAL_DOC, check=check, base=_checkpoint_config("main_eval", loaded))
+    _setup_logging(0, timestamps=False)
+
+    def body() -> int:
+        from engine.evaluation import evaluate_checkpoint, report
+        from options.files import write_json
+
+        result = evaluate_checkpoint(cfg, loaded["state"])
+        for line in report(result):
+            print(line)
+        if cfg.eval.output_json:
+            write_json(cfg.eval.output_json, result)
+        return 0
+
+    return _run(body)
+
+
+def export(argv: Optional[Sequence[str]] = None) -> int:
+    """main_export.py / cvnets-export."""
+    loaded: Dict[str, Any] = {}
+
+    def check(cfg: Config) -> None:
+        from cvnets.export import check_settings
+        from engine.evaluation import check_same_model
+
+        _check(cfg)
+        check_same_model(cfg, loaded["state"]["config"])
+        e = cfg.export
+        try:
+            check_settings(e.format, e.batch_size, e.dynamic_shape, e.opset, e.tolerance)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+    cfg = parse_config(argv, "main_export.py", EXPORT_DOC, check=check, base=_checkpoint_config("main_export", loaded))
+    _setup_logging(0, timestamps=False)
+
+    def body() -> int:
+        from engine.export import export_checkpoint, report
+
+        for line in report(export_checkpoint(cfg, loaded["state"])):
+            print(line)
+        return 0
+
+    return _run(body)

@@ -1,0 +1,118 @@
+"""Evaluating a checkpoint (main_eval.py): metrics on val, per-class accuracy, test predictions.
+
+The model is rebuilt from the config stored in the checkpoint. A config file given as well may
+change how the data is read and evaluated, but must describe the same model.
+"""
+from __future__ import annotations
+
+import csv
+import os
+from typing import Any, Dict, List, Mapping
+
+import torch
+import torch.nn.functional as F
+
+import cvnets
+import data
+from cvnets.fuse import fold_batchnorm
+from engine import checkpoint as ckpt
+from engine.loops import AUTOCAST_DTYPES, LoopOptions, predict
+from engine.utils import Meter, resolve_device
+from options.config import ConfigError, to_dict
+from options.files import atomic_open, write_json
+from options.schema import Config
+
+_NOT_ARCHITECTURE = ("checkpoint",)
+
+
+def check_same_model(cfg: Config, stored: Mapping[str, Any]) -> None:
+    """ConfigError when the resolved model section differs from the checkpoint's."""
+    _compare(to_dict(cfg.model), stored.get("model", {}), "model.")
+
+
+def _compare(given: Mapping[str, Any], stored: Mapping[str, Any], prefix: str) -> None:
+    for key in sorted(set(given) | set(stored)):
+        if key in _NOT_ARCHITECTURE:
+            continue
+        a, b = given.get(key), stored.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            _compare(a, b, f"{prefix}{key}.")
+        elif a != b:
+            raise ConfigError(
+                f"{prefix}{key} is {a!r} in the given config but the checkpoint was trained with {b!r}; "
+                "drop --common.config-file to use the checkpoint's own config"
+            )
+
+
+def trained_model(cfg: Config, state: Mapping[str, Any], use_ema: bool, flag: str) -> torch.nn.Module:
+    """The checkpoint's model (or EMA) weights in the architecture its config describes, in eval mode."""
+    model = cvnets.build_model(cfg.model, state["num_classes"])
+    model.load_state_dict(ckpt.weights(state, use_ema, cfg.model.checkpoint, flag))
+    return model.eval()
+
+
+def evaluate_checkpoint(cfg: Config, state: Mapping[str, Any]) -> Dict[str, Any]:
+    """Metrics (val/train) or predictions (test) of the checkpoint's model on cfg.eval.split."""
+    device = resolve_device(cfg.common.device)
+    loader, dataset = data.build_eval_loader(cfg, cfg.eval.split, device=device)
+    model = trained_model(cfg, state, cfg.eval.ema, "--eval.ema")
+    params = sum(p.numel() for p in model.parameters())
+    fmt = torch.channels_last if cfg.common.channels_last else torch.contiguous_format
+    folded = fold_batchnorm(model)[0].to(device=device, memory_format=fmt)
+    opts = LoopOptions(device=device, channels_last=cfg.common.channels_last,
+                       autocast_dtype=AUTOCAST_DTYPES[cfg.common.mixed_precision])
+    outputs = [(logits.cpu(), targets.cpu()) for logits, targets in predict(folded, loader, opts)]
+    logits = torch.cat([o[0] for o in outputs])
+    second = torch.cat([o[1] for o in outputs])
+
+    result: Dict[str, Any] = {"checkpoint": cfg.model.checkpoint, "split": cfg.eval.split, "ema": cfg.eval.ema,
+                              "params": params}
+    wnids = state.get("wnids") or dataset.wnids
+    if cfg.eval.split == "test":
+        out = cfg.eval.predictions_csv or os.path.join(os.path.dirname(cfg.model.checkpoint) or ".",
+                                                       "predictions_test.csv")
+        preds = logits.argmax(dim=1).tolist()
+        write_predictions(out, [dataset.file_names[i] for i in second.tolist()], [wnids[p] for p in preds])
+        result.update(predictions=out, count=len(preds))
+        return result
+    meter = Meter(torch.device("cpu"))
+    meter.update(logits, second, F.cross_entropy(logits, second))
+    result.update(meter.compute())
+    if cfg.eval.per_class:
+        result["per_class"] = per_class_accuracy(logits, second, dataset.class_names, wnids)
+    return result
+
+
+def per_class_accuracy(logits: torch.Tensor, labels: torch.Tensor, names: List[str],
+                       wnids: List[str]) -> List[Dict[str, Any]]:
+    preds = logits.argmax(dim=1)
+    rows = []
+    for c, (wnid, name) in enumerate(zip(wnids, names)):
+        mask = labels == c
+        n = int(mask.sum())
+        acc = 100.0 * float((preds[mask] == c).float().mean()) if n else float("nan")
+        rows.append({"class": c, "wnid": wnid, "name": name, "count": n, "top1": acc})
+    return rows
+
+
+def write_predictions(path: str, files: List[str], wnids: List[str]) -> None:
+    with atomic_open(path, "w") as f:
+        writer = csv.writer(f)
+        writer.writerow(["file", "wnid"])
+        writer.writerows(zip(files, wnids))
+
+
+def report(result: Mapping[str, Any]) -> List[str]:
+    lines = [f"checkpoint: {result['checkpoint']}{' (EMA weights)' if result['ema'] else ''}",
+             f"params: {result['params']:,}"]
+    if result["split"] == "test":
+        return lines + [f"test predictions: {result['count']} rows written to {result['predictions']}"]
+    lines += [f"{result['split']} images: {result['count']}", f"loss: {result['loss']:.4f}",
+              f"top1: {result['top1']:.2f}", f"top5: {result['top5']:.2f}"]
+    lines += [f"  {row['class']:4d} {row['wnid']} {row['top1']:6.2f}% ({row['count']})  {row['name']}"
+              for row in result.get("per_class", [])]
+    return lines
+
+
+def write_result(path: str, result: Mapping[str, Any]) -> None:
+    write_json(path, dict(result))

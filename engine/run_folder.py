@@ -1,0 +1,265 @@
+"""A run folder on disk: its lock, its per-epoch records and its summary.
+
+<results_loc>/<run_label>/ holds config.yaml, metrics.jsonl (one JSON object per finished
+epoch), train.log, summary.json, checkpoint_last.pt, checkpoint_best.pt and, with EMA,
+checkpoint_ema_best.pt. Only rank 0 of a run writes here, and only while it holds the lock.
+
+The records never disagree with the checkpoint: an epoch's row is appended only after
+checkpoint_last.pt of that epoch (which carries every row so far) is safely on disk, and a
+resume first rewrites metrics.jsonl from that checkpoint. So after any sequence of kills and resumes the file
+holds each epoch exactly once. summary.json exists from the start and says what state the run
+is in after every stop. The read functions are what the tools (paper_tables, sweep,
+plot_curves) use.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from options.config import ConfigError
+from options.files import atomic_write_text, remove_stale_temp_files, write_json
+
+METRICS, SUMMARY, LOCK = "metrics.jsonl", "summary.json", ".lock"
+LAST_CHECKPOINT = "checkpoint_last.pt"
+STATES = ("pending", "running", "finished", "failed", "interrupted")
+
+
+class RunFolderBusy(Exception):
+    """Another live trainer holds the run folder."""
+
+
+# ----------------------------------------------------------------------------- lock
+class RunLock:
+    """An exclusive kernel lock (flock) on `<run_dir>/.lock`, released by the kernel when the
+    holder dies, so a killed run never blocks its own resume. The file records the holder."""
+
+    def __init__(self, run_dir: str) -> None:
+        self.path = os.path.join(run_dir, LOCK)
+        self._fd: Optional[int] = None
+
+    def acquire(self) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            holder = read_lock_holder(os.path.dirname(self.path))
+            who = f"process {holder['pid']} on {holder['host']}" if holder else "another process"
+            raise RunFolderBusy(
+                f"{os.path.dirname(self.path)} is in use by {who}, which is training this run; wait for it "
+                "to end (or stop it), or start another run with --common.run-label NAME"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def read_lock_holder(run_dir: str) -> Optional[Dict[str, Any]]:
+    """{pid, host, since} of the last process that locked the folder (held or not)."""
+    try:
+        with open(os.path.join(run_dir, LOCK), encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def is_locked(run_dir: str) -> bool:
+    """Whether a live process holds the run folder's lock right now."""
+    path = os.path.join(run_dir, LOCK)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+# ----------------------------------------------------------------------------- metrics
+def read_metrics(run_dir: str) -> List[Dict[str, Any]]:
+    """The per-epoch rows of metrics.jsonl ([] when missing). A line cut short by a kill (the
+    file is appended to) is skipped."""
+    path = os.path.join(run_dir, METRICS)
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    except FileNotFoundError:
+        return []
+    return rows
+
+
+def best_epoch(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The row with the highest val_top1 (the earliest on ties), whatever stats.checkpoint_metric
+    picked checkpoint_best.pt by; None without any. The tools' tables report this row."""
+    best = None
+    for row in rows:
+        if row.get("val_top1") is not None and (best is None or row["val_top1"] > best["val_top1"]):
+            best = row
+    return best
+
+
+def append_metrics(run_dir: str, row: Dict[str, Any]) -> None:
+    """Append one epoch's row (flushed and synced: the row is on disk when this returns)."""
+    with open(os.path.join(run_dir, METRICS), "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def write_metrics(run_dir: str, rows: List[Dict[str, Any]]) -> bool:
+    """Make metrics.jsonl hold exactly `rows` (the checkpoint's history), rewriting it atomically
+    only when it differs: rows of epochs the checkpoint never saw, duplicates and a line cut
+    short by a kill all go. Returns whether the file changed."""
+    path = os.path.join(run_dir, METRICS)
+    text = "".join(json.dumps(row) + "\n" for row in rows)
+    try:
+        with open(path, encoding="utf-8") as f:
+            if f.read() == text:
+                return False
+    except FileNotFoundError:
+        if not rows:
+            return False
+    atomic_write_text(path, text)
+    return True
+
+
+# ----------------------------------------------------------------------------- summary
+def read_summary(run_dir: str) -> Dict[str, Any]:
+    """summary.json as a dict ({} when missing or unreadable)."""
+    try:
+        with open(os.path.join(run_dir, SUMMARY), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def write_summary(run_dir: str, summary: Dict[str, Any]) -> None:
+    write_json(os.path.join(run_dir, SUMMARY), {**summary, "updated": time.time()})
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """What a run folder says about its run, for status listings."""
+
+    state: str  # one of STATES
+    epochs_done: int = 0
+    max_epochs: Optional[int] = None
+    error: Optional[str] = None  # the last error line of a failed run
+    stopped_by: Optional[str] = None  # signal name of an interrupted run
+
+    def describe(self) -> str:
+        progress = f" {self.epochs_done}/{self.max_epochs}" if self.max_epochs else ""
+        extra = f": {self.error}" if self.error else (f" ({self.stopped_by})" if self.stopped_by else "")
+        return f"{self.state}{progress}{extra}"
+
+
+def run_status(run_dir: str) -> RunStatus:
+    """pending (nothing yet), running (a live trainer holds the lock), finished, failed, or
+    interrupted (stopped by a signal or killed; a resume continues it)."""
+    if not os.path.isdir(run_dir):
+        return RunStatus("pending")
+    summary = read_summary(run_dir)
+    done, total = int(summary.get("epochs_done") or 0), summary.get("max_epochs")
+    if is_locked(run_dir):
+        return RunStatus("running", done, total)
+    state = summary.get("state")
+    if state == "finished" or summary.get("finished"):
+        return RunStatus("finished", done, total)
+    if state == "failed":
+        return RunStatus("failed", done, total, error=summary.get("error"))
+    if not summary and not read_metrics(run_dir):
+        return RunStatus("pending")
+    return RunStatus("interrupted", done, total, stopped_by=summary.get("stopped_by"))
+
+
+# ----------------------------------------------------------------------------- the open folder
+class RunFolder:
+    """The run folder as the trainer holds it: locked, with train.log attached to the logger.
+
+    open() takes the lock before anything in the folder is read or written, removes the
+    temporary files of writers that were killed, and decides which checkpoint (if any) to
+    continue from. Only the main rank opens it; the others get a read-only handle.
+    """
+
+    def __init__(self, run_dir: str, writer: bool = True) -> None:
+        self.path = run_dir
+        self.writer = writer
+        self._lock = RunLock(run_dir)
+        self._handler: Optional[logging.Handler] = None
+
+    def file(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    @property
+    def last_checkpoint(self) -> str:
+        return self.file(LAST_CHECKPOINT)
+
+    def open(self, logger: logging.Logger) -> "RunFolder":
+        if not self.writer:
+            return self
+        self._lock.acquire()
+        try:
+            remove_stale_temp_files(self.path)
+            handler = logging.FileHandler(self.file("train.log"), encoding="utf-8")
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            logger.addHandler(handler)
+            self._handler = handler
+        except BaseException:
+            self._lock.release()
+            raise
+        return self
+
+    def close(self, logger: logging.Logger) -> None:
+        if self._handler is not None:
+            logger.removeHandler(self._handler)
+            self._handler.close()
+            self._handler = None
+        self._lock.release()
+
+
+def resume_path(run_dir: str, resume: Optional[str]) -> Optional[str]:
+    """The checkpoint a run continues from (None: a fresh start), per common.resume.
+
+    Without common.resume, an existing checkpoint_last.pt is never overwritten: that is a
+    ConfigError telling the user how to continue it or start another run."""
+    last = os.path.join(run_dir, LAST_CHECKPOINT)
+    if resume == "auto":
+        return last if os.path.isfile(last) else None
+    if resume is not None:
+        return resume
+    if os.path.isfile(last):
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --common.resume auto "
+                         "or start another with --common.run-label NAME")
+    return None

@@ -1,0 +1,54 @@
+"""Shared pieces of the engine tests: a tiny run's arguments and readers of its run folder."""
+import json
+import os
+import socket
+
+import torch
+
+from engine import checkpoint as ckpt
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING_KEYS = {"images_per_second", "epoch_seconds", "train_seconds"}
+
+
+def tiny_args(root, results, label="run", epochs=2, *extra):
+    """A MobileViT-Tiny run small enough for a unit test: 32 px crops, batches of 8, no workers."""
+    return [
+        "--common.config-file", os.path.join(REPO, "config", "mobilevit_tiny.yaml"),
+        "--dataset.root", str(root),
+        "--dataset.workers", "0",
+        "--dataset.train-batch-size", "8",
+        "--dataset.val-batch-size", "8",
+        "--sampler.crop-size", "32",
+        "--image-augmentation.val", "[{name: resize, size: 36}, {name: center_crop, size: 32}]",
+        "--scheduler.max-epochs", str(epochs),
+        "--scheduler.warmup-iterations", "3",
+        "--ema.enable", "true",
+        "--ema.momentum", "0.1",
+        "--common.results-loc", str(results),
+        "--common.run-label", label,
+        "--common.log-every-batches", "2",
+        *extra,
+    ]
+
+
+def read_rows(run_dir):
+    """metrics.jsonl without the timing fields (which differ between otherwise equal runs)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in f]
+
+
+def last_state(run_dir):
+    return ckpt.load(os.path.join(run_dir, "checkpoint_last.pt"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
