@@ -1,16 +1,14 @@
-"""tools/plot_curves.py: a PNG from synthetic run folders, and its one-line errors."""
+"""tools/plot_curves.py: a PNG from synthetic run folders and sweeps, and its one-line errors."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from tools import plot_curves  # noqa: E402
+from tools import launchers, plot_curves, sweep
 
 
 def make_run(folder: Path, epochs: int, ema: bool = False) -> Path:
@@ -61,3 +59,41 @@ def test_labels_must_match_runs(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         plot_curves.main([str(run), "-o", str(tmp_path / "x.png"), "--labels", "a", "b"])
     assert exit_info.value.code == 2
+
+
+def test_a_sweep_folder_plots_one_line_per_point_named_by_its_values(tmp_path, capsys, monkeypatch):
+    base = tmp_path / "base.yaml"
+    base.write_text("model: {name: resnet}\n")
+    assert sweep.main(["--common.config-file", str(base), "--results", str(tmp_path), "--name", "ab", "--dry-run",
+                       "--grid", "optim.weight_decay=0.01,0.001", "model.resnet.depth=18,34"]) == 0
+    folder = tmp_path / "ab"
+    make_run(folder / "weight_decay=0.001,depth=18", 3)
+    make_run(folder / "weight_decay=0.01,depth=34", 2)
+    drawn = {}
+    monkeypatch.setattr(plot_curves, "plot", lambda runs, out, labels, title: drawn.update(runs=runs))
+    assert plot_curves.main([str(folder), "-o", str(tmp_path / "ab.png")]) == 0
+    assert [label for label, _ in drawn["runs"].values()] == ["weight_decay=0.01, depth=34",
+                                                              "weight_decay=0.001, depth=18"]  # grid order
+    out = capsys.readouterr().out
+    assert out.count("has no epochs yet; left out") == 2
+
+
+def test_a_folder_of_runs_plots_each_run(tmp_path):
+    make_run(tmp_path / "results" / "b_run", 2)
+    make_run(tmp_path / "results" / "a_run", 2)
+    (tmp_path / "results" / "_launch").mkdir()
+    runs = plot_curves.load_runs([str(tmp_path / "results")])
+    assert [label for label, _ in runs.values()] == ["a_run", "b_run"]
+    out = tmp_path / "all.png"
+    assert plot_curves.main([str(tmp_path / "results"), "-o", str(out)]) == 0
+    assert out.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("command", [["-m", "tools.plot_curves"], ["tools/plot_curves.py"]])
+def test_runs_as_a_module_and_as_a_file(tmp_path, command):
+    run = make_run(tmp_path / "run", 2)
+    out = tmp_path / "x.png"
+    done = subprocess.run([sys.executable, *command, str(run), "-o", str(out)], cwd=launchers.REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert out.exists()

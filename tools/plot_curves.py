@@ -1,22 +1,24 @@
-"""Plot training curves of one or more run folders, overlaid (like the paper's Figures 3 and 4).
+"""Plot training curves of run folders, overlaid (like the paper's Figures 3 and 4).
 
-    python tools/plot_curves.py results/paper/table3_remove_3_4_no_fusion results/paper/table4_resnet50_no_vbs -o best.png
+    python tools/plot_curves.py results/paper/table3_remove_3_4_no_fusion \
+        results/paper/table4_resnet50_no_vbs -o best.png
+    python -m tools.plot_curves results/sweeps/NAME -o ablation.png      # every point of a sweep
 
-Three panels: top-1 (train dashed, val solid), loss (likewise) and the learning rate on a log
-scale, one colour per run. Needs matplotlib: pip install -e '.[plots]'.
+Each argument is a run folder (it holds metrics.jsonl), a sweep folder written by tools/sweep.py
+(one line per point, named by its swept values, in grid order) or any folder of run folders,
+such as results/paper (one line per run folder in it). Points and runs without an epoch yet
+are left out with a note. Three panels: top-1 (train dashed, val solid), loss (likewise) and
+the learning rate on a log scale, one colour per run. Needs matplotlib: pip install -e '.[plots]'.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from tools.paper_tables import read_metrics  # noqa: E402
+from engine.run_folder import METRICS, read_metrics
+from tools.sweep import SWEEP_FILE, SweepError, load_sweep, short_names
 
 INSTALL_HINT = "plot_curves needs matplotlib: pip install -e '.[plots]'"
 
@@ -33,16 +35,42 @@ class PlotError(Exception):
     """A user error: missing matplotlib or an unusable run folder."""
 
 
-def load_runs(run_dirs: Sequence[str]) -> Dict[str, List[Dict[str, Any]]]:
-    """{run folder: its epoch rows}; raises PlotError naming a folder that is missing or empty."""
+def runs_in(path: str) -> List[Tuple[str, str]]:
+    """(legend label, run folder) for each run a command-line path names: the folder itself when it
+    holds metrics.jsonl, a sweep's points labelled by their swept values, or the run folders in it."""
+    if not os.path.isdir(path):
+        raise PlotError(f"run folder not found: {path}")
+    if os.path.isfile(os.path.join(path, METRICS)):
+        return [(os.path.basename(os.path.normpath(path)), path)]
+    if os.path.isfile(os.path.join(path, SWEEP_FILE)):
+        try:
+            sweep = load_sweep(path)
+        except SweepError as e:
+            raise PlotError(str(e)) from None
+        names = short_names([a.key for a in sweep.axes])
+        return [(", ".join(f"{names[k]}={v}" for k, v in p.values), os.path.join(path, p.label)) for p in sweep.points]
+    children = sorted(e.path for e in os.scandir(path) if e.is_dir() and os.path.isfile(os.path.join(e.path, METRICS)))
+    if not children:
+        raise PlotError(f"no epochs in {path} (no metrics.jsonl, and no run or sweep folders inside)")
+    return [(os.path.basename(c), c) for c in children]
+
+
+def load_runs(paths: Sequence[str], log: Callable[[str], None] = print) -> Dict[str, Tuple[str, List[Dict[str, Any]]]]:
+    """{run folder: (legend label, its epoch rows)} for every run the paths name. A run folder
+    given itself must have epochs (PlotError naming it); inside a folder, runs without are noted."""
     runs = {}
-    for run_dir in run_dirs:
-        if not os.path.isdir(run_dir):
-            raise PlotError(f"run folder not found: {run_dir}")
-        metrics = read_metrics(run_dir)
-        if not metrics:
-            raise PlotError(f"no epochs in {run_dir} (metrics.jsonl is missing or empty)")
-        runs[run_dir] = metrics
+    for path in paths:
+        found = runs_in(path)
+        for label, run_dir in found:
+            metrics = read_metrics(run_dir)
+            if metrics:
+                runs[run_dir] = (label, metrics)
+            elif len(found) == 1 and run_dir == path:
+                raise PlotError(f"no epochs in {run_dir} (metrics.jsonl is missing or empty)")
+            else:
+                log(f"note: {run_dir} has no epochs yet; left out")
+    if not runs:
+        raise PlotError(f"no epochs in any run of {', '.join(paths)}")
     return runs
 
 
@@ -63,13 +91,13 @@ def _series(metrics: List[Dict[str, Any]], key: str):
     return [p[0] for p in points], [p[1] for p in points]
 
 
-def plot(runs: Dict[str, List[Dict[str, Any]]], out: str, labels: Optional[Sequence[str]] = None,
+def plot(runs: Dict[str, Tuple[str, List[Dict[str, Any]]]], out: str, labels: Optional[Sequence[str]] = None,
          title: Optional[str] = None) -> None:
     """Draw every run into one figure of PANELS and save it to `out`."""
     plt = import_pyplot()
-    labels = list(labels) if labels else [os.path.basename(os.path.normpath(d)) for d in runs]
+    labels = list(labels) if labels else [label for label, _ in runs.values()]
     fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4), constrained_layout=True)
-    for i, (label, metrics) in enumerate(zip(labels, runs.values())):
+    for i, (label, (_, metrics)) in enumerate(zip(labels, runs.values())):
         colour = f"C{i % 10}"
         for ax, (_, _, lines) in zip(axes, PANELS):
             for key, style, suffix in lines:
@@ -89,15 +117,18 @@ def plot(runs: Dict[str, List[Dict[str, Any]]], out: str, labels: Optional[Seque
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="plot_curves.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders holding metrics.jsonl")
+    parser.add_argument("run_dirs", nargs="+", metavar="FOLDER",
+                        help="run folders (holding metrics.jsonl), sweep folders or folders of run folders")
     parser.add_argument("-o", "--output", required=True, help="image to write (.png, .pdf, .svg)")
-    parser.add_argument("--labels", nargs="+", help="legend names, one per run (default: folder names)")
+    parser.add_argument("--labels", nargs="+", help="legend names, one per run (default: folder names, or a "
+                        "sweep point's swept values)")
     parser.add_argument("--title", help="figure title")
     args = parser.parse_args(argv)
-    if args.labels and len(args.labels) != len(args.run_dirs):
-        parser.error(f"--labels got {len(args.labels)} names for {len(args.run_dirs)} run folders")
     try:
-        plot(load_runs(args.run_dirs), args.output, args.labels, args.title)
+        runs = load_runs(args.run_dirs)
+        if args.labels and len(args.labels) != len(runs):
+            parser.error(f"--labels got {len(args.labels)} names for {len(runs)} runs")
+        plot(runs, args.output, args.labels, args.title)
     except PlotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

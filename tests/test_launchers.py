@@ -1,0 +1,315 @@
+"""tools/launchers.py: restarts, signals and GPUs of the local launcher (with a stand-in trainer),
+the SLURM submission up to sbatch (a fake sbatch records the script), status listings, and
+paper_tables' use of the launchers. No test here trains a model; tests/test_sweep.py does."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
+
+import pytest
+
+from engine.run_folder import RunLock
+from tools import launchers, paper_tables
+from tools.launchers import RunSpec
+
+REPO = launchers.REPO
+
+# Stands in for main_train.py: records each start, then exits with the status given for this
+# attempt, or ("wait") waits for a signal and exits 128 + N as main_train does after saving.
+FAKE_TRAINER = """\
+import json, os, signal, sys, time
+args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+starts = args["--starts"]
+attempt = sum(1 for _ in open(starts)) + 1 if os.path.exists(starts) else 1
+with open(starts, "a") as f:
+    f.write(json.dumps({"attempt": attempt, "pid": os.getpid(), "sid": os.getsid(0),
+                        "cuda": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                        "omp": os.environ.get("OMP_NUM_THREADS")}) + "\\n")
+codes = args["--codes"].split(",")
+code = codes[min(attempt, len(codes)) - 1]
+if code == "kill":
+    os.kill(os.getpid(), signal.SIGKILL)
+if code == "wait":
+    def stop(signum, frame):
+        print("got " + signal.Signals(signum).name, flush=True)
+        sys.exit(128 + signum)
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, stop)
+    open(args["--ready"], "w").close()
+    time.sleep(120)
+    sys.exit(0)
+print("training ..." if code == "0" else "error: dataset.root: /nowhere does not exist", flush=True)
+sys.exit(int(code))
+"""
+
+
+@pytest.fixture
+def fake_trainer(tmp_path, monkeypatch) -> Path:
+    script = tmp_path / "fake_main_train.py"
+    script.write_text(FAKE_TRAINER)
+    monkeypatch.setattr(launchers, "MAIN_TRAIN", str(script))
+    return script
+
+
+def spec(tmp_path: Path, label: str, codes: str) -> RunSpec:
+    return RunSpec(str(tmp_path / "results" / label),
+                   ("--starts", str(tmp_path / f"{label}.starts"), "--codes", codes,
+                    "--ready", str(tmp_path / "ready")))
+
+
+def starts(tmp_path: Path, label: str) -> List[dict]:
+    path = tmp_path / f"{label}.starts"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+# ----------------------------------------------------------------------------- local launcher
+def test_main_train_is_found_beside_the_tools_package():
+    assert launchers.MAIN_TRAIN == os.path.join(os.path.dirname(os.path.dirname(launchers.__file__)), "main_train.py")
+    assert os.path.isfile(launchers.MAIN_TRAIN)
+    run = RunSpec("results/x", ("--common.config-file", "c.yaml"))
+    assert launchers.train_command(run) == [sys.executable, launchers.MAIN_TRAIN, "--common.config-file", "c.yaml"]
+    assert launchers.train_command(run, nproc=2)[:6] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                         "--nproc_per_node=2", launchers.MAIN_TRAIN]
+
+
+def test_a_run_stopped_by_sigterm_is_resumed_and_failures_are_recorded(tmp_path, fake_trainer):
+    lines: List[str] = []
+    runs = [spec(tmp_path, "stopped", "143,0"), spec(tmp_path, "broken", "2"), spec(tmp_path, "ctrl_c", "130")]
+    assert launchers.LocalLauncher(log=lines.append).launch(runs) == 1
+    assert [s["attempt"] for s in starts(tmp_path, "stopped")] == [1, 2]
+    assert "stopped: stopped by SIGTERM, state saved; resuming (restart 1 of 3)" in lines
+    assert len(starts(tmp_path, "broken")) == len(starts(tmp_path, "ctrl_c")) == 1  # neither is restarted
+    assert "broken: exit status 2: error: dataset.root: /nowhere does not exist" in lines
+    record = launchers.read_record(runs[1])
+    assert (record["state"], record["exit_code"], record["launcher"]) == ("failed", 2, "local")
+    state = launchers.run_state(runs[1])
+    assert state.state == "failed"
+    assert state.text == "failed: exit status 2: error: dataset.root: /nowhere does not exist"
+    assert launchers.run_state(runs[2]).state == "interrupted"
+    log = Path(launchers.log_path(runs[0])).read_text()
+    assert log.count("=== ") == 2 and log.count("training ...") == 1  # both attempts' output, appended
+
+
+def test_restarts_are_bounded(tmp_path, fake_trainer):
+    run = spec(tmp_path, "flaky", "kill")  # killed every time (SIGKILL, e.g. the OOM killer)
+    code = launchers.LocalLauncher(max_restarts=2, log=lambda _: None).launch([run])
+    assert code == 1
+    assert len(starts(tmp_path, "flaky")) == 3
+
+
+def test_parallel_runs_get_one_gpu_each(tmp_path, fake_trainer):
+    runs = [spec(tmp_path, f"r{i}", "0") for i in range(3)]
+    lines: List[str] = []
+    assert launchers.LocalLauncher(parallel=2, gpus=["0", "1"], log=lines.append).launch(runs) == 0
+    gpus = [starts(tmp_path, f"r{i}")[0]["cuda"] for i in range(3)]
+    assert gpus[:2] in (["0", "1"], ["1", "0"]) and gpus[2] in ("0", "1")
+    assert sum(line.endswith(": finished") for line in lines) == 3
+
+
+def test_parallel_cpu_runs_share_the_cores(tmp_path, fake_trainer, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    runs = [spec(tmp_path, f"r{i}", "0") for i in range(2)]
+    assert launchers.LocalLauncher(parallel=2, gpus=[], log=lambda _: None).launch(runs) == 0
+    assert [starts(tmp_path, f"r{i}")[0]["omp"] for i in range(2)] == ["4", "4"]
+    assert [starts(tmp_path, f"r{i}")[0]["cuda"] for i in range(2)] == [os.environ.get("CUDA_VISIBLE_DEVICES")] * 2
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
+    assert launchers.visible_gpus() == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert launchers.visible_gpus() == []
+
+
+def test_a_signal_to_the_launcher_is_passed_on_once_and_nothing_restarts(tmp_path, fake_trainer):
+    run = spec(tmp_path, "long", "wait")
+    code = (f"import sys\nfrom tools import launchers\nlaunchers.MAIN_TRAIN = {str(fake_trainer)!r}\n"
+            f"run = launchers.RunSpec({run.run_dir!r}, {run.args!r})\n"
+            "sys.exit(launchers.LocalLauncher().launch([run, launchers.RunSpec(run.run_dir + '2', run.args)]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert out.count("got SIGTERM") == 1  # once: the trainer runs in its own session
+    (start,) = starts(tmp_path, "long")  # not restarted, and the second run never started
+    assert start["sid"] == start["pid"]
+    assert "passed on to the running runs" in out
+
+
+def test_runs_that_are_finished_or_held_by_a_live_trainer_are_skipped(tmp_path):
+    done, held, todo = (RunSpec(str(tmp_path / name), ()) for name in ("done", "held", "todo"))
+    os.makedirs(done.run_dir)
+    Path(done.run_dir, "summary.json").write_text(json.dumps({"state": "finished", "finished": True}))
+    lock = RunLock(held.run_dir)
+    lock.acquire()
+    try:
+        lines: List[str] = []
+        assert launchers.pending_runs([done, held, todo], lines.append) == [todo]
+        assert lines[0] == "done: finished, skipped"
+        assert lines[1].startswith(f"held: running (pid {os.getpid()} on ") and lines[1].endswith("skipped")
+        assert launchers.run_state(held).state == "running"
+    finally:
+        lock.release()
+
+
+# ----------------------------------------------------------------------------- SLURM, up to the submission
+FAKE_SBATCH = """#!/bin/sh
+cp "$1" "$SBATCH_RECORD"
+echo "Submitted batch job 123"
+"""
+FAKE_SACCT = """#!/bin/sh
+printf 'JobID|State|NodeList\\n123_0|RUNNING|node7\\n123_1|PENDING|\\n'
+"""
+
+
+@pytest.fixture
+def fake_slurm(tmp_path, monkeypatch) -> Path:
+    """sbatch (records the script it is given), srun (submitit looks for it) and sacct on PATH."""
+    pytest.importorskip("submitit")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("sbatch", FAKE_SBATCH), ("srun", "#!/bin/sh\nexit 0\n"), ("sacct", FAKE_SACCT)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("SBATCH_RECORD", str(tmp_path / "sbatch_script.sh"))
+    return tmp_path / "sbatch_script.sh"
+
+
+def test_slurm_submission_script(tmp_path, fake_slurm):
+    runs = [RunSpec(str(tmp_path / "results" / name), ("--common.config-file", f"/configs/{name}.yaml"),
+                    f"[{i}] {name}") for i, name in enumerate(("a", "b"))]
+    options = launchers.SlurmOptions(partition="gpu", gpus_per_job=2, time_min=launchers.parse_minutes("4:00:00"),
+                                     array_parallelism=1, cpus_per_task=8, mem_gb=launchers.parse_mem_gb("32G"),
+                                     account="lab", setup=("source /opt/venv/bin/activate",))
+    lines: List[str] = []
+    assert launchers.SlurmLauncher(options, log=lines.append).launch(runs) == 0
+    script = fake_slurm.read_text()
+    for line in ("#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2", "#SBATCH --time=240",
+                 "#SBATCH --array=0-1%1", "#SBATCH --cpus-per-task=8", "#SBATCH --mem=32GB", "#SBATCH --account=lab",
+                 "#SBATCH --ntasks-per-node=1", "#SBATCH --requeue", "#SBATCH --signal=USR1@120",
+                 "export SUBMITIT_PREEMPT_SIGNAL=USR1", "source /opt/venv/bin/activate"):
+        assert line in script.splitlines(), line
+    assert script.count("--signal") == 1
+    assert lines[:2] == ["[0] a: submitted as SLURM job 123_0", "[1] b: submitted as SLURM job 123_1"]
+    # What each array task will run: a TrainJob of its run, DDP over the job's 2 GPUs.
+    from submitit.core.utils import DelayedSubmission
+
+    folder = Path(runs[0].launch_dir) / "submitit"
+    job = DelayedSubmission.load(folder / "123_1_submitted.pkl")
+    assert isinstance(job.function, launchers.TrainJob)
+    assert (job.function.spec, job.function.nproc, job._timeout_countdown) == (runs[1], 2, options.max_timeouts)
+    assert launchers.read_record(runs[1])["job_id"] == "123_1"
+    # --status asks sacct; a queued or running job is not submitted twice.
+    status = launchers.status_lines(runs)
+    assert status[2].split() == ["[0]", "a", "starting", "slurm", "123_0", "(RUNNING)"]
+    assert status[3].split() == ["[1]", "b", "queued", "slurm", "123_1", "(PENDING)"]
+    assert launchers.pending_runs(runs, lines.append) == []
+    assert lines[-1] == "[1] b: SLURM job 123_1 is pending, skipped"
+
+
+def test_status_of_a_preempted_and_requeued_run(tmp_path):
+    run = RunSpec(str(tmp_path / "r"), ())
+    os.makedirs(run.run_dir)
+    Path(run.run_dir, "summary.json").write_text(json.dumps(
+        {"state": "interrupted", "epochs_done": 7, "max_epochs": 200, "stopped_by": "SIGUSR1"}))
+    launchers.update_record(run, launcher="slurm", job_id="55_3", state="requeued", requeues=2)
+    assert launchers.status_lines([run])[2].split() == ["r", "preempted,", "requeued", "7/200", "(2x)", "slurm", "55_3"]
+    launchers.update_record(run, state="running")
+    Path(run.run_dir, "summary.json").write_text(json.dumps({"state": "failed", "epochs_done": 9, "max_epochs": 200,
+                                                             "error": "non-finite loss at epoch 10"}))
+    assert launchers.run_state(run).text == "failed 9/200: non-finite loss at epoch 10"
+
+
+def test_submitit_missing_names_the_extra(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "submitit", None)  # `import submitit` raises ImportError
+    with pytest.raises(launchers.LaunchError, match=r"pip install -e '\.\[cluster\]'"):
+        launchers.SlurmLauncher(launchers.SlurmOptions()).launch([RunSpec(str(tmp_path / "r"), ())])
+    code = paper_tables.main(["--run", "--rows", "3.6", "--results", str(tmp_path), "--launcher", "slurm"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: {launchers.CLUSTER_HINT}"]
+
+
+@pytest.mark.parametrize("text, minutes", [("240", 240), ("90:30", 91), ("4:00:00", 240), ("1-12", 2160),
+                                           ("2-00:30:00", 2910)])
+def test_slurm_time_formats(text, minutes):
+    assert launchers.parse_minutes(text) == minutes
+
+
+def test_bad_slurm_values_and_misplaced_options(capsys):
+    with pytest.raises(Exception, match="not a SLURM time"):
+        launchers.parse_minutes("4h")
+    with pytest.raises(Exception, match="with a unit"):
+        launchers.parse_mem_gb("32")
+    assert launchers.parse_mem_gb("512M") == 0.5
+    with pytest.raises(SystemExit):
+        paper_tables.main(["--run", "--rows", "3.6", "--slurm.partition", "gpu"])
+    assert "--slurm.partition need --launcher slurm" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        paper_tables.main(["--list", "--parallel", "2"])
+    assert "only apply when training" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- paper_tables
+class RecordingLauncher:
+    def __init__(self) -> None:
+        self.runs: List[RunSpec] = []
+
+    def launch(self, runs) -> int:
+        self.runs.extend(runs)
+        return 0
+
+
+def test_paper_tables_hands_each_config_once_to_the_launcher(tmp_path, capsys):
+    launcher = RecordingLauncher()
+    argv = ["--run", "--rows", "2.1", "2.3", "A", "--results", str(tmp_path), "--scheduler.max-epochs", "1"]
+    assert paper_tables.main(argv, launcher=launcher) == 0
+    assert [r.title for r in launcher.runs] == ["[2.1] table2_resnet50", "[2.3] table2_resnet18"]  # A shares 2.3's run
+    first = launcher.runs[0]
+    assert first.run_dir == str(tmp_path / "table2_resnet50")
+    assert first.args[-2:] == ("--scheduler.max-epochs", "1")
+    assert "### Table 2" in capsys.readouterr().out
+
+
+def test_paper_tables_checks_every_run_before_starting_any(tmp_path, capsys):
+    launcher = RecordingLauncher()
+    argv = ["--run", "--table", "2", "--results", str(tmp_path), "--optim.weight-decay", "-1"]
+    assert paper_tables.main(argv, launcher=launcher) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all("optim.weight_decay" in line for line in err[:3])
+    assert launcher.runs == []
+
+
+def test_paper_tables_status(tmp_path, capsys):
+    run = tmp_path / "table2_resnet50"
+    run.mkdir()
+    (run / "summary.json").write_text(json.dumps({"state": "finished", "finished": True, "epochs_done": 150,
+                                                  "max_epochs": 150}))
+    assert paper_tables.main(["--status", str(tmp_path), "--table", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[2].split()[:4] == ["[2.1]", "table2_resnet50", "finished", "150/150"]
+    assert lines[3].split() == ["[2.2]", "table2_resnet34", "pending"]
+    assert lines[-1] == "1 finished, 2 pending"
+
+
+@pytest.mark.parametrize("command", [["-m", "tools.paper_tables"], ["tools/paper_tables.py"], ["-m", "tools.sweep"],
+                                     ["tools/sweep.py"]])
+def test_tools_run_as_modules_and_as_files(command, tmp_path):
+    args = ["--list"] if "paper_tables" in command[-1] else ["--status", str(tmp_path)]
+    done = subprocess.run([sys.executable, *command, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    if "paper_tables" in command[-1]:
+        assert done.returncode == 0, done.stderr
+        assert "config/paper/table3_remove_3_4_no_fusion.yaml" in done.stdout
+    else:
+        assert done.returncode == 2 and "is not a sweep folder" in done.stderr
