@@ -141,6 +141,12 @@ def upgrade(path: str) -> None:
         raise CheckpointError(f"{path} is not a format-1 checkpoint of this tool; nothing to upgrade")
     new = {k: v for k, v in old.items() if k not in ("rng", "version", "progress")}
     new["kind"] = TRAINING if "optimizer" in old else WEIGHTS
+    # The stored config in today's schema (renamed keys converted), saying what 0.1 did where
+    # this version added a choice: no EMA warmup, later cvnets' variable batch rule.
+    from options.config import load_config, override, to_dict
+
+    cfg = load_config([], base=old["config"])
+    new["config"] = to_dict(override(cfg, {"ema.warmup": False, "sampler.vbs.batch_rule": "constant_pixels"}))
     if "optimizer" in old:
         new["rng"] = {"torch": old["rng"]["torch"], "cuda": old["rng"].get("cuda")}
         new["progress"] = {"epoch": old["epoch"], "iteration": old["iteration"],

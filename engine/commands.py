@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
@@ -66,6 +67,9 @@ def _run(body: Callable[[], int]) -> int:
     except TrainingInterrupted as e:
         logger.warning(str(e))
         return 128 + e.signum
+    except KeyboardInterrupt:  # Ctrl-C before training began (or after it ended): nothing to save
+        _error("interrupted before training started; nothing was written")
+        return 128 + signal.SIGINT
     except _user_errors() as e:
         _error(str(e))
         return 2

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Callable, Mapping, NoReturn, Optional, Sequence, TypeVar
+from typing import Callable, Mapping, NoReturn, Optional, Sequence
 
 from options.config import help_text, parse_flags, resolve, to_yaml
 from options.errors import ConfigError, did_you_mean
-from options.registry import RegistryError
 from options.schema import Config
 
-T = TypeVar("T")
 SWITCHES = ("help", "print-config")
 
 
@@ -79,16 +77,3 @@ def parse_config(
     if "print-config" in switches:
         _print_and_exit(to_yaml(cfg))
     return cfg
-
-
-def parse_args(argv: Optional[Sequence[str]], prog: str, description: str = "") -> Config:
-    """Old name of parse_config without checks (kept until every entry point has moved)."""
-    return parse_config(argv, prog, description)
-
-
-def run_or_exit(fn: Callable[[], T]) -> T:
-    """Run an entry point's body, reporting user errors (bad config, bad data) as one line."""
-    try:
-        return fn()
-    except (ConfigError, RegistryError) as e:
-        fail(str(e))

@@ -254,6 +254,16 @@ def test_main_eval_rejects_a_different_model_config_and_folder_outputs(fake_root
         assert e.value.code == 2 and words in capsys.readouterr().err
 
 
+def test_main_eval_prints_the_config_it_would_evaluate_with(fake_root, tmp_path, capsys):
+    assert train(tiny_args(fake_root, tmp_path, "pc", 1)) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        evaluate(["--model.checkpoint", str(tmp_path / "pc" / "checkpoint_best.pt"), "--eval.split", "test",
+                  "--print-config"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "mode: tiny" in out and "split: test" in out  # the checkpoint's config + flags
+
+
 def test_fine_tune_from_a_checkpoint_keeps_matching_weights(fake_root, tmp_path):
     assert train(tiny_args(fake_root, tmp_path, "pre", 1)) == 0
     source = ckpt.load(str(tmp_path / "pre" / "checkpoint_best.pt"))["model"]
@@ -307,3 +317,26 @@ def test_a_quickstart_sized_run_ends_with_its_ema_close_to_the_model(tmp_path):
     last = read_rows(tmp_path / "q")[-1]
     assert last["val_top1"] >= 90  # the model learnt the 4 classes (chance: 25%)
     assert last["ema_val_top1"] >= last["val_top1"] - 5
+
+
+def test_a_trusted_format_1_checkpoint_upgrades_once_and_then_evaluates(fake_root, tmp_path, capsys):
+    import numpy as np
+
+    assert train(tiny_args(fake_root, tmp_path, "v1", 1)) == 0
+    state = ckpt.load(str(tmp_path / "v1" / "checkpoint_best.pt"))
+    old = {k: v for k, v in state.items() if k not in ("kind", "class_names")}
+    old["version"] = 1
+    old["config"]["common"]["log_freq"] = old["config"]["common"].pop("log_every_batches")  # 0.1's key
+    del old["config"]["ema"]["warmup"]
+    old["rng"] = {"numpy": np.random.get_state()}  # a Python object: weights-only loading refuses it
+    path = str(tmp_path / "old.pt")
+    torch.save(old, path)
+    with pytest.raises(ckpt.CheckpointError, match="refused to load"):
+        ckpt.load(path)
+
+    assert ckpt.main(["--upgrade", path]) == 0
+    upgraded = ckpt.load(path)
+    assert upgraded["config"]["common"]["log_every_batches"] == 2 and upgraded["config"]["ema"]["warmup"] is False
+    assert_same_weights(upgraded["model"], state["model"])
+    assert evaluate(["--model.checkpoint", path]) == 0
+    assert "top1:" in capsys.readouterr().out

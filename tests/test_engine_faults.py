@@ -103,13 +103,16 @@ def test_a_crash_between_checkpoint_and_records_leaves_each_epoch_once(fake_root
     args = lambda label, *extra: tiny_args(fake_root, tmp_path, label, 3, "--common.tensorboard", "true", *extra)  # noqa: E731
     assert train(args("ref")) == 0
 
+    class Killed(BaseException):
+        """As if the process died right after the checkpoint rename."""
+
     def crash_on_second(run_dir, row):
         if row["epoch"] == 2:
-            raise KeyboardInterrupt  # as if killed right after the checkpoint rename
+            raise Killed
         engine.run_folder.append_metrics(run_dir, row)
 
     monkeypatch.setattr(engine.trainer, "append_metrics", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         train(args("crash"))
     monkeypatch.undo()
     assert [r["epoch"] for r in read_rows(tmp_path / "crash")] == [1]

@@ -254,7 +254,7 @@ def test_paper_rows_use_the_forks_ema_resize_and_batch_rule(row):
         assert cfg.sampler.vbs.batch_rule == "at_least_base"  # the fork's max(B0, ...) batches
 
 
-# PAPER.md "Augment tiny" (and ROUND2's transform settings): after the crop, in random order.
+# ../shared/PAPER.md "Augment tiny": after the crop, in random order.
 AUGMENT_TINY_MEMBERS = [
     {"name": "random_gamma", "gamma": [0.5, 1.5], "p": 0.5},
     {"name": "random_translate", "translate": 0.2, "diagonal": True, "p": 1.0},

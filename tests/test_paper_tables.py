@@ -4,17 +4,15 @@ from __future__ import annotations
 import csv
 import json
 import os
-import sys
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from options.config import load_config
+from tools import paper_tables as pt
 
-from options.config import load_config  # noqa: E402
-from tools import paper_tables as pt  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]  # the repository
 
 # Parameters at 200 classes (README, "Reproducing the paper"; the paper's 817k for MobileViT-Tiny,
 # section 3.1, and its Table 2 counts for ResNet). The other Table 3 models follow the MobileViT
@@ -55,7 +53,7 @@ def make_run(results: Path, label: str, epochs: Sequence[Epoch], finished: bool 
              params: Optional[int] = 1234, max_epochs: int = 10) -> Path:
     """A run folder as the engine writes it: metrics.jsonl plus summary.json."""
     run = results / label
-    run.mkdir(parents=True)
+    run.mkdir(parents=True, exist_ok=True)
     lines = [
         {"epoch": i, "lr": 0.1, "train_loss": 1.0, "train_top1": t, "val_loss": 1.0,
          "val_top1": v1, "val_top5": v5, "images_per_second": 100.0,
@@ -256,19 +254,28 @@ def test_collect_missing_folder_fails(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- --run
+class FakeLauncher:
+    """Stands in for launchers.LocalLauncher: 'trains' each run by writing a finished run folder."""
+
+    def __init__(self, results):
+        self.results, self.calls = results, []
+
+    def launch(self, specs) -> int:
+        for spec in specs:
+            argv = list(spec.args)
+            self.calls.append(argv)
+            make_run(self.results, argv[argv.index("--common.run-label") + 1], [(1, 2, 3)], finished=True)
+        return 0
+
+
 def test_run_trains_each_config_once_then_tabulates(tmp_path, capsys):
     results = tmp_path / "results"
     make_run(results, "table2_resnet34", [(50, 52, 76)], finished=True)
-    calls = []
-
-    def fake_train(argv: List[str]) -> str:
-        calls.append(argv)
-        label = argv[argv.index("--common.run-label") + 1]
-        return str(make_run(results, label, [(1, 2, 3)], finished=True))
-
+    launcher = FakeLauncher(results)
     argv = ["--run", "--table", "2", "4", "--rows", "2.1", "2.2", "2.3", "A", "--results", str(results),
             "--scheduler.max-epochs", "1"]
-    assert pt.main(argv, train=fake_train) == 0
+    assert pt.main(argv, launcher=launcher) == 0
+    calls = launcher.calls
     assert [a[a.index("--common.run-label") + 1] for a in calls] == ["table2_resnet50", "table2_resnet18"]
     first = calls[0]
     assert first[:8] == ["--common.config-file", pt.config_path(row("2.1")), "--common.results-loc", str(results),
@@ -281,9 +288,9 @@ def test_run_trains_each_config_once_then_tabulates(tmp_path, capsys):
 
 def test_run_resumes_an_unfinished_run(tmp_path):
     make_run(tmp_path, "table3_remove_5", [(1, 2, 3)])
-    calls = []
-    pt.run_rows([row("3.2")], str(tmp_path), [], train=calls.append, log=lambda _: None)
-    assert len(calls) == 1 and calls[0][calls[0].index("--common.resume") + 1] == "auto"
+    launcher = FakeLauncher(tmp_path)
+    pt.run_rows([row("3.2")], str(tmp_path), [], launcher=launcher, log=lambda _: None)
+    assert len(launcher.calls) == 1 and launcher.calls[0][launcher.calls[0].index("--common.resume") + 1] == "auto"
 
 
 def test_overrides_need_run(capsys):

@@ -21,6 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from engine.run_folder import best_epoch, read_metrics, read_summary
 from options.config import ConfigError, load_config, parse_flags
+from options.files import atomic_open
 from tools import launchers
 from tools.launchers import RunSpec
 
@@ -333,7 +334,7 @@ CSV_FIELDS = ["table", "row", "experiment", "config", "status", "best_epoch", "t
 
 def write_csv(path: str, rows: Sequence[Row], results: Dict[Row, Result]) -> None:
     """One CSV line per row, measured and paper figures in separate columns (blank = not run)."""
-    with open(path, "w", newline="") as f:
+    with atomic_open(path, "w") as f:
         writer = csv.writer(f)
         writer.writerow(CSV_FIELDS)
         for row in rows:
@@ -346,9 +347,6 @@ def write_csv(path: str, rows: Sequence[Row], results: Dict[Row, Result]) -> Non
 
 
 # ----------------------------------------------------------------------------- training
-TrainFn = Callable[[List[str]], Any]
-
-
 def train_argv(row: Row, results_dir: str, overrides: Sequence[str]) -> List[str]:
     """main_train arguments for one row; the user's overrides come last so they win."""
     return [
@@ -387,16 +385,10 @@ def check_runs(specs: Sequence[RunSpec]) -> List[str]:
 
 
 def run_rows(rows: Sequence[Row], results_dir: str, overrides: Sequence[str], launcher: Any = None,
-             train: Optional[TrainFn] = None, log: Callable[[str], None] = print) -> int:
+             log: Callable[[str], None] = print) -> int:
     """Train the rows' runs, each in its own process (finished runs are skipped, the others resumed);
-    returns the launcher's exit status. `train`, when given (tests), is called with each run's
-    main_train arguments instead."""
+    returns the launcher's exit status."""
     todo = launchers.pending_runs(run_specs(rows, results_dir, overrides), log)
-    if train is not None:
-        for spec in todo:
-            log(f"{spec.title}: training")
-            train(list(spec.args))
-        return 0
     return (launcher or launchers.LocalLauncher(log=log)).launch(todo)
 
 
@@ -431,7 +423,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None, train: Optional[TrainFn] = None, launcher: Any = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, launcher: Any = None) -> int:
     args = parse_args(argv)
     try:
         rows = select_rows(args.table, args.rows)
@@ -457,7 +449,7 @@ def main(argv: Optional[Sequence[str]] = None, train: Optional[TrainFn] = None, 
             print(f"error: {len(errors)} run(s) have an invalid config; nothing was started", file=sys.stderr)
             return 2
         try:
-            status = run_rows(rows, results_dir, args.overrides, launcher or launchers.launcher_from_args(args), train)
+            status = run_rows(rows, results_dir, args.overrides, launcher or launchers.launcher_from_args(args))
         except launchers.LaunchError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
