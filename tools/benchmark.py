@@ -22,7 +22,7 @@ Without --checkpoint the weights are random, which does not change the work done
                                     [--compare-timm] [--json OUT] [--section.key value ...]
 
 `model` times training steps (forward, the config's loss, backward, the config's optimizer)
-and eval forwards on a fixed random batch: images/second from the median of --repeats timed
+and eval forwards (of the BatchNorm-folded copy the engine evaluates) on a fixed random batch: images/second from the median of --repeats timed
 runs of --steps steps, after --warmup untimed steps, and peak memory. --compare-timm builds
 timm's architecturally identical model (same parameter count, same dropout settings) and
 times it in the same process, interleaved with ours, so that the ratio holds on a noisy
@@ -367,7 +367,8 @@ def bench_model(args: argparse.Namespace) -> List[Dict[str, Any]]:
         print(note)
         if twin is not None:
             models[f"timm {name}"] = twin
-    runners = {label: StepRunner(model, cfg, device, args.dtype, fmt, args.compile, args.batch_size, size, num_classes)
+    runners = {label: StepRunner(model, cfg, device, args.dtype, fmt, args.compile, args.batch_size, size, num_classes,
+                                 fold_eval=label == "ours")
                for label, model in models.items()}
     label = os.path.splitext(os.path.basename(args.config or "defaults"))[0]
     print(f"{label}: {cfg.model.name}, {_params(models['ours']):,} params, batch {args.batch_size} at {size}x{size}, "
@@ -468,16 +469,23 @@ class StepRunner:
     """One model's training step and eval forward on a fixed random batch, as the engine runs them."""
 
     def __init__(self, model, cfg: Config, device, dtype: str, memory_format: str, compile: bool,
-                 batch: int, size: int, num_classes: int) -> None:
+                 batch: int, size: int, num_classes: int, fold_eval: bool = False) -> None:
+        """fold_eval: evaluate a BatchNorm-folded copy, as the engine evaluates its own models
+        (only for this project's models: folding knows their conv -> norm pairs)."""
         import torch
 
         import loss_fn
         import optim
+        from cvnets.fuse import fold_batchnorm
         from engine.loops import AUTOCAST_DTYPES
 
         fmt = torch.channels_last if memory_format == "channels_last" else torch.contiguous_format
         self.model = model.to(device=device, memory_format=fmt)
         self.module = torch.compile(self.model) if compile else self.model
+        self.eval_module = self.module
+        if fold_eval:
+            folded = fold_batchnorm(self.model)[0]
+            self.eval_module = torch.compile(folded) if compile else folded
         self.optimizer = optim.build_optimizer(self.model, cfg.optim)
         self.criterion = loss_fn.build_loss(cfg.loss).to(device)
         self.dtype = AUTOCAST_DTYPES[{"fp32": "none"}.get(dtype, dtype)]
@@ -506,9 +514,9 @@ class StepRunner:
     def eval_step(self) -> None:
         import torch
 
-        self.module.eval()
+        self.eval_module.eval()
         with torch.inference_mode(), self._autocast():
-            self.module(self.images)
+            self.eval_module(self.images)
 
     def _autocast(self):
         import contextlib

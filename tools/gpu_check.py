@@ -737,7 +737,7 @@ def throughput(ctx: Context, config: str, batch: int, setting: Setting) -> Dict[
     torch.manual_seed(0)
     runner = StepRunner(cvnets.build_model(cfg.model, NUM_CLASSES), cfg, ctx.device, setting.dtype,
                         "channels_last" if setting.channels_last else "contiguous", setting.compile, batch,
-                        cfg.sampler.crop_size, NUM_CLASSES)
+                        cfg.sampler.crop_size, NUM_CLASSES, fold_eval=True)
     seconds = _interleaved_seconds({"m": runner}, ("train", "eval"), plan.warmup, plan.repeats, plan.steps, ctx.device)
     train, evaluation = (batch * plan.steps / statistics.median(seconds[("m", mode)]) for mode in ("train", "eval"))
     peak = runner.peak_mib("train")
