@@ -340,3 +340,20 @@ def test_a_trusted_format_1_checkpoint_upgrades_once_and_then_evaluates(fake_roo
     assert_same_weights(upgraded["model"], state["model"])
     assert evaluate(["--model.checkpoint", path]) == 0
     assert "top1:" in capsys.readouterr().out
+
+
+def test_ddp_two_processes_on_cpu(fake_root, tmp_path):
+    import subprocess
+    import sys
+
+    from engine_helpers import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(REPO, "main_train.py"), *tiny_args(fake_root, tmp_path, "ddp", 1)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (row,) = read_rows(tmp_path / "ddp")  # only rank 0 writes
+    assert row["val_images"] == 4 * 4  # shards are disjoint and complete: each image counted once
+    assert row["train_images"] == 4 * 12
+    assert read_summary(str(tmp_path / "ddp"))["state"] == "finished"
