@@ -137,3 +137,9 @@ def test_tiny_epoch_run_compares_data_variants_and_says_where_device_runs(capsys
 def test_peak_memory_is_a_size_or_unknown():
     peak = benchmark.peak_memory_mib(lambda: torch.ones(1 << 20).sum(), torch.device("cpu"))
     assert peak is None or peak >= 0
+
+
+def test_print_config_shows_the_resolved_config_with_its_overrides(capsys):
+    status, out, _ = run(capsys, "model", "--config", os.path.join(REPO, "config", "resnet18.yaml"),
+                         "--model.resnet.depth", "34", "--print-config")
+    assert status == 0 and "depth: 34" in out and "images/s" not in out  # printed, nothing timed

@@ -317,3 +317,10 @@ def test_added_row_without_paper_figures_renders(tmp_path, monkeypatch):
 def test_unknown_table_is_an_error(capsys):
     assert pt.main(["--list", "--table", "7"]) == 2
     assert "no rows in table(s) 7" in capsys.readouterr().err
+
+
+def test_print_config_prints_each_selected_run_with_the_overrides(capsys):
+    assert pt.main(["--print-config", "--rows", "3.6", "K", "--optim.weight-decay", "0.001"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("# [") == 2 and "# [3.6] table3_remove_3_4_no_fusion" in out
+    assert out.count("weight_decay: 0.001") == 2

@@ -318,3 +318,12 @@ def test_submitit_local_executor_runs_the_grid_and_requeues_a_preempted_job(sequ
     (line,) = [line for line in status.splitlines() if line.startswith(run.name + " ")]
     assert "finished 3/3 (requeued 1x)" in line
     assert status.strip().splitlines()[-1] == "4 finished"
+
+
+def test_print_config_prints_every_point_and_writes_nothing(tmp_path, fake_root, capsys):
+    base = tmp_path / "base.yaml"
+    base.write_text(BASE)
+    assert sweep.main(sweep_args(base, fake_root, tmp_path, "pc", "--print-config")) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("# point ")] == [f"# point {label}" for label in LABELS]
+    assert not (tmp_path / "pc").exists()

@@ -48,7 +48,7 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-from options.config import ConfigError, load_config, override
+from options.config import ConfigError, load_config, override, to_yaml
 from options.files import atomic_write_text
 from options.schema import Config, ModelConfig
 
@@ -702,6 +702,7 @@ def _add_latency(sub) -> None:
     p.add_argument("--warmup", type=int, default=10, help="untimed calls before timing")
     p.add_argument("--runtimes", type=lambda s: s.split(","), default=list(RUNTIMES),
                    help=f"comma-separated, of {', '.join(RUNTIMES)}")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(run=bench_latency, columns=LATENCY_COLUMNS)
 
@@ -722,6 +723,7 @@ def _add_model(sub) -> None:
     p.add_argument("--steps", type=positive_int, default=3, help="steps per timed run")
     p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's)")
     p.add_argument("--compare-timm", action="store_true", help=f"also time timm's identical model ({BENCH_EXTRA})")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(run=bench_model, columns=MODEL_COLUMNS, takes_overrides=True)
 
@@ -738,6 +740,7 @@ def _add_epoch(sub) -> None:
     p.add_argument("--workers", type=non_negative_int, help="DataLoader workers (default: the config's)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available")
     p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.set_defaults(run=bench_epoch, columns=EPOCH_COLUMNS, takes_overrides=True)
 
@@ -756,6 +759,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     args.overrides = overrides
     try:
+        if getattr(args, "print_config", False):
+            print(to_yaml(base_config(args.config, overrides)), end="")
+            return
         rows = args.run(args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

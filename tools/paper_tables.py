@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from engine.run_folder import best_epoch, read_metrics, read_summary
-from options.config import ConfigError, load_config, parse_flags
+from options.config import ConfigError, load_config, parse_flags, to_yaml
 from options.files import atomic_open
 from tools import launchers
 from tools.launchers import RunSpec
@@ -403,6 +403,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     mode.add_argument("--list", action="store_true", help="print every row, its config and the paper's figures")
     mode.add_argument("--run", action="store_true", help="train the selected rows, then print the tables")
     mode.add_argument("--collect", metavar="RESULTS_DIR", help="print the tables from the run folders in RESULTS_DIR")
+    mode.add_argument("--print-config", action="store_true",
+                      help="print the resolved config (with the overrides) of every selected run")
     mode.add_argument("--status", nargs="?", const="", metavar="RESULTS_DIR",
                       help="list the selected rows' runs: pending, queued, running, finished, failed, "
                       "interrupted or preempted and requeued, with their SLURM job (default RESULTS_DIR: --results)")
@@ -412,8 +414,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--csv", metavar="PATH", help="also write the measured tables as CSV")
     launchers.add_arguments(parser)
     args, overrides = parser.parse_known_args(argv)
-    if overrides and not args.run:
-        parser.error(f"config overrides ({' '.join(overrides)}) only apply with --run")
+    if overrides and not (args.run or args.print_config):
+        parser.error(f"config overrides ({' '.join(overrides)}) only apply with --run or --print-config")
     launchers.check_arguments(parser, args, overrides, running=args.run)
     try:
         parse_flags(overrides)  # rejects stray words early; the configs are checked before anything starts
@@ -432,6 +434,16 @@ def main(argv: Optional[Sequence[str]] = None, launcher: Any = None) -> int:
         return 2
     if args.list:
         print(render_list(rows), end="")
+        return 0
+    if args.print_config:
+        specs = run_specs(rows, os.path.abspath(args.results), args.overrides)
+        errors = check_runs(specs)
+        for line in errors:
+            print(f"error: {line}", file=sys.stderr)
+        if errors:
+            return 2
+        for spec in specs:
+            print(f"# {spec.title}\n{to_yaml(load_config(spec.args))}")
         return 0
     if args.status is not None:
         print("\n".join(launchers.status_lines(run_specs(rows, args.status or args.results, []))))

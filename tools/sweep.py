@@ -390,6 +390,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--results", default=DEFAULT_RESULTS, help=f"parent of sweep folders ({DEFAULT_RESULTS})")
     parser.add_argument("--csv", metavar="PATH", help="also write the table as CSV")
     parser.add_argument("--dry-run", action="store_true", help="check every point and write the configs; start nothing")
+    parser.add_argument("--print-config", action="store_true",
+                        help="check every point and print its resolved config; write and start nothing")
     launchers.add_arguments(parser)
     args, overrides = parser.parse_known_args(argv)
     launchers.check_arguments(parser, args, overrides, running=not (args.collect or args.status))
@@ -447,6 +449,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 report(sweep, args.csv)
             return 0
         sweep, configs = plan(args)
+        if args.print_config:
+            for label, cfg in configs.items():
+                print(f"# point {label}\n{to_yaml(cfg)}")
+            return 0
         write_sweep(sweep, configs, args.overrides)
     except _PointErrors as e:
         for line in e.lines:
