@@ -19,7 +19,7 @@ from engine import checkpoint as ckpt
 from engine.loops import AUTOCAST_DTYPES, LoopOptions, predict
 from engine.utils import Meter, resolve_device
 from options.config import ConfigError, to_dict
-from options.files import atomic_open, write_json
+from options.files import atomic_open
 from options.schema import Config
 
 _NOT_ARCHITECTURE = ("checkpoint",)
@@ -112,7 +112,3 @@ def report(result: Mapping[str, Any]) -> List[str]:
     lines += [f"  {row['class']:4d} {row['wnid']} {row['top1']:6.2f}% ({row['count']})  {row['name']}"
               for row in result.get("per_class", [])]
     return lines
-
-
-def write_result(path: str, result: Mapping[str, Any]) -> None:
-    write_json(path, dict(result))

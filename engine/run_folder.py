@@ -37,8 +37,11 @@ class RunFolderBusy(Exception):
 
 # ----------------------------------------------------------------------------- lock
 class RunLock:
-    """An exclusive kernel lock (flock) on `<run_dir>/.lock`, released by the kernel when the
-    holder dies, so a killed run never blocks its own resume. The file records the holder."""
+    """An exclusive POSIX record lock (fcntl) on `<run_dir>/.lock`, which the kernel drops the
+    moment the holder dies, so a killed run never blocks its own resume. Unlike flock, forked
+    children (DataLoader workers) do not inherit it, so orphaned workers cannot keep holding it.
+    The file records the holder. (Such a lock is also dropped when its process closes any other
+    descriptor of the file: only the holder's own RunLock opens it in a trainer process.)"""
 
     def __init__(self, run_dir: str) -> None:
         self.path = os.path.join(run_dir, LOCK)
@@ -48,7 +51,7 @@ class RunLock:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
             if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
@@ -65,15 +68,8 @@ class RunLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock
+            os.close(self._fd)  # closing drops the lock
             self._fd = None
-
-    def __enter__(self) -> "RunLock":
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
 
 
 def read_lock_holder(run_dir: str) -> Optional[Dict[str, Any]]:
@@ -93,7 +89,7 @@ def is_locked(run_dir: str) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # a shared lock: free unless a trainer holds it
     except OSError:
         return True
     finally:

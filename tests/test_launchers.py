@@ -14,7 +14,6 @@ from typing import List
 
 import pytest
 
-from engine.run_folder import RunLock
 from tools import launchers, paper_tables
 from tools.launchers import RunSpec
 
@@ -151,16 +150,20 @@ def test_runs_that_are_finished_or_held_by_a_live_trainer_are_skipped(tmp_path):
     done, held, todo = (RunSpec(str(tmp_path / name), ()) for name in ("done", "held", "todo"))
     os.makedirs(done.run_dir)
     Path(done.run_dir, "summary.json").write_text(json.dumps({"state": "finished", "finished": True}))
-    lock = RunLock(held.run_dir)
-    lock.acquire()
+    # A live trainer elsewhere: a process that holds the run folder's lock.
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from engine.run_folder import RunLock; "
+                               f"RunLock({held.run_dir!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
+                              cwd=REPO, stdout=subprocess.PIPE, text=True)
     try:
+        assert holder.stdout.readline().strip() == "locked"
         lines: List[str] = []
         assert launchers.pending_runs([done, held, todo], lines.append) == [todo]
         assert lines[0] == "done: finished, skipped"
-        assert lines[1].startswith(f"held: running (pid {os.getpid()} on ") and lines[1].endswith("skipped")
+        assert lines[1].startswith(f"held: running (pid {holder.pid} on ") and lines[1].endswith("skipped")
         assert launchers.run_state(held).state == "running"
     finally:
-        lock.release()
+        holder.kill()
+        holder.wait()
 
 
 # ----------------------------------------------------------------------------- SLURM, up to the submission
