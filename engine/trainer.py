@@ -328,6 +328,8 @@ class Trainer:
         self.best, self.history = state["best"], list(state["history"])
         self.resumes = int(state.get("resumes", 0)) + 1
         ckpt.set_rng_state(state["rng"])
+        if self.progress.epoch >= self.cfg.scheduler.max_epochs:
+            return  # a finished run: the closing summary says so
         what = "; changed: " + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in changes) if changes else ""
         logger.info("resumed from %s at epoch %d, batch %d (optimizer step %d)%s", os.path.abspath(path),
                     self.progress.epoch + 1, self.progress.batch_in_epoch, self.progress.iteration, what)

@@ -141,7 +141,7 @@ def test_relaunching_a_finished_run_reports_it(fake_root, tmp_path, capsys):
     assert train(args) == 0
     out = capsys.readouterr().out
     assert "run already finished: 1/1 epochs" in out and str(tmp_path / "done") in out
-    assert "resumed" in out and read_rows(tmp_path / "done") == rows
+    assert "resumed" not in out and read_rows(tmp_path / "done") == rows
 
 
 class NaNLoss(nn.Module):
