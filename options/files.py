@@ -107,19 +107,26 @@ def write_json(path: str, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+def writer_pid(name: str) -> Optional[int]:
+    """The process id in a temporary file's name: this module's `.<name>.<pid>.<random>.tmp`,
+    or version 0.1's `<name>.tmp-<pid>` (a killed 0.1 cache build left one of up to 1.2 GB)."""
+    parts = name.split(".")
+    if name.startswith(".") and name.endswith(TEMP_SUFFIX) and len(parts) >= 5:
+        pid = parts[-3]  # ["", name..., pid, random, "tmp"]
+    else:
+        pid = name.rpartition(".tmp-")[2] if ".tmp-" in name else ""
+    return int(pid) if pid.isdigit() else None
+
+
 def stale_temp_files(folder: str) -> Iterator[str]:
-    """Temporary files of this module's naming in `folder` whose writer process is gone."""
+    """Temporary files of this module's naming (or 0.1's) in `folder` whose writer process is gone."""
     try:
         entries = list(os.scandir(folder))
     except FileNotFoundError:
         return
     for entry in entries:
-        parts = entry.name.split(".")
-        # ".<name>.<pid>.<random>.tmp" splits into ["", name..., pid, random, "tmp"]
-        if not (entry.name.startswith(".") and entry.name.endswith(TEMP_SUFFIX) and len(parts) >= 5):
-            continue
-        pid = parts[-3]
-        if pid.isdigit() and not _alive(int(pid)):
+        pid = writer_pid(entry.name)
+        if pid is not None and entry.is_file() and not _alive(pid):
             yield entry.path
 
 

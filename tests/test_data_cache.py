@@ -200,6 +200,21 @@ def test_a_killed_builders_temporary_file_is_removed_by_the_next_build(fake_copy
     assert sorted(os.listdir(folder)) == ["train-u8.json", "train-u8.npy"]
 
 
+def test_a_leftover_of_a_killed_0_1_build_is_removed_too(fake_copy):
+    """Version 0.1 named its temporary array `<name>.npy.tmp-<pid>`; one from a dead builder goes."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder = os.path.join(fake_copy, "cache")
+    os.makedirs(folder)
+    leftovers = [f"train-u8.npy.tmp-{int(dead.stdout)}", f"train-u8.json.tmp-{int(dead.stdout)}"]
+    for name in leftovers:
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(b"\0" * 1000)
+    alive = f"val-u8.npy.tmp-{os.getpid()}"  # a live builder's file stays
+    open(os.path.join(folder, alive), "wb").close()
+    TinyImageNet(fake_copy, "train", cache="disk", progress=False)
+    assert sorted(os.listdir(folder)) == ["train-u8.json", "train-u8.npy", alive]
+
+
 def test_a_full_disk_is_found_before_decoding(fake_copy, monkeypatch):
     def no_space(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
