@@ -27,13 +27,13 @@ from engine import checkpoint as ckpt
 from engine.ema import ModelEMA
 from engine.loops import LoopOptions, NonFiniteLossError, Progress, evaluate, train_one_epoch
 from engine.run_folder import RunFolder, append_metrics, resume_path, write_metrics, write_summary
+from engine.signals import STOP_SIGNALS, handling
 from engine.utils import DistInfo
 from options.config import ConfigError, save_config, to_dict
 from options.schema import Config
 
 logger = logging.getLogger("cvnets")
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # SIGUSR1: SLURM's warning before a time limit
 
 # Keys a resume may change without changing what the run computes: where files are, how
 # fast or verbose it runs, what main_eval/main_export do. Any other difference is refused.
@@ -426,12 +426,8 @@ class Trainer:
             else:
                 raise _StopNow()
 
-        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-        try:
+        with handling(STOP_SIGNALS, handler):
             yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
 
 def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from engine.run_folder import is_locked, read_lock_holder, run_status
+from engine.signals import STOP_SIGNALS, handling
 from options.files import write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +59,6 @@ MAIN_TRAIN = os.path.join(REPO, "main_train.py")
 LAUNCH = "_launch"  # launcher records, beside the run folders
 CLUSTER_HINT = "the slurm launcher needs submitit: pip install -e '.[cluster]'"
 PREEMPT_ENV = "SUBMITIT_PREEMPT_SIGNAL"  # which signal submitit's job process treats as "checkpoint, requeue"
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # what main_train saves on
 RESUMABLE = (128 + signal.SIGTERM, 128 + signal.SIGUSR1)  # saved after a stop from outside, not a user's Ctrl-C
 
 Log = Callable[[str], None]
@@ -380,12 +380,8 @@ class LocalLauncher:
             for active in self._active.values():
                 active.proc.send_signal(signum)
 
-        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-        try:
+        with handling(STOP_SIGNALS, handler):
             yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
 
 # ----------------------------------------------------------------------------- SLURM through submitit
@@ -506,8 +502,7 @@ class TrainJob:
         spec = self.spec
         update_record(spec, state="running", host=socket.gethostname(), job_id=submitit.JobEnvironment().job_id,
                       slurm_restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0")))
-        previous = {s: signal.signal(s, self._on_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        with handling((signal.SIGINT, signal.SIGTERM), self._on_stop):
             restarts = 0
             while True:
                 self._wait_for_lock()
@@ -526,9 +521,6 @@ class TrainJob:
                 update_record(spec, state="failed" if code > 0 and code - 128 not in STOP_SIGNALS else "interrupted",
                               exit_code=code, error=ending)
                 raise RunFailed(f"{spec.title}: {ending}")
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
     def _start(self) -> TrainerProcess:
         env = dict(os.environ)
