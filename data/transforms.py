@@ -37,6 +37,7 @@ from options.registry import Registry, did_you_mean
 TRANSFORMS = Registry("transform")
 
 Interpolation = Literal["nearest", "bilinear", "bicubic"]
+PhotometricStyle = Literal["torchvision", "cvnets"]
 Params = Dict[str, Any]  # a transform's draws for one batch: CPU tensors / arrays, one row per sample
 _BATCH_LEVEL = {  # names users may try to list as transforms, and where they live instead
     "normalization": "set image_augmentation.mean and image_augmentation.std instead",
@@ -206,16 +207,22 @@ def _blend(images: Tensor, other: Tensor, factor: Tensor) -> Tensor:
     return (factor * images + (1.0 - factor) * other).clamp_(0.0, 1.0)
 
 
-def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
-    """Rotate the hue (in turns, [-0.5, 0.5]) of each sample by shift [B]: through HSV, as
-    torchvision's adjust_hue does."""
+def _adjust_hsv(images: Tensor, hue_shift: Tensor, saturation_scale: Optional[Tensor] = None,
+                floor_hue: bool = False) -> Tensor:
+    """Through HSV, per sample: rotate the hue by hue_shift [B] (in turns, [-0.5, 0.5]) as
+    torchvision's adjust_hue does, and scale the saturation by saturation_scale [B] (clipped
+    at 1). floor_hue: a hue pushed below 0 stays at 0 instead of wrapping round, as OpenCV's
+    uint8 HSV in the paper's code does (its hue is clipped to [0, 255] before converting back)."""
     value, _ = images.max(dim=1)  # [B, H, W]
     chroma = value - images.min(dim=1)[0]
     r, g, b = images.unbind(1)
     safe = torch.where(chroma > 0, chroma, torch.ones_like(chroma))
     hue = torch.where(value == r, (g - b) / safe, torch.where(value == g, 2.0 + (b - r) / safe, 4.0 + (r - g) / safe))
-    hue = (hue / 6.0 + shift.view(-1, 1, 1)) % 1.0
+    hue = (hue / 6.0) % 1.0 + hue_shift.view(-1, 1, 1)
+    hue = (hue.clamp(min=0.0) if floor_hue else hue) % 1.0
     saturation = chroma / torch.where(value > 0, value, torch.ones_like(value))
+    if saturation_scale is not None:
+        saturation = (saturation * saturation_scale.view(-1, 1, 1)).clamp_(max=1.0)
     # HSV -> RGB: channel n of (R, G, B) = (5, 3, 1) is v - v*s*clip(min(k, 4 - k), 0, 1), k = (n + 6h) mod 6
     k = (torch.tensor([5.0, 3.0, 1.0], device=images.device).view(1, 3, 1, 1) + 6.0 * hue[:, None]) % 6.0
     return value[:, None] * (1.0 - saturation[:, None] * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0))
@@ -603,9 +610,20 @@ class RandomGamma(Transform):
 
 @TRANSFORMS.register("photometric_distort")
 class PhotometricDistort(Transform):
-    """torchvision's RandomPhotometricDistort, per sample: brightness, contrast (before or after
-    the colour steps, half the time each), saturation, hue and a channel permutation, each
-    applied with probability p. Factors are drawn from the [min, max] settings; hue in turns.
+    """A photometric distortion per sample: brightness, contrast, saturation, hue and a channel
+    permutation, each applied with probability p, factors drawn from the [min, max] settings.
+
+    style torchvision (RandomPhotometricDistort): brightness, then contrast (a blend with the
+    mean grey) before or after the colour steps, half the time each, then saturation (a blend
+    with the grey image) and hue (in turns), then the permutation.
+
+    style cvnets (ml-cvnets v0.1's PhotometricDistort, the paper's code; SSD's distortion):
+    contrast as a gain (pixels times the factor), brightness added, then saturation scaled and
+    hue shifted in HSV, then, for a sample the first contrast left alone, contrast again with
+    probability p; then the permutation. hue is the fork's delta: the shift is trunc(255 * delta)
+    of OpenCV's 180 hue steps (up to 12 steps, 24 degrees, for delta 0.05), and a shift below
+    hue 0 stops there. Brightness must be additive. The fork rounds to uint8 between the steps;
+    this does not.
 
     additive_brightness: brightness is an offset added to the pixels (in [0, 1] units, e.g.
     [-0.2, 0.2], the paper's code) instead of a factor.
@@ -613,13 +631,16 @@ class PhotometricDistort(Transform):
 
     def __init__(self, brightness: Optional[Tuple[float, ...]] = None, contrast: Tuple[float, ...] = (0.5, 1.5),
                  saturation: Tuple[float, ...] = (0.5, 1.5), hue: Tuple[float, ...] = (-0.05, 0.05),
-                 p: float = 0.5, additive_brightness: bool = False) -> None:
+                 p: float = 0.5, additive_brightness: bool = False, style: PhotometricStyle = "torchvision") -> None:
+        if style == "cvnets" and not additive_brightness:
+            raise ValueError("style cvnets adds its brightness: set additive_brightness: true")
         default = (-0.125, 0.125) if additive_brightness else (0.875, 1.125)
         brightness = default if brightness is None else brightness
         self.brightness = _pair("brightness", brightness, -1.0, 1.0) if additive_brightness \
             else _pair("brightness", brightness)
         self.contrast, self.saturation = _pair("contrast", contrast), _pair("saturation", saturation)
         self.hue, self.p, self.additive_brightness = _pair("hue", hue, -0.5, 0.5), _probability(p), additive_brightness
+        self.style = style
 
     def draw(self, rng: np.random.Generator, batch: int, height: int, width: int, crop_size: int) -> Params:
         acts = {k: _chance(rng, batch, self.p) for k in ("brightness", "contrast", "saturation", "hue", "permute")}
@@ -627,23 +648,38 @@ class PhotometricDistort(Transform):
         def factor(key: str, identity: float) -> np.ndarray:
             return np.where(acts[key], _uniform(rng, batch, getattr(self, key)), identity)
 
-        before = rng.random(batch) < 0.5
-        contrast = factor("contrast", 1.0)
+        if self.style == "cvnets":
+            before = factor("contrast", 1.0)
+            again = _chance(rng, batch, self.p) & ~acts["contrast"]
+            after = np.where(again, _uniform(rng, batch, self.contrast), 1.0)
+        else:
+            first = rng.random(batch) < 0.5
+            contrast = factor("contrast", 1.0)
+            before, after = np.where(first, contrast, 1.0), np.where(first, 1.0, contrast)
         permutation = np.where(acts["permute"][:, None], rng.permuted(np.tile(np.arange(3), (batch, 1)), axis=1),
                                np.arange(3))
-        return {"brightness": factor("brightness", 0.0 if self.additive_brightness else 1.0),
-                "contrast_before": np.where(before, contrast, 1.0), "contrast_after": np.where(before, 1.0, contrast),
-                "saturation": factor("saturation", 1.0), "hue": factor("hue", 0.0), "permutation": permutation}
+        params = {"brightness": factor("brightness", 0.0 if self.additive_brightness else 1.0),
+                  "contrast_before": before, "contrast_after": after,
+                  "saturation": factor("saturation", 1.0), "hue": factor("hue", 0.0), "permutation": permutation}
+        if self.style == "cvnets":
+            params["hue"] = np.trunc(params["hue"] * 255.0) / 180.0  # whole OpenCV hue steps, in turns
+        return params
 
     def apply(self, images: Tensor, params: Params) -> Tensor:
         brightness = _per_sample(_on(images, params["brightness"]))
-        x = (images + brightness if self.additive_brightness else images * brightness).clamp_(0.0, 1.0)
-        x = self._contrast(x, _on(images, params["contrast_before"]))
-        x = _blend(x, _gray(x), _on(images, params["saturation"]))
-        hue = params["hue"]
-        if (hue != 0).any():
-            x = _shift_hue(x, _on(images, hue))
-        x = self._contrast(x, _on(images, params["contrast_after"]))
+        before, after = _on(images, params["contrast_before"]), _on(images, params["contrast_after"])
+        saturation, hue = _on(images, params["saturation"]), _on(images, params["hue"])
+        if self.style == "cvnets":
+            x = (images * _per_sample(before) + brightness).clamp_(0.0, 1.0)
+            x = _adjust_hsv(x, hue, saturation, floor_hue=True)
+            x = (x * _per_sample(after)).clamp_(0.0, 1.0)
+        else:
+            x = (images + brightness if self.additive_brightness else images * brightness).clamp_(0.0, 1.0)
+            x = self._contrast(x, before)
+            x = _blend(x, _gray(x), saturation)
+            if (params["hue"] != 0).any():
+                x = _adjust_hsv(x, hue)
+            x = self._contrast(x, after)
         permutation = _on(images, params["permutation"], torch.int64)[:, :, None, None]
         return x.gather(1, permutation.expand_as(x))
 

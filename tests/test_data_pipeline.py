@@ -25,7 +25,8 @@ AUGMENT_TINY = (
     "[{name: random_resized_crop, scale: [0.08, 1.0], antialias: false}, {name: random_order, transforms: ["
     "{name: random_flip}, {name: random_gamma, gamma: [0.5, 1.5]}, {name: random_translate, translate: 0.2, p: 1.0,"
     " diagonal: true}, {name: random_gauss_noise, std: [0.03, 0.1]}, {name: photometric_distort,"
-    " brightness: [-0.2, 0.2], additive_brightness: true}, {name: cutout, holes: 4, height: 4, width: 4}]},"
+    " brightness: [-0.2, 0.2], additive_brightness: true, style: cvnets}, {name: photometric_distort, p: 0.9},"
+    " {name: cutout, holes: 4, height: 4, width: 4}]},"
     " {name: color_jitter, hue: 0.05}]"
 )
 

@@ -1,5 +1,6 @@
 """Batch transforms (parametrized over the registry), the augment-tiny transforms, resampling,
 and config errors."""
+import colorsys
 import math
 
 import numpy as np
@@ -240,6 +241,47 @@ def test_photometric_colour_steps_match_torchvision():
     out = saturation.apply(images, params)
     for b in range(4):
         assert torch.allclose(out[b], TF.adjust_saturation(images[b], float(params["saturation"][b])), atol=1e-5)
+
+
+def fork_photometric(rgb, alpha1, beta, gamma, hue_steps, alpha2, permutation):
+    """One pixel through ml-cvnets v0.1's PhotometricDistort, in floats (the fork rounds to uint8
+    between steps): gain, offset, clip; HSV saturation scaled (clipped at 1) and hue moved by
+    whole OpenCV steps of 1/180 turn (clipped at 0, wrapped at 1); gain again; channel swap."""
+    rgb = [min(max(c * alpha1 + beta, 0.0), 1.0) for c in rgb]
+    h, s, v = colorsys.rgb_to_hsv(*rgb)
+    rgb = colorsys.hsv_to_rgb(max(h + hue_steps / 180, 0.0) % 1.0, min(s * gamma, 1.0), v)
+    rgb = [min(max(c * alpha2, 0.0), 1.0) for c in rgb]
+    return [rgb[i] for i in permutation]
+
+
+def test_cvnets_photometric_follows_the_forks_steps():
+    distort = build("photometric_distort", style="cvnets", additive_brightness=True, brightness=[0.1, 0.1],
+                    contrast=[1.3, 1.3], saturation=[1.4, 1.4], hue=[-0.03, -0.03], p=0.5)
+    images = batch(32, 4, 4)
+    params = distort.draw(np.random.default_rng(0), 32, 4, 4, 64)
+    steps = params["hue"] * 180
+    assert set(np.round(steps, 6)) == {0.0, -7.0}  # int(-0.03 * 255) = int(-7.65) = -7 steps
+    first, again = params["contrast_before"], params["contrast_after"]
+    assert set(first) == set(again) == {1.0, 1.3} and not ((first != 1) & (again != 1)).any()
+    out = distort.apply(images, params)
+    for b in range(32):
+        settings = (first[b], params["brightness"][b], params["saturation"][b], round(steps[b]), again[b],
+                    params["permutation"][b])
+        for y in range(4):
+            for x in range(4):
+                expected = fork_photometric(images[b, :, y, x].tolist(), *settings)
+                assert torch.allclose(out[b, :, y, x], torch.tensor(expected, dtype=torch.float32), atol=1e-5), (b, y, x)
+
+
+def test_cvnets_photometric_contrast_acts_three_times_in_four_at_p_half():
+    distort = build("photometric_distort", style="cvnets", additive_brightness=True, p=0.5)
+    params = distort.draw(np.random.default_rng(0), N, 8, 8, 64)
+    contrast = (params["contrast_before"] != 1) | (params["contrast_after"] != 1)
+    assert within(contrast.mean(), 0.75)  # first with p, then again with p where the first did not act
+    assert within((params["hue"] != 0).mean(), 0.5 * 24 / 25.5, N)  # int() maps |255 delta| < 1 to no shift
+    assert np.abs(params["hue"]).max() <= 12 / 180 + 1e-12
+    with pytest.raises(ValueError, match="style cvnets adds its brightness: set additive_brightness: true"):
+        build("photometric_distort", style="cvnets")
 
 
 def test_gamma_noise_and_blur_act_as_configured():

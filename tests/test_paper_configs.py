@@ -259,7 +259,7 @@ AUGMENT_TINY_MEMBERS = [
     {"name": "random_gamma", "gamma": [0.5, 1.5], "p": 0.5},
     {"name": "random_translate", "translate": 0.2, "diagonal": True, "p": 1.0},
     {"name": "random_gauss_noise", "std": [0.03, 0.1], "p": 0.5},
-    {"name": "photometric_distort", "additive_brightness": True, "brightness": [-0.2, 0.2],
+    {"name": "photometric_distort", "style": "cvnets", "additive_brightness": True, "brightness": [-0.2, 0.2],
      "contrast": [0.5, 1.5], "saturation": [0.5, 1.5], "hue": [-0.05, 0.05], "p": 0.5},
     {"name": "cutout", "holes": 4, "height": 4, "width": 4, "p": 0.5},
     {"name": "random_flip"},
