@@ -1,9 +1,8 @@
 """Every row of config/paper/ runs what the paper's authors ran, value by value.
 
-The specification is ../shared/paper/authors_runs.json (CI checks ../shared out beside the
-repository): the settings of each logged or configured run of the authors (footh/ml-cvnets),
-each with its source file and commit, and the map from our row files to those runs. Rows with
-no surviving run are compared with the settings ../shared/PAPER.md gives for them. A mismatch
+The specification is config/paper/authors_runs.json: the settings of each logged or configured
+run of the authors (footh/ml-cvnets), each with its source file and commit, and the map from our row files to those runs. Rows with
+no surviving run are compared with the settings the paper's text gives for them. A mismatch
 names the row, the key, both values and the source.
 """
 from __future__ import annotations
@@ -20,9 +19,7 @@ from options.config import load_config, to_dict
 from options.schema import Config
 
 REPO = Path(__file__).resolve().parents[1]
-AUTHORS_RUNS = REPO.parent / "shared" / "paper" / "authors_runs.json"
-if not AUTHORS_RUNS.is_file():
-    raise FileNotFoundError(f"{AUTHORS_RUNS} is missing: these tests need ../shared beside the repository")
+AUTHORS_RUNS = REPO / "config" / "paper" / "authors_runs.json"
 SPEC = json.loads(AUTHORS_RUNS.read_text())
 RUNS: Dict[str, Dict[str, Any]] = SPEC["runs"]
 
@@ -30,7 +27,7 @@ RUNS: Dict[str, Dict[str, Any]] = SPEC["runs"]
 EXTRA_ROWS = {"config/paper/table4_resnet18_cyclic.yaml": "log:resnet_tiny_correct_class_depth18_cyclic"}
 ROWS: Dict[str, str] = {**SPEC["rows"], **EXTRA_ROWS}
 
-# ../shared/PAPER.md, "Recipes: what the authors actually ran", for the rows no run of the
+# The paper's text ("Recipes: what the authors actually ran" in its notes), for the rows no run of the
 # authors survives for (rows_without_reference): the MobileViT recipe (AdamW 0.9/0.999, weight
 # decay 0.01 on all parameters, cosine per epoch 0.002 -> 0.0002 over 200 epochs, warmup from
 # 0.0002, label smoothing 0.02, batch 128, EMA 0.0005, classifier dropout 0.1, transformer
@@ -55,7 +52,7 @@ PAPER_TEXT_ROWS: Dict[str, Dict[str, Any]] = {
         **PAPER_TABLE3_RECIPE, "model.remove_layers": [4, 5], "optim.weight_decay": 0.001,
     },
 }
-PAPER_MD = "../shared/PAPER.md, Recipes: what the authors actually ran"
+PAPER_MD = "the paper's text: what the authors actually ran"
 
 # The JSON's names for transforms that ours call differently (its conventions.transforms).
 AUTHORS_TRANSFORM_NAME = {"random_flip": "random_flip_hv"}
@@ -254,7 +251,7 @@ def test_paper_rows_use_the_forks_ema_resize_and_batch_rule(row):
         assert cfg.sampler.vbs.batch_rule == "at_least_base"  # the fork's max(B0, ...) batches
 
 
-# ../shared/PAPER.md "Augment tiny": after the crop, in random order.
+# The paper's notes, "Augment tiny": after the crop, in random order.
 AUGMENT_TINY_MEMBERS = [
     {"name": "random_gamma", "gamma": [0.5, 1.5], "p": 0.5},
     {"name": "random_translate", "translate": 0.2, "diagonal": True, "p": 1.0},

@@ -92,10 +92,10 @@ def test_registry_has_every_paper_row_and_the_cyclic_extra():
     assert load_config(["--common.config-file", pt.config_path(cyclic)]).scheduler.name == "cyclic"
 
 
-# ../shared/paper/authors_runs.json (beside the repository, as in CI) says which run of the authors
+# config/paper/authors_runs.json says which run of the authors
 # each row reproduces: "log:..." a logged run, "cfg:..." a config (or one plus the row's change),
 # rows_without_reference: none. The extra cyclic row reproduces the logged cyclic run.
-AUTHORS_RUNS = ROOT.parent / "shared" / "paper" / "authors_runs.json"
+AUTHORS_RUNS = ROOT / "config" / "paper" / "authors_runs.json"
 
 
 def test_verified_says_what_each_row_was_checked_against():
