@@ -1,19 +1,42 @@
-"""Shared fixtures: a small fake TinyImageNet tree, written once per test session."""
+"""Session set-up: one thread everywhere, the `slow` and `cuda` markers, the shared fake tree."""
 import os
 import shutil
 
 import pytest
+import torch
 
 from data.fake import make_fake_tinyimagenet
+from helpers import FAKE_TREE, ONE_THREAD, tiny_args
 
-# 4 classes x (12 train + 4 val + 2 test) images: enough for every layout rule, fast to write.
-FAKE_TREE = dict(classes=4, train_per_class=12, val_per_class=4, test_per_class=2, seed=0)
+# This process now, every child process it starts (they inherit the environment) later.
+torch.set_num_threads(1)
+os.environ.update(ONE_THREAD)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(no_gpu)
 
 
 @pytest.fixture(scope="session")
 def fake_root(tmp_path_factory) -> str:
     """Path of the shared fake tree. Treat it as read-only; use fake_copy to change files."""
     return make_fake_tinyimagenet(os.path.join(tmp_path_factory.mktemp("data"), "tiny-imagenet-200"), **FAKE_TREE)
+
+
+@pytest.fixture(scope="session")
+def trained_run(fake_root, tmp_path_factory):
+    """The folder of a finished two-epoch helpers.tiny_args run (EMA on), shared read-only by the
+    tests that only read a run's checkpoints and records."""
+    from engine.commands import train
+
+    results = tmp_path_factory.mktemp("trained")
+    assert train(tiny_args(fake_root, results, "trained", 2)) == 0
+    return results / "trained"
 
 
 @pytest.fixture
@@ -24,13 +47,8 @@ def fake_copy(fake_root, tmp_path) -> str:
                            ignore=shutil.ignore_patterns("cache"))
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread():
-    """One intra-op thread for the test: small models and batches run fastest on one, and several
-    threads' OpenMP barriers stall badly whenever other jobs share the cores (a CI runner)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """Every test starts on one intra-op thread, whatever an earlier test set (a benchmark's --threads)."""
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)

@@ -1,5 +1,5 @@
-"""Every YAML under config/ passes the up-front checks, builds its whole pipeline and takes one
-training step on a real batch of its own data pipeline (the shared fake tree, so it is quick)."""
+"""Every YAML under config/ passes the up-front checks (fast), and builds its whole pipeline and
+takes one training step on a real batch of its own data pipeline (slow: every model at full size)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -21,13 +21,25 @@ def test_config_folder_is_found():
     assert len(CONFIGS) >= 30
 
 
+def up_front_checked(path: Path):
+    """The config of `path` after the checks the front door runs before touching data or model."""
+    cfg = load_config(["--common.config-file", str(path)])
+    cvnets.check_config(cfg.model)
+    data.check_config(cfg)
+    optim.check_config(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
+def test_config_passes_the_up_front_checks(path):
+    assert up_front_checked(path).common.config_file == str(path)
+
+
+@pytest.mark.slow  # every model at its full size, ResNet-50 included
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(CONFIG_DIR)))
 def test_config_builds_and_trains_one_step(path, fake_root):
     torch.manual_seed(0)
-    cfg = load_config(["--common.config-file", str(path)])
-    cvnets.check_config(cfg.model)  # the checks the front door runs before touching data or model
-    data.check_config(cfg)
-    optim.check_config(cfg)
+    cfg = up_front_checked(path)
     # The row's own settings on a small fake tree: a few images per batch, no worker processes.
     cfg = override(cfg, {"dataset.root": fake_root, "dataset.fake.enable": False, "dataset.cache": "none",
                          "dataset.workers": 0, "dataset.train_batch_size": 2, "dataset.val_batch_size": 2,

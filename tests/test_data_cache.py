@@ -15,9 +15,8 @@ from PIL import Image
 import data.cache
 from data.base import DatasetError, decode_image
 from data.tinyimagenet import TinyImageNet
+from helpers import REPO
 from options.files import DiskFullError
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cache_files(root, split="train"):
@@ -175,6 +174,7 @@ def test_interrupted_build_leaves_no_cache_behind(fake_copy, monkeypatch):
     assert os.listdir(os.path.join(fake_copy, "cache")) == []
 
 
+@pytest.mark.slow
 def test_a_killed_builders_temporary_file_is_removed_by_the_next_build(fake_copy):
     """kill -9 during the build leaves the temporary file; the next build removes it."""
     script = textwrap.dedent(f"""

@@ -145,9 +145,3 @@ def test_missing_root_without_a_source_explains_every_option(tmp_path):
 def test_missing_local_archive_is_named(tmp_path):
     with pytest.raises(DatasetError, match="dataset.archive: .*nope.zip does not exist"):
         prepare_root(DatasetConfig(root=str(tmp_path / "r"), archive=str(tmp_path / "nope.zip")))
-
-
-def test_official_archive_facts():
-    assert data.archive.OFFICIAL == ArchiveSpec(
-        "http://cs231n.stanford.edu/tiny-imagenet-200.zip", 248_100_043, "90528d7ca1a48142e341f4ef8d21d0de"
-    )

@@ -8,12 +8,10 @@ import torch
 from PIL import Image
 
 import data.fake
-from conftest import FAKE_TREE
 from data.base import CorruptImageError, DatasetError, decode_image
 from data.fake import make_fake_tinyimagenet
 from data.tinyimagenet import TinyImageNet, read_classes
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import FAKE_TREE
 
 
 def lines(path):
@@ -242,7 +240,7 @@ def test_fake_tree_is_written_atomically(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-def test_fake_images_are_learnable_by_a_small_cnn(fake_root, one_thread):
+def test_fake_images_are_learnable_by_a_small_cnn(fake_root):
     """A tiny CNN on random resized crops + flips beats chance (25%) on val within a few epochs."""
     import numpy as np
 

@@ -10,13 +10,10 @@ import textwrap
 import pytest
 import torch
 
-from conftest import FAKE_TREE
 from data import Loader, Loaders, build_eval_loader, build_loaders, check_config
+from helpers import FAKE_TREE, REPO
 from options.config import load_config
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # small batches run fastest on one thread
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_TRAIN = FAKE_TREE["classes"] * FAKE_TREE["train_per_class"]
 N_VAL = FAKE_TREE["classes"] * FAKE_TREE["val_per_class"]
 
@@ -125,14 +122,8 @@ def test_check_config_names_the_key_before_any_data_is_read(tmp_path, flags, mes
     assert not os.path.exists(tmp_path / "no-dataset-here")
 
 
-def test_check_config_accepts_every_config_in_the_repository():
-    for folder, _, files in os.walk(os.path.join(REPO, "config")):
-        for name in files:
-            if name.endswith(".yaml"):
-                check_config(load_config(["--common.config-file", os.path.join(folder, name)]))
-
-
 # ----------------------------------------------------------------------------- signals
+@pytest.mark.slow
 def test_loader_workers_leave_signals_to_the_main_process(fake_root, tmp_path):
     """SIGTERM to the whole process group (as timeout or SLURM send it) while iterating with
     workers: the main process gets it, the epoch still completes (no worker died), and the
@@ -160,6 +151,7 @@ def test_loader_workers_leave_signals_to_the_main_process(fake_root, tmp_path):
     assert f"batches {N_TRAIN // 4} of {N_TRAIN // 4} received [{int(signal.SIGTERM)}]" in done.stdout
 
 
+@pytest.mark.slow
 def test_workers_ignore_interrupts_and_end_when_their_loader_ends_them(fake_root):
     """Ctrl-C and SLURM's SIGUSR1 reach the main process only; the main process's own SIGTERM
     (multiprocessing's terminate()) still ends a worker."""

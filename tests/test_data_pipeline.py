@@ -7,15 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import FAKE_TREE
 from data import build_eval_loader, build_loaders
 from data.augment import Augmentation, MixupCutmix, Normalize, build_augmentation
 from data.base import BatchSpec, RawBatch
 from data.loaders import DeviceSplit, placement
 from data.transforms import build_transforms
+from helpers import FAKE_TREE
 from options.config import load_config
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # small batches run fastest on one thread
 
 N_TRAIN = FAKE_TREE["classes"] * FAKE_TREE["train_per_class"]
 DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])

@@ -11,8 +11,6 @@ import torchvision.transforms.v2.functional as TF
 
 from data.transforms import TRANSFORMS, build_transform, build_transforms, resample, select
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # small batches run fastest on one thread
-
 # Settings that make each transform act (p = 1) so the contract test exercises its real path.
 ACTIVE = {
     "cutout": {"p": 1.0}, "random_erasing": {"p": 1.0}, "random_gauss_noise": {"p": 1.0},

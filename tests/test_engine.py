@@ -16,7 +16,7 @@ from engine.ema import ModelEMA
 from engine.loops import LoopOptions, NonFiniteLossError, Progress, optimizer_steps, train_one_epoch
 from engine.run_folder import RunFolder, read_summary
 from engine.trainer import config_changes, format_duration
-from engine_helpers import REPO, assert_same_weights, last_state, read_rows, tiny_args
+from helpers import REPO, assert_same_weights, child_env, free_port, last_state, read_rows, tiny_args
 from options.config import load_config
 
 logger = logging.getLogger("cvnets")
@@ -97,19 +97,17 @@ def test_ema_warmup_follows_the_model_first_then_settles_to_the_momentum():
 
 
 # ----------------------------------------------------------------------------- whole runs
-def test_exact_resume_matches_uninterrupted_run(fake_root, tmp_path):
-    assert train(tiny_args(fake_root, tmp_path, "full")) == 0
-
+def test_exact_resume_matches_uninterrupted_run(fake_root, trained_run, tmp_path):
     trainer, folder = open_trainer(tiny_args(fake_root, tmp_path, "split"), tmp_path / "split")
     trainer.run(folder, stop_after_epoch=1)
     folder.close(logger)
     assert last_state(tmp_path / "split")["progress"]["epoch"] == 1
     assert train(tiny_args(fake_root, tmp_path, "split", 2, "--common.resume", "auto")) == 0
 
-    full, split = last_state(tmp_path / "full"), last_state(tmp_path / "split")
+    full, split = last_state(trained_run), last_state(tmp_path / "split")  # the same run, uninterrupted
     assert_same_weights(full["model"], split["model"])
     assert_same_weights(full["ema"]["module"], split["ema"]["module"])
-    assert read_rows(tmp_path / "full") == read_rows(tmp_path / "split")
+    assert read_rows(trained_run) == read_rows(tmp_path / "split")
     summary = read_summary(str(tmp_path / "split"))
     assert summary["state"] == "finished" and summary["epochs_done"] == 2 and summary["resumes"] == 1
 
@@ -217,9 +215,8 @@ def test_the_eta_counts_the_rest_of_the_run(fake_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------- main_eval
-def test_main_eval_reproduces_best_val_top1_and_writes_outputs(fake_root, tmp_path):
-    assert train(tiny_args(fake_root, tmp_path, "ev", 2)) == 0
-    run_dir = tmp_path / "ev"
+def test_main_eval_reproduces_best_val_top1_and_writes_outputs(fake_root, trained_run, tmp_path):
+    run_dir = trained_run
     best = max(read_rows(run_dir), key=lambda r: r["val_top1"])
     out_json = tmp_path / "out" / "eval.json"  # a missing folder is created
     assert evaluate(["--model.checkpoint", str(run_dir / "checkpoint_best.pt"), "--eval.output-json", str(out_json),
@@ -242,9 +239,8 @@ def test_main_eval_reproduces_best_val_top1_and_writes_outputs(fake_root, tmp_pa
     assert all(r[0].startswith("test_") and r[1] in wnids for r in rows[1:])
 
 
-def test_main_eval_rejects_a_different_model_config_and_folder_outputs(fake_root, tmp_path, capsys):
-    assert train(tiny_args(fake_root, tmp_path, "mm", 1)) == 0
-    best = str(tmp_path / "mm" / "checkpoint_best.pt")
+def test_main_eval_rejects_a_different_model_config_and_folder_outputs(trained_run, tmp_path, capsys):
+    best = str(trained_run / "checkpoint_best.pt")
     for argv, words in (
         (["--common.config-file", os.path.join(REPO, "config", "mobilevit_x_small.yaml")], "model.mobilevit.mode"),
         (["--eval.output-json", str(tmp_path)], "is a folder"),
@@ -254,21 +250,18 @@ def test_main_eval_rejects_a_different_model_config_and_folder_outputs(fake_root
         assert e.value.code == 2 and words in capsys.readouterr().err
 
 
-def test_main_eval_prints_the_config_it_would_evaluate_with(fake_root, tmp_path, capsys):
-    assert train(tiny_args(fake_root, tmp_path, "pc", 1)) == 0
-    capsys.readouterr()
+def test_main_eval_prints_the_config_it_would_evaluate_with(trained_run, capsys):
     with pytest.raises(SystemExit) as e:
-        evaluate(["--model.checkpoint", str(tmp_path / "pc" / "checkpoint_best.pt"), "--eval.split", "test",
+        evaluate(["--model.checkpoint", str(trained_run / "checkpoint_best.pt"), "--eval.split", "test",
                   "--print-config"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "mode: tiny" in out and "split: test" in out  # the checkpoint's config + flags
 
 
-def test_fine_tune_from_a_checkpoint_keeps_matching_weights(fake_root, tmp_path):
-    assert train(tiny_args(fake_root, tmp_path, "pre", 1)) == 0
-    source = ckpt.load(str(tmp_path / "pre" / "checkpoint_best.pt"))["model"]
+def test_fine_tune_from_a_checkpoint_keeps_matching_weights(fake_root, trained_run, tmp_path):
+    source = ckpt.load(str(trained_run / "checkpoint_best.pt"))["model"]
     cfg = load_config(tiny_args(fake_root, tmp_path, "ft", 1, "--model.checkpoint",
-                                str(tmp_path / "pre" / "checkpoint_best.pt"), "--model.num-classes", "7"))
+                                str(trained_run / "checkpoint_best.pt"), "--model.num-classes", "7"))
     own = build_trainer(cfg, setup_process(cfg)).parts.model.state_dict()
     fresh = [k for k in own if own[k].shape != source[k].shape]
     assert fresh and all(k.startswith("classifier") for k in fresh)
@@ -301,6 +294,7 @@ def test_schedules_end_on_their_last_value_with_variable_epoch_lengths(fake_root
                         rel_tol=1e-9)
 
 
+@pytest.mark.slow  # a whole run of 120 steps
 def test_a_quickstart_sized_run_ends_with_its_ema_close_to_the_model(tmp_path):
     """About the quickstart's 100 optimizer steps: with the EMA warmup the average ends within a
     few points of the model (without it, it stays near chance: the initial BatchNorm statistics)."""
@@ -319,11 +313,10 @@ def test_a_quickstart_sized_run_ends_with_its_ema_close_to_the_model(tmp_path):
     assert last["ema_val_top1"] >= last["val_top1"] - 5
 
 
-def test_a_trusted_format_1_checkpoint_upgrades_once_and_then_evaluates(fake_root, tmp_path, capsys):
+def test_a_trusted_format_1_checkpoint_upgrades_once_and_then_evaluates(trained_run, tmp_path, capsys):
     import numpy as np
 
-    assert train(tiny_args(fake_root, tmp_path, "v1", 1)) == 0
-    state = ckpt.load(str(tmp_path / "v1" / "checkpoint_best.pt"))
+    state = ckpt.load(str(trained_run / "checkpoint_best.pt"))
     old = {k: v for k, v in state.items() if k not in ("kind", "class_names")}
     old["version"] = 1
     old["config"]["common"]["log_freq"] = old["config"]["common"].pop("log_every_batches")  # 0.1's key
@@ -342,16 +335,14 @@ def test_a_trusted_format_1_checkpoint_upgrades_once_and_then_evaluates(fake_roo
     assert "top1:" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_on_cpu(fake_root, tmp_path):
     import subprocess
     import sys
 
-    from engine_helpers import free_port
-
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            os.path.join(REPO, "main_train.py"), *tiny_args(fake_root, tmp_path, "ddp", 1)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=child_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (row,) = read_rows(tmp_path / "ddp")  # only rank 0 writes
     assert row["val_images"] == 4 * 4  # shards are disjoint and complete: each image counted once

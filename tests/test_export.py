@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
 
@@ -19,10 +20,9 @@ from cvnets.mobilevit import MobileViTBlock
 from data.tinyimagenet import read_classes
 from engine import checkpoint as ckpt
 from engine.commands import export
+from helpers import randomize_batchnorm
 from options.config import load_config, to_dict
 from tools import benchmark
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # small batches run fastest on one thread
 
 # xx_small without layers 3 and 4: one MobileViT block, at stride 32, where 64 px gives 2x2
 # maps holding a single patch (which torch.export must not specialise on) and 96 px gives 3x3
@@ -35,24 +35,10 @@ FOLD_MODELS = {
 }
 
 
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Trained-looking BatchNorm statistics and affine parameters (fresh ones fold to the identity)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm2d, nn.SyncBatchNorm)):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=generator) * 2 - 1)
-                m.running_var.copy_(torch.rand(n, generator=generator) * 2 + 0.1)
-                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=generator) - 0.5)
-    return model.eval()
-
-
 def write_checkpoint(path: Path, argv: Sequence[str], wnids: List[str]) -> nn.Module:
     """A checkpoint in the format the trainer writes, from build_model and the config dict."""
     cfg = load_config(list(argv))
-    model = randomize_batchnorm(build_model(cfg.model, len(wnids)))
+    model = randomize_batchnorm(build_model(cfg.model, len(wnids))).eval()
     ckpt.save({"kind": ckpt.WEIGHTS, "model": model.state_dict(), "config": to_dict(cfg), "num_classes": len(wnids),
                "wnids": list(wnids), "params": sum(p.numel() for p in model.parameters()),
                "is_ema": False, "epoch": 3}, str(path))
@@ -73,7 +59,7 @@ def fake_wnids(count: int = 4) -> List[str]:
 # ----------------------------------------------------------------------------- BatchNorm folding
 @pytest.mark.parametrize("name", sorted(FOLD_MODELS))
 def test_folding_is_exact_and_leaves_no_batchnorm_after_a_conv(name):
-    model = randomize_batchnorm(build_model(load_config(FOLD_MODELS[name]).model, 10))
+    model = randomize_batchnorm(build_model(load_config(FOLD_MODELS[name]).model, 10)).eval()
     before = count_batchnorms(model)
     folded, pairs = fold_batchnorm(model)
 
@@ -88,7 +74,7 @@ def test_folding_is_exact_and_leaves_no_batchnorm_after_a_conv(name):
 
 def test_folding_handles_groups_and_an_existing_bias():
     conv = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=True)
-    model = randomize_batchnorm(nn.Sequential(conv, nn.BatchNorm2d(8)))
+    model = randomize_batchnorm(nn.Sequential(conv, nn.BatchNorm2d(8))).eval()
     folded, pairs = fold_batchnorm(model)
     assert pairs == 1 and isinstance(folded[1], nn.Identity)
     x = torch.randn(2, 8, 5, 5)
@@ -111,7 +97,7 @@ def test_folding_copies_a_training_model_and_keeps_sync_batchnorm_foldable():
 @pytest.mark.parametrize("fusion", ["concat_conv", "residual"])
 def test_any_size_blocks_match_the_original_at_every_size(fusion):
     cfg = load_config(SMALL_MOBILEVIT + ["--model.mobilevit.fusion", fusion])
-    model = randomize_batchnorm(build_model(cfg.model, 10))
+    model = randomize_batchnorm(build_model(cfg.model, 10)).eval()
     wrapped, _ = fold_batchnorm(model)
     assert make_any_size(wrapped) == 1
     blocks = [m for m in wrapped.modules() if isinstance(m, MobileViTBlock)]
@@ -201,6 +187,7 @@ def onnx_checkpoint(tmp_path):
     return checkpoint, model
 
 
+@pytest.mark.slow  # torch.export and ONNX Runtime: seconds per export
 def test_onnx_static_export_runs_in_onnxruntime_at_64(onnx_checkpoint, tmp_path):
     checkpoint, model = onnx_checkpoint
     output = tmp_path / "static.onnx"
@@ -215,6 +202,7 @@ def test_onnx_static_export_runs_in_onnxruntime_at_64(onnx_checkpoint, tmp_path)
         run(torch.rand(1, 3, 96, 96))
 
 
+@pytest.mark.slow  # torch.export and ONNX Runtime: seconds per export
 def test_onnx_dynamic_shape_runs_in_onnxruntime_at_96(onnx_checkpoint, tmp_path):
     checkpoint, model = onnx_checkpoint
     output = tmp_path / "dynamic.onnx"
@@ -283,7 +271,7 @@ def test_parity_failure_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys
 
 
 # ----------------------------------------------------------------------------- latency
-def test_latency_benchmark_rows(tmp_path, capsys):
+def test_latency_gives_a_row_per_runtime_and_batch_size(tmp_path, capsys):
     config = tmp_path / "small.yaml"
     config.write_text("model:\n  mobilevit: {mode: xx_small, remove_layers: [3, 4]}\n")
     out = tmp_path / "latency.json"
@@ -291,11 +279,34 @@ def test_latency_benchmark_rows(tmp_path, capsys):
                     "--threads", "1", "--repeats", "3", "--warmup", "1", "--runtimes", "eager,torchscript",
                     "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["runtime"], r["batch"]) for r in rows] == [
-        ("eager", 1), ("torchscript", 1), ("eager", 2), ("torchscript", 2)]
-    for row in rows:
-        assert row["threads"] == 1 and 0 < row["min_ms"] <= row["median_ms"] <= row["p90_ms"]
+    assert [(r["model"], r["runtime"], r["batch"], r["threads"]) for r in rows] == [
+        ("small", "eager", 1, 1), ("small", "torchscript", 1, 1), ("small", "eager", 2, 1), ("small", "torchscript", 2, 1)]
     assert "median ms" in capsys.readouterr().out
+
+
+class _Sleeper(nn.Module):
+    """A model whose forward pass takes a known time: SLEEP_MS per image."""
+
+    SLEEP_MS = 4
+
+    def forward(self, images):
+        time.sleep(self.SLEEP_MS * len(images) / 1000)
+        return images.mean(dim=(2, 3))
+
+
+def test_latency_times_one_call_of_the_model_in_milliseconds(tmp_path, monkeypatch):
+    import cvnets
+
+    monkeypatch.setattr(cvnets, "build_model", lambda cfg, classes: _Sleeper())
+    out = tmp_path / "latency.json"
+    benchmark.main(["latency", "--batch-sizes", "1", "3", "--threads", "1", "--repeats", "5", "--warmup", "1",
+                    "--runtimes", "eager", "--json", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [1, 3]
+    for row in rows:
+        call_ms = _Sleeper.SLEEP_MS * row["batch"]  # the sleep alone; the call can only take longer
+        assert call_ms <= row["min_ms"] and call_ms <= row["median_ms"] < call_ms + 40
+        assert row["images_per_s"] == pytest.approx(1000 * row["batch"] / row["median_ms"])
 
 
 def test_latency_skips_onnxruntime_with_a_note_when_it_is_missing(tmp_path, monkeypatch, capsys):

@@ -20,10 +20,9 @@ from cvnets import MODELS, build_model, check_config
 from cvnets.fuse import count_batchnorms, fold_batchnorm
 from cvnets.layers import ConvNormAct, Dropout, MultiHeadAttention, SiLU, make_divisible
 from cvnets.mobilevit import VARIANTS, MobileViTBlock
+from helpers import REPO, randomize_batchnorm
 from options.config import from_dict, load_config
 from options.schema import ModelConfig
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def model_cfg(**model: Any) -> ModelConfig:
@@ -49,20 +48,6 @@ def unchecked(section: Any, **changes: Any) -> Any:
 
 def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Trained-looking BatchNorm statistics and affine parameters (fresh ones are the identity)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=generator) * 2 - 1)
-                m.running_var.copy_(torch.rand(n, generator=generator) * 2 + 0.1)
-                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=generator) - 0.5)
-    return model
 
 
 @functools.lru_cache(maxsize=None)
@@ -124,7 +109,7 @@ CONFIG_COUNTS = {
 
 @pytest.mark.parametrize("config", sorted(CONFIG_COUNTS))
 def test_config_files_build_the_paper_models(config: str) -> None:
-    cfg = load_config(["--common.config-file", os.path.join(ROOT, "config", config)])
+    cfg = load_config(["--common.config-file", os.path.join(REPO, "config", config)])
     assert n_params(build_model(cfg.model, 200)) == CONFIG_COUNTS[config]
 
 
@@ -517,27 +502,34 @@ def _params_lines(text: str):
     return [line for line in text.splitlines() if line.startswith("params:")]
 
 
-def test_model_summary_script_tiny() -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "tools.model_summary", "--common.config-file",
-         os.path.join(ROOT, "config", "mobilevit_tiny.yaml")],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    assert _params_lines(result.stdout) == ["params: 817,128"]
-    assert "layer5 MobileViT block: feature 8x8 -> P=4 x N=16, d=144" in result.stdout
-    assert result.stdout.count("MobileViT block") == 1
-    assert "flops:" in result.stdout
-
-
 def _summary_main():
     from tools.model_summary import main
 
     return main
 
 
+def test_model_summary_tiny(capsys) -> None:
+    assert _summary_main()(["--common.config-file", os.path.join(REPO, "config", "mobilevit_tiny.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert _params_lines(out) == ["params: 817,128"]
+    assert "layer5 MobileViT block: feature 8x8 -> P=4 x N=16, d=144" in out
+    assert out.count("MobileViT block") == 1
+    assert "flops:" in out
+
+
+@pytest.mark.slow  # a process of its own
+def test_model_summary_runs_as_a_module() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tools.model_summary", "--common.config-file",
+         os.path.join(REPO, "config", "mobilevit_tiny.yaml")],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert _params_lines(result.stdout) == ["params: 817,128"]
+
+
 def test_model_summary_resnet_imagenet_stem(capsys) -> None:
-    config = os.path.join(ROOT, "config", "resnet18.yaml")
+    config = os.path.join(REPO, "config", "resnet18.yaml")
     assert _summary_main()(["--common.config-file", config, "--model.resnet.stem", "imagenet"]) == 0
     out = capsys.readouterr().out
     assert _params_lines(out) == ["params: 11,279,112"]

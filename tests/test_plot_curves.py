@@ -89,6 +89,7 @@ def test_a_folder_of_runs_plots_each_run(tmp_path):
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # two processes importing torch and matplotlib
 @pytest.mark.parametrize("command", [["-m", "tools.plot_curves"], ["tools/plot_curves.py"]])
 def test_runs_as_a_module_and_as_a_file(tmp_path, command):
     run = make_run(tmp_path / "run", 2)

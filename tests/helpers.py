@@ -1,0 +1,85 @@
+"""Pieces shared by the test modules: the fake tree's size, the environment of child processes,
+a tiny training run's arguments and readers of its run folder, trained-looking BatchNorms."""
+import json
+import os
+import socket
+
+import torch
+from torch import nn
+
+from engine import checkpoint as ckpt
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# 4 classes x (12 train + 4 val + 2 test) images: enough for every layout rule, fast to write.
+FAKE_TREE = dict(classes=4, train_per_class=12, val_per_class=4, test_per_class=2, seed=0)
+
+# One intra-op thread in the test process and in every child it starts: the models and batches
+# are small (one thread is fastest), several threads' OpenMP barriers stall badly whenever other
+# jobs share the cores, and runs in different processes must compute bit-identical weights.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+TIMING_KEYS = {"images_per_second", "epoch_seconds", "train_seconds"}
+
+
+def child_env(**extra: str) -> dict:
+    """The environment for a child process: this one's, one thread, unbuffered output, `extra`."""
+    return {**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def tiny_args(root, results, label="run", epochs=2, *extra):
+    """A MobileViT-Tiny run small enough for a unit test: 32 px crops, batches of 8, no workers."""
+    return [
+        "--common.config-file", os.path.join(REPO, "config", "mobilevit_tiny.yaml"),
+        "--dataset.root", str(root),
+        "--dataset.workers", "0",
+        "--dataset.train-batch-size", "8",
+        "--dataset.val-batch-size", "8",
+        "--sampler.crop-size", "32",
+        "--image-augmentation.val", "[{name: resize, size: 36}, {name: center_crop, size: 32}]",
+        "--scheduler.max-epochs", str(epochs),
+        "--scheduler.warmup-iterations", "3",
+        "--ema.enable", "true",
+        "--ema.momentum", "0.1",
+        "--common.results-loc", str(results),
+        "--common.run-label", label,
+        "--common.log-every-batches", "2",
+        *extra,
+    ]
+
+
+def read_rows(run_dir):
+    """metrics.jsonl without the timing fields (which differ between otherwise equal runs)."""
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in f]
+
+
+def last_state(run_dir):
+    return ckpt.load(os.path.join(run_dir, "checkpoint_last.pt"))
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Trained-looking BatchNorm statistics and affine parameters (fresh ones are the identity,
+    which would hide a folding or fusion bug); the model's train/eval mode is left as it was."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):  # BatchNorm1d/2d and SyncBatchNorm
+                n = m.num_features
+                m.running_mean.copy_(torch.rand(n, generator=generator) * 2 - 1)
+                m.running_var.copy_(torch.rand(n, generator=generator) * 2 + 0.1)
+                m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
+                m.bias.copy_(torch.rand(n, generator=generator) - 0.5)
+    return model
