@@ -197,6 +197,13 @@ class StagedClassifier(nn.Module):
         self.num_features = channels
         self.classifier = nn.Sequential(Dropout(dropout), nn.Linear(channels, num_classes))
 
+    def freeze_backbone(self) -> None:
+        """Train the classifier alone (linear probing): the stages get no gradients and always run
+        as in evaluation, BatchNorm on its running statistics and dropout off, whatever
+        train() says, so the features stay those of the pretrained network."""
+        self.stages.requires_grad_(False)
+        self.stages.register_forward_pre_hook(_run_in_eval_mode)
+
     def stage_outputs(self, x: Tensor) -> Dict[str, Tensor]:
         """Every stage's output by stage name, then the logits under "classifier"."""
         outputs: Dict[str, Tensor] = {}
@@ -210,3 +217,7 @@ class StagedClassifier(nn.Module):
             x = stage(x)
         # Global mean pool: [B, C, H, W] -> [B, C]
         return self.classifier(x.mean(dim=(2, 3)))
+
+
+def _run_in_eval_mode(module: nn.Module, args: object) -> None:
+    module.eval()
