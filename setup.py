@@ -10,10 +10,12 @@ setup(
     packages=["cvnets", "data", "loss_fn", "optim", "engine", "options", "tools"],
     install_requires=["torch>=2.1", "torchvision>=0.16", "pyyaml>=6", "numpy", "tqdm", "pillow"],
     extras_require={
-        "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime", "timm", "tensorboard", "submitit"],
+        "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime", "timm", "tensorboard", "submitit",
+                 "transformers", "safetensors"],
         "export": ["onnx", "onnxscript", "onnxruntime"],
         "plots": ["matplotlib"],
         "bench": ["timm"],
+        "pretrained": ["safetensors"],
         "tensorboard": ["tensorboard"],
         "cluster": ["submitit"],
     },

@@ -202,7 +202,7 @@ class StagedClassifier(nn.Module):
         as in evaluation, BatchNorm on its running statistics and dropout off, whatever
         train() says, so the features stay those of the pretrained network."""
         self.stages.requires_grad_(False)
-        self.stages.register_forward_pre_hook(_run_in_eval_mode)
+        self.register_forward_pre_hook(_stages_in_eval_mode)  # the ModuleDict itself is never called
 
     def stage_outputs(self, x: Tensor) -> Dict[str, Tensor]:
         """Every stage's output by stage name, then the logits under "classifier"."""
@@ -219,5 +219,5 @@ class StagedClassifier(nn.Module):
         return self.classifier(x.mean(dim=(2, 3)))
 
 
-def _run_in_eval_mode(module: nn.Module, args: object) -> None:
-    module.eval()
+def _stages_in_eval_mode(model: "StagedClassifier", args: object) -> None:
+    model.stages.eval()
