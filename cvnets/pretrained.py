@@ -23,7 +23,7 @@ import re
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cvnets.export import MissingExtraError
 from cvnets.mobilevit import HEAD_EXPANSION, HEAD_MAX_CHANNELS, VARIANTS, ViTLayer, removed_layers
@@ -140,7 +140,8 @@ def _unit(fmt: str, prefix: str, part: str) -> str:
     return f"{prefix}.{_UNIT[fmt][0 if part == 'conv' else 1]}"
 
 
-def _mobilevit_place(fmt: str, module: str, vit_layers: Sequence[int], transformer_blocks: Mapping[int, int]) -> Optional[Tuple[str, ...]]:
+def _mobilevit_place(fmt: str, module: str, vit_layers: Sequence[int],
+                     transformer_blocks: Mapping[int, int]) -> Optional[Tuple[str, ...]]:
     """The file's module path(s) for one of our MobileViT modules (path without the parameter name)."""
     col = _COLUMN[fmt]
     root = {"timm": "", "cvnets": "", "hf": "mobilevit."}[fmt]
@@ -154,7 +155,8 @@ def _mobilevit_place(fmt: str, module: str, vit_layers: Sequence[int], transform
     if not m:
         return None
     layer, index, rest = int(m[1]), int(m[2]), m[3]
-    stage = {"timm": f"stages.{layer - 1}", "cvnets": f"layer_{layer}", "hf": f"mobilevit.encoder.layer.{layer - 1}"}[fmt]
+    stage = {"timm": f"stages.{layer - 1}", "cvnets": f"layer_{layer}",
+             "hf": f"mobilevit.encoder.layer.{layer - 1}"}[fmt]
     m = re.fullmatch(r"block\.(\d)\.(conv|norm)", rest)
     if m:  # an inverted residual: the MV2 stages' blocks, or the strided one opening a MobileViT layer
         if fmt == "hf":
@@ -182,8 +184,9 @@ def _mobilevit_place(fmt: str, module: str, vit_layers: Sequence[int], transform
     return None
 
 
-def _resnet_place(fmt: str, module: str) -> Optional[Tuple[str, ...]]:
-    """The file's module path for one of our ResNet modules (timm/torchvision or ml-cvnets layout)."""
+def _resnet_place(fmt: str, module: str, convs: int) -> Optional[Tuple[str, ...]]:
+    """The file's module path for one of our ResNet modules (timm/torchvision or ml-cvnets layout);
+    `convs`: convolutions per residual branch (2 basic, 3 bottleneck)."""
     cvnets = fmt == "cvnets"
     if module == "classifier.1":
         return ("classifier.classifier_fc" if cvnets else "fc",)
@@ -200,7 +203,9 @@ def _resnet_place(fmt: str, module: str) -> Optional[Tuple[str, ...]]:
         block = f"layer_{layer + 1}.block_{index}"
         if conv is None:
             return (f"{block}.down_sample.block.{part}",)
-        return (f"{block}.block.{{}}.block.{part}",)  # filled in by the caller, which knows the block's depth
+        # conv_batch_act_1 (, conv_batch_act_2), then conv_batch_2 (or _3) without activation
+        unit = f"conv_batch_{convs}" if int(conv) == convs - 1 else f"conv_batch_act_{int(conv) + 1}"
+        return (f"{block}.block.{unit}.block.{part}",)
     block = f"layer{layer}.{index}"
     if conv is None:
         return (f"{block}.downsample.{'0' if part == 'conv' else '1'}",)
@@ -223,17 +228,12 @@ def places(fmt: str, cfg: ModelConfig, own: Mapping[str, Tensor]) -> Places:
         place: Callable[[str], Optional[Tuple[str, ...]]] = lambda m: _mobilevit_place(fmt, m, vit, depth)
     else:
         _check_resnet_stem(fmt, cfg.resnet.stem)
-        place = lambda m: _resnet_place(fmt, m)
-    convs_per_block = 3 if cfg.name == "resnet" and cfg.resnet.depth == 50 else 2
+        convs = 3 if cfg.resnet.depth == 50 else 2
+        place = lambda m: _resnet_place(fmt, m, convs)
     for module in modules:
         found = place(module)
         if found is None:
             raise WeightMappingError(f"no {fmt} name known for this model's {module}")
-        if "{}" in found[0]:  # ml-cvnets ResNet: the unit's name depends on its position and the block's depth
-            j = int(re.search(r"residual\.(\d)", module)[1])
-            names = ("conv_batch_act_1", "conv_batch_act_2", "conv_batch_3")[:convs_per_block]
-            name = names[j] if j < convs_per_block - 1 else f"conv_batch_{convs_per_block}"
-            found = (found[0].format(name),)
         result[module] = found
     return result
 
@@ -299,6 +299,34 @@ def to_project(fmt: str, cfg: ModelConfig, own: Mapping[str, Tensor], source: Ma
         raise WeightMappingError(f"the {fmt} weights do not map exactly onto {_describe(cfg)}: {ours}; "
                                  f"{theirs} ({counts}); {_shape_hint(cfg)}")
     return result, kept
+
+
+def import_model(fmt: str, cfg: ModelConfig, state: Mapping[str, Tensor], num_classes: Optional[int] = None,
+                 input_order: str = "rgb") -> Tuple[nn.Module, List[str]]:
+    """Our model (in eval mode) holding a foreign state dict's weights, and report lines.
+
+    The classifier keeps the file's class count, unless `num_classes` asks for another: then it
+    keeps its fresh initialisation. input_order "bgr": the file's network was trained on BGR
+    images; its stem is flipped to read RGB (see `flip_stem_channels`).
+    """
+    from cvnets import build_model
+
+    probe = build_model(cfg, 1).state_dict()
+    head = places(fmt, cfg, probe)["classifier.1"][0] + ".weight"
+    classes = int(state[head].shape[0]) if head in state else 1  # no head: to_project names it below
+    model = build_model(cfg, classes)
+    weights, kept = to_project(fmt, cfg, model.state_dict(), state)
+    if input_order == "bgr":
+        flip_stem_channels(weights, cfg)
+    model.load_state_dict({**model.state_dict(), **weights})
+    lines = [f"{fmt} layout: {len(state)} tensors mapped onto {len(weights)} of the model's {len(model.state_dict())}"
+             + (f" ({len(kept)} BatchNorm counters absent from the file: left at 0)" if kept else "")]
+    if num_classes is not None and num_classes != classes:
+        fresh = build_model(cfg, num_classes)
+        fresh.stages.load_state_dict(model.stages.state_dict())
+        model = fresh
+        lines.append(f"classifier re-initialised for {num_classes} classes (the file has {classes})")
+    return model.eval(), lines
 
 
 def from_project(fmt: str, cfg: ModelConfig, own: Mapping[str, Tensor]) -> StateDict:

@@ -8,7 +8,6 @@ ml-cvnets' stem.
 """
 import logging
 import os
-import pickle
 import re
 import subprocess
 import sys
@@ -29,6 +28,7 @@ timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
 torchvision = pytest.importorskip("torchvision")
 
+XXS_CONFIG = os.path.join(REPO, "config", "mobilevit_xx_small.yaml")
 CONFIGS = {"xx_small": "mobilevit_xx_small.yaml", "x_small": "mobilevit_x_small.yaml", "small": "mobilevit_small.yaml"}
 TIMM_MOBILEVIT = {"xx_small": "mobilevit_xxs", "x_small": "mobilevit_xs", "small": "mobilevit_s"}
 # transformers' MobileViTConfig of each size (the values of apple/mobilevit-* on the Hub)
@@ -186,28 +186,32 @@ def test_cvnets_mobilevit_layout_gives_the_same_logits():
     assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
 
 
-def test_cvnets_resnet_layout_gives_the_same_logits():
+# ml-cvnets' units of a residual branch: BasicResNetBlock and BottleneckResNetBlock (cvnets/modules/resnet*.py)
+CVNETS_BRANCH = {18: ("conv_batch_act_1", "conv_batch_2"), 50: ("conv_batch_act_1", "conv_batch_act_2", "conv_batch_3")}
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_cvnets_resnet_layout_gives_the_same_logits(depth):
     # ml-cvnets' ResNet is torchvision's with a 3x3 stride-2 conv and a stride-2 depthwise conv as its stem.
-    source = torchvision.models.resnet18(weights=None)
+    source = getattr(torchvision.models, f"resnet{depth}")(weights=None)
     source.conv1 = nn.Conv2d(3, 64, 3, 2, 1, bias=False)
     source.maxpool = nn.Sequential(nn.Conv2d(64, 64, 3, 2, 1, groups=64, bias=False), nn.BatchNorm2d(64), nn.ReLU())
     randomise(source, seed=6)
     renames = [(r"^conv1\.", "conv_1.block.conv."), (r"^bn1\.", "conv_1.block.norm."),
                (r"^maxpool\.0\.", "layer_1.block.conv."), (r"^maxpool\.1\.", "layer_1.block.norm."),
                (r"^fc\.", "classifier.classifier_fc."),
-               (r"^layer(\d)\.(\d)\.conv1\.", r"L\1.block_\2.block.conv_batch_act_1.block.conv."),
-               (r"^layer(\d)\.(\d)\.bn1\.", r"L\1.block_\2.block.conv_batch_act_1.block.norm."),
-               (r"^layer(\d)\.(\d)\.conv2\.", r"L\1.block_\2.block.conv_batch_2.block.conv."),
-               (r"^layer(\d)\.(\d)\.bn2\.", r"L\1.block_\2.block.conv_batch_2.block.norm."),
                (r"^layer(\d)\.(\d)\.downsample\.0\.", r"L\1.block_\2.down_sample.block.conv."),
                (r"^layer(\d)\.(\d)\.downsample\.1\.", r"L\1.block_\2.down_sample.block.norm.")]
+    for i, unit in enumerate(CVNETS_BRANCH[depth], start=1):
+        renames += [(rf"^layer(\d)\.(\d)\.conv{i}\.", rf"L\1.block_\2.block.{unit}.block.conv."),
+                    (rf"^layer(\d)\.(\d)\.bn{i}\.", rf"L\1.block_\2.block.{unit}.block.norm.")]
     state = {}
     for key, value in source.state_dict().items():
         for pattern, repl in renames:
             key = re.sub(pattern, repl, key)
         state[re.sub(r"^L(\d)", lambda m: f"layer_{int(m[1]) + 1}", key)] = value
-    model, _, fmt = imported(source, "resnet18.yaml", state=state)  # the paper's cvnets stem
-    assert fmt == "cvnets"
+    model, _, fmt = imported(source, f"resnet{depth}.yaml", state=state)  # the paper's cvnets stem
+    assert fmt == "cvnets" and "layer_2.block_0.block.conv_batch_act_1.block.conv.weight" in state
     assert_same_logits(source, model, 64)
 
 
@@ -258,7 +262,8 @@ def bad_files(folder, state):
     torch.save({**state, "extra.weight": torch.zeros(3)}, folder / "extra.pth")
     torch.save({**state, "head.fc.weight": torch.zeros(1000, 321)}, folder / "shape.pth")
     torch.save({**state, "payload": _Payload(str(folder / "ran"))}, folder / "payload.pth", pickle_protocol=2)
-    return {"missing": "final_conv.bn.", "extra": "extra.weight", "shape": "head.fc.weight", "payload": "Python objects"}
+    return {"missing": "final_conv.bn.", "extra": "extra.weight", "shape": "head.fc.weight",
+            "payload": "Python objects"}
 
 
 @pytest.mark.slow
@@ -281,9 +286,9 @@ def test_the_tool_imports_and_exports_back_to_timm_and_hf(xxs_state, tmp_path, c
     source = tmp_path / "xxs.pth"
     torch.save(xxs_state, source)
     out = tmp_path / "xxs.pt"
-    assert import_weights.main([str(source), "--common.config-file", os.path.join(REPO, "config", "mobilevit_xx_small.yaml"),
+    assert import_weights.main([str(source), "--common.config-file", XXS_CONFIG,
                                 "--output", str(out)]) == 0
-    assert "timm layout, 311 tensors mapped onto 311" in capsys.readouterr().out
+    assert "timm layout: 311 tensors mapped onto 311 of the model's 311" in capsys.readouterr().out
     state = ckpt.load(str(out))
     assert state["num_classes"] == 1000 and state["config"]["model"]["num_classes"] == 1000
     assert state["source"]["format"] == "timm" and state["source"]["path"] == str(source)
@@ -303,7 +308,7 @@ def test_input_order_bgr_makes_a_bgr_network_read_rgb(xxs_state, tmp_path, capsy
     source = tmp_path / "xxs.pth"
     torch.save(xxs_state, source)
     out = tmp_path / "rgb.pt"
-    assert import_weights.main([str(source), "--common.config-file", os.path.join(REPO, "config", "mobilevit_xx_small.yaml"),
+    assert import_weights.main([str(source), "--common.config-file", XXS_CONFIG,
                                 "--input-order", "bgr", "--output", str(out)]) == 0
     model, _ = ours("mobilevit_xx_small.yaml")
     model.load_state_dict(ckpt.load(str(out))["model"])
@@ -333,7 +338,7 @@ def test_fine_tuning_with_200_classes_reinitialises_the_classifier_only(direct, 
     if not direct:
         start = tmp_path / "xxs.pt"
         assert import_weights.main([str(source), "--common.config-file",
-                                    os.path.join(REPO, "config", "mobilevit_xx_small.yaml"), "--output", str(start)]) == 0
+                                    XXS_CONFIG, "--output", str(start)]) == 0
     with caplog.at_level(logging.INFO, logger="cvnets"):
         assert train(finetune_args(fake_root, tmp_path, "ft", start)) == 0
     layout = "timm layout" if direct else "a checkpoint of this tool"
@@ -377,5 +382,5 @@ def test_load_pretrained_fills_everything_but_a_classifier_of_another_size(xxs_s
     assert torch.equal(own["classifier.1.weight"], fresh_head)
 
     resnet_cfg = load_config(["--common.config-file", os.path.join(REPO, "config", "finetune", "resnet18.yaml")]).model
-    with pytest.raises(ckpt.CheckpointError, match="holds mobilevit weights \\(timm layout\\) but model.name is resnet"):
+    with pytest.raises(ckpt.CheckpointError, match=r"holds mobilevit weights \(timm layout\) but model.name is resnet"):
         ckpt.load_pretrained(cvnets.build_model(resnet_cfg, 200), str(path), resnet_cfg)

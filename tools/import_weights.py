@@ -22,9 +22,9 @@ import hashlib
 import json
 import os
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
-from cvnets import build_model, pretrained
+from cvnets import pretrained
 from cvnets.export import MissingExtraError
 from engine import checkpoint as ckpt
 from options.cli import fail, parse_config
@@ -60,28 +60,14 @@ def import_file(src: str, args: argparse.Namespace, rest: List[str]) -> List[str
     if family is not None and family != cfg.model.name:
         raise pretrained.WeightMappingError(f"{src} holds {family} weights ({fmt} layout) but the config builds "
                                             f"model.name {cfg.model.name}; use a {family} config")
-    model = build_model(cfg.model, 1)  # classes: the file's, known once its head is found
-    head = pretrained.places(fmt, cfg.model, model.state_dict())["classifier.1"][0] + ".weight"
-    file_classes = state[head].shape[0] if head in state else 1
-    cfg = override(cfg, {"model.num_classes": int(file_classes)})
-    model = build_model(cfg.model, file_classes)
-    weights, kept = pretrained.to_project(fmt, cfg.model, model.state_dict(), state)
-    if args.input_order == "bgr":
-        pretrained.flip_stem_channels(weights, cfg.model)
-    lines = [f"{src}: {fmt} layout, {len(state)} tensors mapped onto {len(weights)} of the model's "
-             f"{len(model.state_dict())}" + (f" ({len(kept)} BatchNorm counters absent: kept)" if kept else "")]
-    model.load_state_dict({**model.state_dict(), **weights})
-    if args.num_classes is not None and args.num_classes != file_classes:
-        cfg = override(cfg, {"model.num_classes": args.num_classes})
-        fresh = build_model(cfg.model, args.num_classes)
-        fresh.stages.load_state_dict(model.stages.state_dict())
-        model = fresh
-        lines.append(f"classifier re-initialised for {args.num_classes} classes (the file has {file_classes})")
+    model, lines = pretrained.import_model(fmt, cfg.model, state, args.num_classes, args.input_order)
+    classes = int(model.state_dict()[ckpt.CLASSIFIER_WEIGHT].shape[0])
+    cfg = override(cfg, {"model.num_classes": classes})
     source = {"path": os.path.abspath(src), "format": fmt, "sha256": _sha256(src), "input_order": args.input_order}
     params = sum(p.numel() for p in model.parameters())
     ckpt.save(ckpt.imported_state(to_dict(cfg), model.state_dict(), params, source), args.output)
-    return lines + [f"wrote {args.output}: {cfg.model.name}, {model.state_dict()[ckpt.CLASSIFIER_WEIGHT].shape[0]} "
-                    f"classes, {params:,} parameters"]
+    done = f"wrote {args.output}: {cfg.model.name}, {classes} classes, {params:,} parameters"
+    return [f"{src}: {lines[0]}", *lines[1:], done]
 
 
 def export_file(src: str, args: argparse.Namespace, rest: List[str]) -> List[str]:
