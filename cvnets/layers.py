@@ -192,6 +192,7 @@ class StagedClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stages = nn.ModuleDict()
+        self.backbone_frozen = False
 
     def _init_head(self, channels: int, num_classes: int, dropout: float) -> None:
         self.num_features = channels
@@ -201,8 +202,15 @@ class StagedClassifier(nn.Module):
         """Train the classifier alone (linear probing): the stages get no gradients and always run
         as in evaluation, BatchNorm on its running statistics and dropout off, whatever
         train() says, so the features stay those of the pretrained network."""
+        self.backbone_frozen = True
         self.stages.requires_grad_(False)
-        self.register_forward_pre_hook(_stages_in_eval_mode)  # the ModuleDict itself is never called
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "StagedClassifier":
+        super().train(mode)
+        if self.backbone_frozen:
+            self.stages.eval()
+        return self
 
     def stage_outputs(self, x: Tensor) -> Dict[str, Tensor]:
         """Every stage's output by stage name, then the logits under "classifier"."""
@@ -218,6 +226,3 @@ class StagedClassifier(nn.Module):
         # Global mean pool: [B, C, H, W] -> [B, C]
         return self.classifier(x.mean(dim=(2, 3)))
 
-
-def _stages_in_eval_mode(model: "StagedClassifier", args: object) -> None:
-    model.stages.eval()

@@ -384,3 +384,14 @@ def test_load_pretrained_fills_everything_but_a_classifier_of_another_size(xxs_s
     resnet_cfg = load_config(["--common.config-file", os.path.join(REPO, "config", "finetune", "resnet18.yaml")]).model
     with pytest.raises(ckpt.CheckpointError, match=r"holds mobilevit weights \(timm layout\) but model.name is resnet"):
         ckpt.load_pretrained(cvnets.build_model(resnet_cfg, 200), str(path), resnet_cfg)
+
+
+def test_freeze_backbone_leaves_only_the_classifier_trainable_and_the_stages_in_eval_mode():
+    model, _ = ours("resnet18.yaml")
+    model.freeze_backbone()
+    model.train()
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["classifier.1.weight", "classifier.1.bias"]
+    assert not any(m.training for m in model.stages.modules()) and model.classifier.training
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model(torch.randn(4, 3, 32, 32)).sum().backward()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # no running statistics moved
