@@ -366,7 +366,7 @@ def write_state_dict(state: Mapping[str, Tensor], path: str) -> None:
     """Save a foreign-layout state dict: safetensors for *.safetensors, else torch.save (atomic)."""
     import io
 
-    from options.files import atomic_write_bytes
+    from utils.files import atomic_write_bytes
 
     if path.endswith(".safetensors"):
         try:

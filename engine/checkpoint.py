@@ -27,7 +27,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from options.files import atomic_write_bytes
+from utils.files import atomic_write_bytes
 
 VERSION = 2  # 1: cvnets-tiny 0.1 (pickled numpy/python RNG states); 2: tensors and plain data only
 TRAINING, WEIGHTS = "training", "weights"

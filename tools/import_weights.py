@@ -29,7 +29,7 @@ from cvnets.export import MissingExtraError
 from engine import checkpoint as ckpt
 from options.cli import fail, parse_config
 from options.config import ConfigError, override, to_dict
-from options.files import atomic_write_text
+from utils.files import atomic_write_text
 
 PROG = "python -m tools.import_weights"
 
