@@ -71,8 +71,10 @@ def import_file(src: str, args: argparse.Namespace, rest: List[str]) -> List[str
 
 
 def export_file(src: str, args: argparse.Namespace, rest: List[str]) -> List[str]:
+    if rest:
+        fail(f"--to {args.to} takes no config flags ({rest[0]}): the checkpoint's own config describes its weights")
     state = ckpt.load(src)
-    cfg = parse_config(rest, PROG, __doc__, base=lambda flags: state["config"])
+    cfg = parse_config([], PROG, __doc__, base=lambda flags: state["config"])
     weights = pretrained.from_project(args.to, cfg.model, state["model"])
     if args.to == "timm":
         pretrained.write_state_dict(weights, args.output)
