@@ -10,7 +10,10 @@ anything else is refused with one line. Two kinds:
 - weights (`checkpoint_best.pt`, `checkpoint_ema_best.pt`): the model (or EMA) weights of one
   epoch with its metrics and the config, for evaluation, export and fine-tuning.
 
-Every checkpoint also holds the class list (wnids and names) and the parameter count.
+Every checkpoint also holds the class list (wnids and names) and the parameter count. Weights
+imported from another library (tools/import_weights.py) are a weights checkpoint too, with an
+empty class list and a `source` record (path, layout, SHA-256); fine-tuning (`load_pretrained`)
+also reads foreign weights files directly, through cvnets.pretrained.
 
     python -m engine.checkpoint --upgrade PATH   # convert a format-1 checkpoint you trust
 """
