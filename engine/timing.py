@@ -8,6 +8,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import platform
 import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -27,6 +28,7 @@ logger = logging.getLogger("cvnets")
 DTYPES = {"fp32": "none", "bf16": "bf16", "fp16": "fp16"}  # a benchmark's dtype -> common.mixed_precision
 LATENCY_BLOCKS = 5  # the timed calls of each runtime are split into this many turns
 SETTLE_CALLS = 2  # untimed calls at the start of each turn
+RUNTIMES = ("eager", "torchscript", "onnxruntime")
 REAL_TRAIN_IMAGES, REAL_VAL_IMAGES = 100_000, 10_000  # TinyImageNet's splits, for run estimates
 
 
@@ -201,3 +203,57 @@ def interleaved_latencies(runners: Dict[str, Callable], images, warmup: int, rep
                     run(images)
                     times[name].append(time.perf_counter() - start)
     return times
+
+
+def export_runners(model, size: int, runtimes: Sequence[str], threads: int,
+                   folder: str) -> Tuple[Dict[str, Callable], List[str]]:
+    """(runtime (of RUNTIMES) -> callable on images, notes): the exports are written into `folder`
+    as main_export writes them (BatchNorm folded); a runtime whose extra is missing is skipped, and
+    a note says why."""
+    from cvnets.export import MissingExtraError, export_model, load_runner, require_onnx
+
+    runners: Dict[str, Callable] = {"eager": model} if "eager" in runtimes else {}
+    notes: List[str] = []
+    folded, _ = fold_batchnorm(model)
+    for runtime in (r for r in RUNTIMES if r in runtimes and r != "eager"):
+        fmt = "onnx" if runtime == "onnxruntime" else "torchscript"
+        path = os.path.join(folder, f"model.{fmt}")
+        try:
+            if fmt == "onnx":
+                require_onnx(export=True, run=True)  # before spending seconds on the export
+            # One artifact with a symbolic batch axis serves every --batch-sizes entry.
+            export_model(folded, torch.rand(1, 3, size, size), path, fmt, dynamic_batch=True)
+            runners[runtime] = load_runner(path, fmt, threads)
+        except MissingExtraError as e:
+            notes.append(f"{runtime} skipped: {e}")
+    return runners, notes
+
+
+def loader_throughput(loader, batches: int, device) -> Dict[str, Any]:
+    """Images/second of a training loader over `batches` batches after one warm-up batch (which
+    starts the workers), and CPU microseconds per image of this process and its workers."""
+    def endless():
+        for epoch in range(10**9):
+            loader.batch_sampler.set_epoch(epoch)
+            yield from loader
+
+    stream = endless()
+    next(stream)
+    images, wall, cpu = 0, time.perf_counter(), tree_cpu_seconds()
+    for _ in range(batches):
+        images += len(next(stream)[0])
+    synchronize(device)
+    wall, after = time.perf_counter() - wall, tree_cpu_seconds()
+    cpu_us = 1e6 * (after - cpu) / images if cpu is not None and after is not None else None
+    return {"images": images, "images_per_s": images / wall, "cpu_us_per_image": cpu_us}
+
+
+def system_info() -> Dict[str, Any]:
+    """What the figures were measured on, for a benchmark's JSON."""
+    info: Dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+                            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        info.update(name=props.name, capability=f"{props.major}.{props.minor}",
+                    memory_gib=props.total_memory / 2**30, cuda_version=torch.version.cuda)
+    return info

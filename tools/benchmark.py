@@ -125,7 +125,7 @@ def bench_data(args: argparse.Namespace) -> List[Row]:
         start = time.perf_counter()
         loader = build_loaders(cfg, device=device).train
         setup = time.perf_counter() - start
-        best = max((_loader_timing(loader, args.batches, device) for _ in range(args.repeats)),
+        best = max((timing.loader_throughput(loader, args.batches, device) for _ in range(args.repeats)),
                    key=lambda timing: timing["images_per_s"])
         workers = 0 if variant == "device" else cfg.dataset.workers
         rows.append({"cache": variant, "workers": workers, "setup_s": setup, **best})
@@ -133,30 +133,11 @@ def bench_data(args: argparse.Namespace) -> List[Row]:
     return add_speedup(rows, "cache")
 
 
-def _loader_timing(loader, batches: int, device) -> Row:
-    """Throughput over `batches` batches after one warm-up batch (which starts the workers)."""
-    def endless():
-        for epoch in range(10**9):
-            loader.batch_sampler.set_epoch(epoch)
-            yield from loader
-
-    stream = endless()
-    next(stream)
-    images, wall, cpu = 0, time.perf_counter(), timing.tree_cpu_seconds()
-    for _ in range(batches):
-        images += len(next(stream)[0])
-    timing.synchronize(device)
-    wall, after = time.perf_counter() - wall, timing.tree_cpu_seconds()
-    cpu_us = 1e6 * (after - cpu) / images if cpu is not None and after is not None else None
-    return {"images": images, "images_per_s": images / wall, "cpu_us_per_image": cpu_us}
-
-
 # ----------------------------------------------------------------------------- latency
 LATENCY_COLUMNS: List[Column] = [("model", "model", "s"), ("runtime", "runtime", "s"), ("batch", "batch", "d"),
                                  ("threads", "threads", "d"), ("median_ms", "median ms", ".2f"),
                                  ("p90_ms", "p90 ms", ".2f"), ("min_ms", "min ms", ".2f"),
                                  ("images_per_s", "images/s", ",.0f")]
-RUNTIMES = ("eager", "torchscript", "onnxruntime")
 
 
 def bench_latency(args: argparse.Namespace) -> List[Row]:
@@ -176,7 +157,9 @@ def bench_latency(args: argparse.Namespace) -> List[Row]:
           f"{args.warmup} warm-up + {args.repeats} timed calls per row")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
-        runners = _latency_runners(model, size, args.runtimes, args.threads, folder)
+        runners, notes = timing.export_runners(model, size, args.runtimes, args.threads, folder)
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
         for batch in args.batch_sizes:
             images = torch.rand(batch, 3, size, size)
             for runtime, times in timing.interleaved_latencies(runners, images, args.warmup, args.repeats).items():
@@ -200,29 +183,6 @@ def _latency_model(config: Optional[str], checkpoint: Optional[str]):
         return trained_model(cfg, state, use_ema=False, flag="--eval.ema"), cfg
     cfg = base_config(config)
     return cvnets.build_model(cfg.model, RANDOM_WEIGHTS_CLASSES).eval(), cfg
-
-
-def _latency_runners(model, size: int, runtimes: Sequence[str], threads: int, folder: str) -> Dict[str, Callable]:
-    """runtime -> callable on images; the exports are written as main_export writes them."""
-    import torch
-
-    from cvnets.export import MissingExtraError, export_model, load_runner, require_onnx
-    from cvnets.fuse import fold_batchnorm
-
-    runners: Dict[str, Callable] = {"eager": model} if "eager" in runtimes else {}
-    folded, _ = fold_batchnorm(model)
-    for runtime in (r for r in RUNTIMES if r in runtimes and r != "eager"):
-        fmt = "onnx" if runtime == "onnxruntime" else "torchscript"
-        path = os.path.join(folder, f"model.{fmt}")
-        try:
-            if fmt == "onnx":
-                require_onnx(export=True, run=True)  # before spending seconds on the export
-            # One artifact with a symbolic batch axis serves every --batch-sizes entry.
-            export_model(folded, torch.rand(1, 3, size, size), path, fmt, dynamic_batch=True)
-            runners[runtime] = load_runner(path, fmt, threads)
-        except MissingExtraError as e:
-            print(f"note: {runtime} skipped: {e}", file=sys.stderr)
-    return runners
 
 
 # ----------------------------------------------------------------------------- model
@@ -454,21 +414,12 @@ def _generated_tree(images: int, folder: str) -> str:
     return root
 
 
-def device_info() -> Row:
-    import platform
-
-    import torch
-
-    info: Row = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
-                 "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(name=props.name, capability=f"{props.major}.{props.minor}",
-                    memory_gib=props.total_memory / 2**30, cuda_version=torch.version.cuda)
-    return info
-
-
 # ----------------------------------------------------------------------------- command line
+class OneLineErrors(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not the usage block
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def _command(sub, name: str, run: Callable, columns: Optional[List[Column]], overrides: bool = True):
     p = sub.add_parser(name, help=run.__doc__.split("\n\n")[0], description=run.__doc__)
     p.add_argument("--common.config-file", "--config", dest="config", help="YAML config (default: the defaults)")
@@ -481,7 +432,7 @@ def _command(sub, name: str, run: Callable, columns: Optional[List[Column]], ove
     return p
 
 
-def _timing(p, batch: str = "128") -> None:
+def _timing(p) -> None:
     p.add_argument("--modes", type=comma_list(MODES), default=list(MODES), help="train, eval or both")
     p.add_argument("--warmup", type=non_negative_int, default=2, help="untimed steps per model and mode")
     p.add_argument("--repeats", type=positive_int, default=5, help="timed runs per model and mode; the median counts")
@@ -497,7 +448,7 @@ def _epochs(p, caches: str, what: str = "variants") -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0])
+    parser = OneLineErrors(prog="python -m tools.benchmark", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = _command(sub, "data", bench_data, DATA_COLUMNS)
@@ -511,7 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1], help="batch sizes to time")
     p.add_argument("--repeats", type=positive_int, default=50, help="timed calls per row")
     p.add_argument("--warmup", type=non_negative_int, default=10, help="untimed calls before timing")
-    p.add_argument("--runtimes", type=comma_list(RUNTIMES), default=list(RUNTIMES), help=", ".join(RUNTIMES))
+    p.add_argument("--runtimes", type=comma_list(timing.RUNTIMES), default=list(timing.RUNTIMES),
+                   help=", ".join(timing.RUNTIMES))
     p.set_defaults(threads=2)
 
     p = _command(sub, "model", bench_model, MODEL_COLUMNS)
@@ -582,7 +534,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         shown = [c for c in args.columns or columns[name] if any(r.get(c[0]) is not None for r in rows)]
         print_table(rows, shown)
     if args.json:
-        payload = {"command": args.command, "system": device_info(), "argv": list(argv or sys.argv[1:])}
+        payload = {"command": args.command, "system": timing.system_info(), "argv": list(argv or sys.argv[1:])}
         write_json(args.json, {**payload, **({"rows": result} if isinstance(result, list) else result)})
         print(f"wrote {args.json}")
 
