@@ -182,7 +182,7 @@ def test_gpu_runs_every_section_and_writes_one_json(capsys, tmp_path):
     train = saved["model"][0]["images_per_s"]
     assert epoch["vs_model_only"] == pytest.approx(epoch["images_per_s"] / train)
     (estimate,) = saved["estimate"]
-    assert estimate["config"] == "mobilevit_xx_small" and estimate["epochs"] == 200  # recipes/mobilevit.yaml's run length
+    assert estimate["config"] == "mobilevit_xx_small" and estimate["epochs"] == 200  # the MobileViT recipe's
     assert saved["system"]["cpus"] == os.cpu_count()
 
 
