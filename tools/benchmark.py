@@ -23,8 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from engine import timing
 from options.config import ConfigError, load_config, override, to_yaml
-from options.files import write_json
 from options.schema import Config, ModelConfig
+from utils.files import write_json
 
 Row = Dict[str, Any]
 Column = Tuple[str, str, str]  # (row key, header, format spec)
