@@ -59,6 +59,7 @@ def table(out, first_header):
     (("latency", "--model.name", "resnet"), "unrecognized arguments: --model.name"),
     (("data", "--dataset.workrs", "2"), "did you mean"),
     (("data", "--dataset.root", "/nonexistent/tiny"), "/nonexistent/tiny"),
+    (("gpu", "--dataset.root", "/nonexistent/tiny"), "--generate 100000"),
 ])
 def test_bad_arguments_exit_2_with_the_reason(capsys, argv, message):
     status, _, err = run(capsys, *argv)

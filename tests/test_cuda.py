@@ -78,6 +78,8 @@ def test_fixed_batch_training_falls_and_eval_logits_match_fp32_on_the_cpu(device
     torch.manual_seed(0)
     model = cvnets.build_model(cfg.model, CLASSES).to(device, memory_format=torch.channels_last if channels_last
                                                       else torch.contiguous_format)
+    if compiled:
+        torch._dynamo.reset()  # models of one class share dynamo's recompile limit, past which it runs eager
     train_model = torch.compile(model) if compiled else model
     optimizer, criterion = optim.build_optimizer(model, cfg.optim), loss_fn.build_loss(cfg.loss)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None

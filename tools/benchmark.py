@@ -361,6 +361,9 @@ def bench_gpu(args: argparse.Namespace) -> Dict[str, List[Row]]:
 
     device = device_for(args.device)
     dtype = "bf16" if device.type == "cuda" else "fp32"
+    if not args.generate and not os.path.isdir(args.cfg.dataset.root):  # before minutes of model timings
+        raise ConfigError(f"dataset.root: {args.cfg.dataset.root} is not a folder; give --dataset.root DIR, "
+                          "or --generate 100000 for a generated tree")
     with tempfile.TemporaryDirectory() as folder:
         root = _generated_tree(args.generate, folder) if args.generate else args.cfg.dataset.root
         sections: Dict[str, List[Row]] = {"model": [], "epoch": [], "estimate": []}
