@@ -185,6 +185,7 @@ def resume_differences(root, results, device, precision):
     return differences({k: whole[k] for k in compared}, {k: split[k] for k in compared}) + ["metrics"] * rows_differ
 
 
+@pytest.mark.slow  # a stop signal, four runs of the Trainer
 @pytest.mark.parametrize("device, precision", [("cpu", "bf16"), pytest.param("cuda", "fp16", marks=pytest.mark.cuda)])
 def test_a_run_resumed_mid_epoch_from_the_trainers_checkpoint_is_bit_exact(fake_root, tmp_path, device, precision,
                                                                            one_thread):
@@ -192,6 +193,7 @@ def test_a_run_resumed_mid_epoch_from_the_trainers_checkpoint_is_bit_exact(fake_
     assert resume_differences(fake_root, tmp_path, device, precision) == []
 
 
+@pytest.mark.slow
 def test_the_resume_check_catches_a_checkpoint_that_forgets_the_rng(fake_root, tmp_path, monkeypatch, one_thread):
     monkeypatch.setattr(ckpt, "set_rng_state", lambda state: None)  # dropout then draws other masks
     different = resume_differences(fake_root, tmp_path, "cpu", "bf16")
