@@ -81,7 +81,7 @@ def test_fixed_batch_training_falls_and_eval_logits_match_fp32_on_the_cpu(device
     if compiled:
         torch._dynamo.reset()  # models of one class share dynamo's recompile limit, past which it runs eager
     train_model = torch.compile(model) if compiled else model
-    optimizer, criterion = optim.build_optimizer(model, cfg.optim), loss_fn.build_loss(cfg.loss)
+    optimizer, criterion = optim.build_optimizer(model, cfg.optim), loss_fn.build_loss(cfg.loss).to(device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     opts = LoopOptions(device, channels_last, AUTOCAST_DTYPES[precision], log_every_batches=10**9)
     g = torch.Generator().manual_seed(1)
