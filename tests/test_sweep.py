@@ -22,7 +22,9 @@ import pytest
 
 from engine.run_folder import read_lock_holder, read_metrics, read_summary
 from options.config import load_config
-from tools import launchers, sweep
+from engine import experiments, launchers
+from engine.run_folder import is_locked
+from tools import sweep
 
 REPO = launchers.REPO
 GRID = ["optim.weight_decay=0.01,0.001", "model.mobilevit.remove_layers=[3,4],[4,5]"]
@@ -67,7 +69,7 @@ def wait_for_first_epoch(folder: Path, timeout: float = 240) -> Path:
     while time.monotonic() < deadline:
         for label in LABELS:
             run = folder / label
-            if (run / "metrics.jsonl").exists() and read_metrics(str(run)) and launchers.is_locked(str(run)):
+            if (run / "metrics.jsonl").exists() and read_metrics(str(run)) and is_locked(str(run)):
                 return run
         time.sleep(0.01)
     raise AssertionError(f"no trainer of {folder} reached its first epoch in {timeout} s")
@@ -284,7 +286,7 @@ def test_parallel_sweep_resumes_a_run_stopped_by_sigterm_to_the_same_metrics(seq
     assert code == 0, text[-4000:]
     assert f"{run.name}: stopped by SIGTERM, state saved; resuming (restart 1 of 3)" in text, \
         "the SIGTERM did not interrupt the run (it may have finished first)\n" + text[-4000:]
-    assert launchers.read_record(launchers.RunSpec(str(run), ())).get("restarts") == 1
+    assert experiments.read_record(experiments.RunSpec(str(run), ())).get("restarts") == 1
     for label in LABELS:
         assert rows_without_timings(tmp_path / "par" / label) == rows_without_timings(sequential.folder / label), label
 
@@ -306,7 +308,7 @@ def test_submitit_local_executor_runs_the_grid_and_requeues_a_preempted_job(sequ
     text = out.read_text()
     assert code == 0, text[-4000:]
     folder = tmp_path / "sub"
-    records = {label: launchers.read_record(launchers.RunSpec(str(folder / label), ())) for label in LABELS}
+    records = {label: experiments.read_record(experiments.RunSpec(str(folder / label), ())) for label in LABELS}
     assert len({r["job_id"] for r in records.values()}) == 4  # one job (process) per point
     assert records[run.name]["requeues"] == 1
     logs = "".join(p.read_text() for p in (folder / "_launch" / "submitit").glob("*_log.*"))
