@@ -60,7 +60,7 @@ def fake_trainer(tmp_path, monkeypatch) -> Path:
 def spec(tmp_path: Path, label: str, codes: str) -> RunSpec:
     return RunSpec(str(tmp_path / "results" / label),
                    ("--starts", str(tmp_path / f"{label}.starts"), "--codes", codes,
-                    "--ready", str(tmp_path / "ready")))
+                    "--ready", str(tmp_path / "ready")), group="grid")
 
 
 def starts(tmp_path: Path, label: str) -> List[dict]:
@@ -100,12 +100,44 @@ def test_a_run_stopped_by_sigterm_is_resumed_and_failures_are_recorded(tmp_path,
     assert "broken: exit status 2: error: dataset.root: /nowhere does not exist" in lines
     record = experiments.read_record(runs[1])
     assert (record["state"], record["exit_code"], record["launcher"]) == ("failed", 2, "local")
+    assert (record["group"], record["label"]) == ("grid", "broken")  # what a tracker will be told
     state = experiments.run_state(runs[1])
     assert state.state == "failed"
     assert state.text == "failed: exit status 2: error: dataset.root: /nowhere does not exist"
     assert experiments.run_state(runs[2]).state == "interrupted"
     log = Path(experiments.log_path(runs[0])).read_text()
     assert log.count("=== ") == 2 and log.count("training ...") == 1  # both attempts' output, appended
+
+
+class EndedAttempt:
+    """What RestartPolicy reads of a trainer process that has ended."""
+
+    def __init__(self, returncode: int, last_line: str = "") -> None:
+        self.returncode, self._last = returncode, last_line
+
+    def last_line(self) -> str:
+        return self._last
+
+
+@pytest.mark.parametrize("code, restarts, told_to_stop, again, state, error", [
+    (0, 0, False, False, "finished", None),
+    (143, 0, False, True, "restarted", None),  # SIGTERM from outside: saved, resume
+    (138, 2, False, True, "restarted", None),  # SIGUSR1 (a time limit)
+    (-9, 0, False, True, "restarted", None),  # killed (the OOM killer)
+    (143, 3, False, False, "interrupted", "stopped by SIGTERM, state saved"),  # restarts used up
+    (143, 0, True, False, "interrupted", "stopped by SIGTERM, state saved"),  # the launcher was stopped too
+    (130, 0, False, False, "interrupted", "stopped by SIGINT, state saved"),  # a user's Ctrl-C
+    (2, 0, False, False, "failed", "exit status 2: error: dataset.root: /nowhere does not exist"),
+])
+def test_restart_policy(tmp_path, code, restarts, told_to_stop, again, state, error):
+    run = RunSpec(str(tmp_path / "r"), ())
+    lines: List[str] = []
+    attempt = EndedAttempt(code, "error: dataset.root: /nowhere does not exist")
+    assert launchers.RestartPolicy(max_restarts=3).after(run, attempt, restarts, told_to_stop, lines.append) is again
+    record = experiments.read_record(run)
+    assert (record["state"], record["exit_code"], record.get("error")) == (state, code, error)
+    if again:
+        assert record["restarts"] == restarts + 1 and lines[-1].endswith(f"(restart {restarts + 1} of 3)")
 
 
 @pytest.mark.slow
@@ -241,19 +273,6 @@ def test_slurm_submission_script(tmp_path, fake_slurm):
     assert lines[-1] == "[1] b: SLURM job 123_1 is pending, skipped"
 
 
-def test_status_of_a_preempted_and_requeued_run(tmp_path):
-    run = RunSpec(str(tmp_path / "r"), ())
-    os.makedirs(run.run_dir)
-    Path(run.run_dir, "summary.json").write_text(json.dumps(
-        {"state": "interrupted", "epochs_done": 7, "max_epochs": 200, "stopped_by": "SIGUSR1"}))
-    experiments.update_record(run, launcher="slurm", job_id="55_3", state="requeued", requeues=2)
-    assert experiments.status_lines([run])[2].split() == ["r", "preempted,", "requeued", "7/200", "(2x)", "slurm", "55_3"]
-    experiments.update_record(run, state="running")
-    Path(run.run_dir, "summary.json").write_text(json.dumps({"state": "failed", "epochs_done": 9, "max_epochs": 200,
-                                                             "error": "non-finite loss at epoch 10"}))
-    assert experiments.run_state(run).text == "failed 9/200: non-finite loss at epoch 10"
-
-
 def test_submitit_missing_names_the_extra(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "submitit", None)  # `import submitit` raises ImportError
     with pytest.raises(launchers.LaunchError, match=r"pip install -e '\.\[cluster\]'"):
@@ -269,12 +288,39 @@ def test_slurm_time_formats(text, minutes):
     assert launchers.parse_minutes(text) == minutes
 
 
+def parsed(argv: List[str]):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    launchers.add_launch_arguments(parser)
+    args, rest = parser.parse_known_args(argv)
+    launchers.check_launch_arguments(parser, args, rest)
+    return launchers.launcher_from_args(args, log=lambda _: None)
+
+
+def test_launcher_options_are_the_fields_of_slurm_options_and_the_restart_policy():
+    default = parsed(["--launcher", "slurm"])
+    assert default.options == launchers.SlurmOptions() and default.policy == launchers.RestartPolicy()
+    chosen = parsed(["--launcher", "slurm", "--slurm.time", "1:30:00", "--slurm.mem", "512M", "--slurm.setup", "a",
+                     "--slurm.setup", "b", "--slurm.executor", "local", "--slurm.signal-delay", "60",
+                     "--max-restarts", "5"])
+    assert chosen.options == launchers.SlurmOptions(time_min=90, mem_gb=0.5, setup=("a", "b"), executor="local",
+                                                    signal_delay_s=60)
+    assert chosen.policy.max_restarts == 5
+    assert parsed(["--launcher", "slurm"]).options.setup == ()  # no list shared between parses
+    local = parsed(["--parallel", "2", "--gpus", "0,1", "--nproc-per-run", "2"])
+    assert (local.parallel, local.gpus, local.nproc, local.policy) == (2, ["0", "1"], 2, launchers.RestartPolicy())
+
+
 def test_bad_slurm_values_and_misplaced_options(capsys):
     with pytest.raises(Exception, match="not a SLURM time"):
         launchers.parse_minutes("4h")
     with pytest.raises(Exception, match="with a unit"):
         launchers.parse_mem_gb("32")
     assert launchers.parse_mem_gb("512M") == 0.5
+    with pytest.raises(SystemExit):
+        parsed(["--launcher", "slurm", "--slurm.time", "4h"])
+    assert "argument --slurm.time: '4h' is not a SLURM time" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         paper_tables.main(["--run", "--rows", "3.6", "--slurm.partition", "gpu"])
     assert "--slurm.partition need --launcher slurm" in capsys.readouterr().err

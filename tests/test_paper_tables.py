@@ -325,3 +325,35 @@ def test_print_config_prints_each_selected_run_with_the_overrides(capsys):
     out = capsys.readouterr().out
     assert out.count("# [") == 2 and "# [3.6] table3_remove_3_4_no_fusion" in out
     assert out.count("weight_decay: 0.001") == 2
+
+
+# ----------------------------------------------------------------------------- the tables file
+def test_a_table_is_added_by_adding_data(tmp_path):
+    data = json.loads(Path(pt.TABLES_FILE).read_text())
+    data["tables"].append({"table": 5, "title": "Table 5. Beyond the paper", "notes": ["A ladder of our own."],
+                           "rows": [{"key": "5.1", "experiment": "MobileViT-Tiny, 300 epochs",
+                                     "config": "table3_remove_3_4_no_fusion.yaml"}]})
+    path = tmp_path / "tables.json"
+    path.write_text(json.dumps(data))
+    rows, titles, notes, footnotes = pt.load_tables(str(path))
+    assert rows[:-1] == pt.ROWS and (titles[5], notes[5], footnotes) == ("Table 5. Beyond the paper",
+                                                                         ("A ladder of our own.",), pt.FOOTNOTES)
+    assert rows[-1] == pt.Row(5, "5.1", "MobileViT-Tiny, 300 epochs", "table3_remove_3_4_no_fusion.yaml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"tables": [], "tables": []}', "duplicate key 'tables'"),
+    ('{"tables": [{"table": 1, "title": "T", "rows": [{"key": "1.1", "experiment": "x", "config": "c.yaml", '
+     '"paper": {"top1": 1}}]}]}', "paper figures are train_top1, val_top1, val_top5, params"),
+    ('{"tables": [{"table": 1, "title": "T", "rows": [{"key": "1.1", "experiment": "x", "config": "c.yaml", '
+     '"verified": "maybe"}]}]}', "verified is one of log, config, paper, none"),
+    ('{"tables": [{"table": 1, "title": "T", "rows": [{"key": "1.1", "experiment": "x", "config": "c.yaml"}, '
+     '{"key": "1.1", "experiment": "y", "config": "d.yaml"}]}]}', "row keys are used twice: ['1.1']"),
+    ('{"tables": [{"table": 1, "rows": []}]}', "not a tables file"),
+])
+def test_a_bad_tables_file_is_one_line(tmp_path, text, message):
+    path = tmp_path / "tables.json"
+    path.write_text(text)
+    with pytest.raises(ValueError) as error:
+        pt.load_tables(str(path))
+    assert message in str(error.value) and "\n" not in str(error.value)
