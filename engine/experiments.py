@@ -33,9 +33,6 @@ from options.files import atomic_open, write_json
 from options.schema import Config
 
 LAUNCH = "_launch"  # launcher records, beside the run folders
-# The config keys the experiments core sets for every run it places: where the run goes and that
-# it continues its folder. A tool that also writes each run's config file owns common.config_file too.
-PLACEMENT_KEYS = ("common.results_loc", "common.run_label", "common.resume")
 MISSING = "–"  # a table cell with nothing measured yet
 
 Log = Callable[[str], None]
@@ -75,9 +72,19 @@ class RunSpec:
         return given[1] if given else None
 
 
+def placement(results_dir: str, label: str) -> Dict[str, str]:
+    """The config keys the experiments core sets for every run it places: the run goes into
+    `<results_dir>/<label>/` and continues there. Tools refuse them from users (PLACEMENT_KEYS)."""
+    return {"common.results_loc": results_dir, "common.run_label": label, "common.resume": "auto"}
+
+
+PLACEMENT_KEYS = tuple(placement("", ""))
+
+
 def placement_args(results_dir: str, label: str) -> List[str]:
-    """The flags that put a run into `<results_dir>/<label>/` and continue it there (PLACEMENT_KEYS)."""
-    return ["--common.results-loc", results_dir, "--common.run-label", label, "--common.resume", "auto"]
+    """placement() as main_train flags."""
+    flags = placement(results_dir, label).items()
+    return [arg for key, value in flags for arg in ("--" + key.replace("_", "-"), value)]
 
 
 def record_path(spec: RunSpec) -> str:

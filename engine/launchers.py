@@ -606,7 +606,8 @@ def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
                        help="local: G trainers per run, DDP through torchrun (default 1)")
     default_restarts = RestartPolicy().max_restarts
     group.add_argument("--max-restarts", type=int, default=default_restarts, metavar="N",
-                       help=f"resume a run stopped by SIGTERM/SIGUSR1 or killed up to N times (default {default_restarts})")
+                       help="resume a run stopped by SIGTERM/SIGUSR1 or killed up to N times "
+                       f"(default {default_restarts})")
     slurm = parser.add_argument_group("SLURM (with --launcher slurm; needs pip install -e '.[cluster]')")
     flags = _slurm_flags()
     for f in dataclasses.fields(SlurmOptions):

@@ -17,7 +17,8 @@ def run_folder(tmp_path: Path, summary: Optional[Dict[str, Any]] = None, epochs:
     run.mkdir()
     if summary is not None:
         (run / "summary.json").write_text(json.dumps(summary))
-    rows = [{"epoch": e, "train_top1": 10.0 * e, "val_top1": 5.0 * e, "val_top5": 20.0 + e} for e in range(1, epochs + 1)]
+    rows = [{"epoch": e, "train_top1": 10.0 * e, "val_top1": 5.0 * e, "val_top5": 20.0 + e}
+            for e in range(1, epochs + 1)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     return RunSpec(str(run), ("--common.config-file", "/configs/r.yaml"))
 
@@ -93,8 +94,8 @@ def test_check_runs_resolves_every_run_and_names_each_bad_one(tmp_path):
     base.write_text("model: {name: mobilevit, mobilevit: {mode: tiny}}\n")
     good = RunSpec(str(tmp_path / "good"), ("--common.config-file", str(base), "--optim.weight-decay", "0.01",
                                              *experiments.placement_args(str(tmp_path), "good")))
-    bad = RunSpec(str(tmp_path / "bad"), ("--common.config-file", str(base), "--model.mobilevit.remove-layers", "[4,7]"),
-                  "point bad")
+    bad = RunSpec(str(tmp_path / "bad"),
+                  ("--common.config-file", str(base), "--model.mobilevit.remove-layers", "[4,7]"), "point bad")
     configs, errors = experiments.check_runs([good, bad])
     assert list(configs) == ["good"]
     cfg = configs["good"]

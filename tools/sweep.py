@@ -208,7 +208,8 @@ def check_keys(axes: Sequence[Axis], base_args: Sequence[str]) -> None:
             raise SweepError(f"{flags[key][0]} is set by the sweep for every point (use --results and --name)")
 
 
-def resolve_points(base_args: Sequence[str], points: Sequence[Point], sweep_dir: str) -> Tuple[Dict[str, Config], List[str]]:
+def resolve_points(base_args: Sequence[str], points: Sequence[Point],
+                   sweep_dir: str) -> Tuple[Dict[str, Config], List[str]]:
     """Each point's resolved config, and one line per point that does not pass the checks
     main_train runs first (experiments.check_runs) or resolves to the same config as another."""
     specs = [RunSpec(os.path.join(sweep_dir, p.label), tuple(point_argv(base_args, p, sweep_dir)), f"point {p.label}")
