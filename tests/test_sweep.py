@@ -24,7 +24,6 @@ from engine.run_folder import read_lock_holder, read_metrics, read_summary
 from options.config import load_config
 from options.files import TEST_FAULT_ENV
 from engine import experiments, launchers
-from engine.run_folder import is_locked
 from tools import sweep
 
 REPO = launchers.REPO
@@ -64,16 +63,23 @@ def start_sweep(args: List[str], out: Path, env: Optional[Dict[str, str]] = None
                             stdout=out.open("w"), stderr=subprocess.STDOUT)
 
 
-def wait_for_first_epoch(folder: Path, timeout: float = 240) -> Path:
-    """The first run folder of the sweep whose trainer holds the lock and has logged an epoch."""
+def proc_status(pid: int) -> Dict[str, str]:
+    """/proc/<pid>/status as a mapping ({} once the process is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def wait_until(condition, what: str, timeout: float = 240):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for label in LABELS:
-            run = folder / label
-            if (run / "metrics.jsonl").exists() and read_metrics(str(run)) and is_locked(str(run)):
-                return run
+        value = condition()
+        if value:
+            return value
         time.sleep(0.01)
-    raise AssertionError(f"no trainer of {folder} reached its first epoch in {timeout} s")
+    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -317,16 +323,28 @@ def test_parallel_sweep_resumes_a_run_stopped_by_sigterm_to_the_same_metrics(seq
 
 @pytest.mark.slow
 def test_submitit_local_executor_runs_the_grid_and_requeues_a_preempted_job(sequential, fake_root, tmp_path):
+    # The trainer of one point stops itself (SIGSTOP, the engine's test-only fault hook) just before
+    # its first checkpoint_last.pt lands, so the time-limit signal reaches its job mid-run every time.
     pytest.importorskip("submitit")
+    preempted = LABELS[0]
+    once = tmp_path / "sigstop-once"
+    once.touch()
+    env = {**ENV, TEST_FAULT_ENV: f"SIGSTOP:*/sub/{preempted}/checkpoint_last.pt:1:{once}"}
     out = tmp_path / "out.txt"
     args = sweep_args(sequential.base, fake_root, tmp_path, "sub", "--launcher", "slurm", "--slurm.executor", "local",
                       "--slurm.time", "30", "--wait")
-    proc = start_sweep(args, out)
+    proc = start_sweep(args, out, env)
     try:
-        run = wait_for_first_epoch(tmp_path / "sub")
-        trainer = read_lock_holder(str(run))["pid"]
-        job = int(Path(f"/proc/{trainer}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent: the job
+        run = tmp_path / "sub" / preempted
+        trainer = wait_until(lambda: not once.exists() and (read_lock_holder(str(run)) or {}).get("pid"),
+                             "the trainer reached its first save")
+        wait_until(lambda: proc_status(trainer).get("State", "").startswith("T"), "the trainer stopped itself")
+        job = int(proc_status(trainer)["PPid"])  # the submitit job that runs the trainer
         os.kill(job, signal.SIGUSR1)  # what SLURM sends before the time limit (--signal=USR1@...)
+        usr1 = 1 << (signal.SIGUSR1 - 1)
+        wait_until(lambda: int(proc_status(trainer).get("SigPnd", "0"), 16) & usr1 or
+                   int(proc_status(trainer).get("ShdPnd", "0"), 16) & usr1, "the job passed the signal on")
+        os.kill(trainer, signal.SIGCONT)  # the save completes, then the trainer stops (138) for the requeue
         code = proc.wait(timeout=600)
     finally:
         proc.kill()
@@ -335,14 +353,14 @@ def test_submitit_local_executor_runs_the_grid_and_requeues_a_preempted_job(sequ
     folder = tmp_path / "sub"
     records = {label: experiments.read_record(experiments.RunSpec(str(folder / label), ())) for label in LABELS}
     assert len({r["job_id"] for r in records.values()}) == 4  # one job (process) per point
-    assert records[run.name]["requeues"] == 1
+    assert records[preempted]["requeues"] == 1 and not once.exists()
     logs = "".join(p.read_text() for p in (folder / "_launch" / "submitit").glob("*_log.*"))
     assert "Requeued job" in logs
     for label in LABELS:
         assert rows_without_timings(folder / label) == rows_without_timings(sequential.folder / label), label
     status = subprocess.run([sys.executable, "-m", "tools.sweep", "--status", str(folder)], cwd=REPO, env=ENV,
                             capture_output=True, text=True, timeout=60).stdout
-    (line,) = [line for line in status.splitlines() if line.startswith(run.name + " ")]
+    (line,) = [line for line in status.splitlines() if line.startswith(preempted + " ")]
     assert "finished 3/3 (requeued 1x)" in line
     assert status.strip().splitlines()[-1] == "4 finished"
 
