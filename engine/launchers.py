@@ -403,7 +403,7 @@ class SlurmOptions:
     # SIGUSR1 this long before the time limit: the save and the requeue fit in it.
     signal_delay_s: int = _option(120, "SIGUSR1 this many seconds before the time limit; the trainer saves", "S",
                                   flag="signal-delay", parse=int)
-    max_timeouts: int = _option(10, "requeues after reaching the time limit (preemptions do not count)", "N",
+    max_timeouts: int = _option(10, "requeues after reaching the time limit; preemptions do not count", "N",
                                 parse=int)
     setup: Tuple[str, ...] = _option((), "shell line run in the job first, e.g. 'source .venv/bin/activate' "
                                      "(repeatable)", "LINE")
