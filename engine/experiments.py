@@ -29,8 +29,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from engine.run_folder import best_epoch, is_locked, read_lock_holder, read_metrics, read_summary
 from options.config import ConfigError, load_config, parse_flags
-from options.files import atomic_open, write_json
 from options.schema import Config
+from utils.files import atomic_open, write_json
 
 LAUNCH = "_launch"  # launcher records, beside the run folders
 MISSING = "–"  # a table cell with nothing measured yet

@@ -20,11 +20,11 @@ from typing import Dict, List, Optional
 
 import pytest
 
+from engine import experiments, launchers
 from engine.run_folder import read_lock_holder, read_metrics, read_summary
 from options.config import load_config
-from options.files import TEST_FAULT_ENV
-from engine import experiments, launchers
 from tools import sweep
+from utils.files import TEST_FAULT_ENV
 
 REPO = launchers.REPO
 GRID = ["optim.weight_decay=0.01,0.001", "model.mobilevit.remove_layers=[3,4],[4,5]"]

@@ -40,8 +40,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from engine import experiments, launchers
 from engine.experiments import PLACEMENT_KEYS, RunSpec
 from options.config import ConfigError, override, parse_flags, read_yaml, to_dict, to_yaml
-from options.files import atomic_write_text, write_json
 from options.schema import Config
+from utils.files import atomic_write_text, write_json
 
 DEFAULT_RESULTS = os.path.join("results", "sweeps")
 SWEEP_FILE = "sweep.json"
