@@ -14,12 +14,13 @@ os.environ.update(ONE_THREAD)
 
 
 def pytest_collection_modifyitems(config, items):
+    """Tests marked cuda need a GPU: skipped, saying so, where torch sees none."""
     if torch.cuda.is_available():
         return
-    no_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip = pytest.mark.skip(reason="needs a CUDA device: run pytest -m cuda on a GPU machine")
     for item in items:
         if "cuda" in item.keywords:
-            item.add_marker(no_gpu)
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ import data.cache
 from data.base import DatasetError, decode_image
 from data.tinyimagenet import TinyImageNet
 from helpers import REPO
-from options.files import DiskFullError
+from utils.files import DiskFullError
 
 
 def cache_files(root, split="train"):

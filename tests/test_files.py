@@ -1,4 +1,4 @@
-"""Atomic writes (options/files.py): a file is its old self or its new self, and the test-only
+"""Atomic writes (utils/files.py): a file is its old self or its new self, and the test-only
 fault hook that stops a writer at the one moment the fault tests need."""
 import os
 import signal
@@ -9,12 +9,12 @@ import textwrap
 import pytest
 
 from helpers import REPO, child_env
-from options.files import TEST_FAULT_ENV, atomic_write_text, remove_stale_temp_files, writer_pid
+from utils.files import TEST_FAULT_ENV, atomic_write_text, remove_stale_temp_files, writer_pid
 
 # Three writes, the second and third to the same file; prints its pid first.
 WRITER = textwrap.dedent("""
     import os, sys
-    from options.files import atomic_write_text
+    from utils.files import atomic_write_text
     folder = sys.argv[1]
     print(os.getpid(), flush=True)
     atomic_write_text(os.path.join(folder, "a.txt"), "first")

@@ -165,10 +165,10 @@ def test_bad_flags_name_the_key_and_the_fix(argv, fragments):
 
 
 # ----------------------------------------------------------------------------- bad values
-# One case per reported bad value and per range the schema declares: (flags or a YAML
+# One case per kind of bad value a user met and per range the schema declares: (flags or a YAML
 # file's text, fragments the one-line message must hold: the key (or file) and the bad value).
 BAD = {
-    # values users reported passing unchecked
+    # bad values users met
     "log_freq renamed": (["--common.log-freq", "0"], ["--common.log-freq", "--common.log-every-batches"]),
     "log_every_batches 0": (["--common.log-every-batches", "0"], ["common.log_every_batches: 0", ">= 1"]),
     "accum_freq 0": (["--common.accum-freq", "0"], ["common.accum_freq: 0", ">= 1"]),
@@ -282,7 +282,7 @@ def test_print_config_refuses_the_same_values(case, tmp_path, capsys):
 
 
 def test_every_number_has_a_declared_range():
-    # A new numeric key must decide its valid values: numbers are checked up front.
+    # A new numeric key must decide its valid values (numbers are checked up front).
     def numeric(tp):
         return any(a in (int, float) for a in [tp, *typing.get_args(tp)]) or any(
             numeric(a) for a in typing.get_args(tp) if typing.get_origin(a) is tuple)
@@ -491,7 +491,7 @@ def test_output_into_a_closed_pipe_exits_quietly(switch):
 
 
 def test_options_load_without_torch():
-    # Config errors must come back within a few seconds: no torch behind options/.
+    # Config errors must come back in well under 5 s: no torch behind options/.
     code = "import sys, options, options.cli, options.config; assert 'torch' not in sys.modules, 'torch imported'"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
