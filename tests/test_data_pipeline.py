@@ -1,6 +1,7 @@
 """The batch pipeline and its two placements: workers and device give the same batches from the
 same seed (checked on CPU tensors, and on CUDA in the cases marked cuda), for every arrangement of
 dataset.cache and dataset.augment_on, with the determinism guarantees kept."""
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -105,16 +106,26 @@ def test_mixing_can_be_switched_off_per_batch():
 
 
 # ----------------------------------------------------------------------------- the loaders
+ARRANGEMENT_FLAGS = ("--sampler.name", "variable_batch_sampler", "--image-augmentation.train", AUGMENT_TINY,
+                     "--image-augmentation.mixup.mixup-alpha", "0.4")
+
+
+@pytest.fixture(scope="module")
+def reference_batches(fake_root, tmp_path_factory):
+    """Epoch 2's training batches and the validation batches of the default arrangement (no
+    cache, augmentation in the main process), which every other arrangement must reproduce."""
+    reference = build_loaders(config(fake_root, tmp_path_factory.mktemp("reference"), *ARRANGEMENT_FLAGS))
+    return SimpleNamespace(train=epoch(reference.train, 2), val=list(reference.val))
+
+
 @pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("cache, augment_on, workers, arrangement", [
     ("none", "workers", 0, "workers"), ("none", "device", 2, "device"), ("memory", "device", 0, "device"),
     ("disk", "device", 0, "device"), ("memory", "workers", 2, "workers"),
 ])
-def test_every_arrangement_gives_the_same_batches(fake_root, tmp_path, cache, augment_on, workers, arrangement,
-                                                  device):
-    flags = ("--sampler.name", "variable_batch_sampler", "--image-augmentation.train", AUGMENT_TINY,
-             "--image-augmentation.mixup.mixup-alpha", "0.4")
-    reference = build_loaders(config(fake_root, tmp_path, *flags))
+def test_every_arrangement_gives_the_same_batches(fake_root, tmp_path, reference_batches, cache, augment_on, workers,
+                                                  arrangement, device):
+    flags = ARRANGEMENT_FLAGS
     loaders = build_loaders(config(fake_root, tmp_path, *flags, "--dataset.cache", cache,
                                    "--dataset.augment-on", augment_on, "--dataset.workers", str(workers)),
                             device=device)
@@ -123,8 +134,8 @@ def test_every_arrangement_gives_the_same_batches(fake_root, tmp_path, cache, au
     first = epoch(loaders.train, 2)
     assert len(first) == len(loaders.train) == loaders.train.batch_sampler.epoch_length(2)
     assert len({images.shape[-1] for images, _ in first}) > 1  # variable batch sizes
-    same(epoch(reference.train, 2), first, atol=PLACEMENT_ATOL[device.type])
-    same(list(reference.val), [(x.cpu(), t.cpu()) for x, t in loaders.val], atol=PLACEMENT_ATOL[device.type])
+    same(reference_batches.train, first, atol=PLACEMENT_ATOL[device.type])
+    same(reference_batches.val, [(x.cpu(), t.cpu()) for x, t in loaders.val], atol=PLACEMENT_ATOL[device.type])
 
 
 def test_auto_placement_follows_the_device():
