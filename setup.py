@@ -10,12 +10,15 @@ setup(
     packages=["cvnets", "data", "loss_fn", "optim", "engine", "options", "tools"],
     install_requires=["torch>=2.1", "torchvision>=0.16", "pyyaml>=6", "numpy", "tqdm", "pillow"],
     extras_require={
-        "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime", "timm", "tensorboard", "submitit"],
+        "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime", "timm", "tensorboard", "submitit",
+                 "wandb", "mlflow"],
         "export": ["onnx", "onnxscript", "onnxruntime"],
         "plots": ["matplotlib"],
         "bench": ["timm"],
         "tensorboard": ["tensorboard"],
         "cluster": ["submitit"],
+        "wandb": ["wandb"],
+        "mlflow": ["mlflow"],
     },
     entry_points={
         "console_scripts": [
