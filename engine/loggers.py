@@ -35,8 +35,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from engine.utils import flatten
 from options.config import ConfigError
-from options.files import write_json
 from options.schema import Config, MLflowConfig, WandbConfig
+from utils.files import write_json
 
 logger = logging.getLogger("cvnets")
 

@@ -1,7 +1,6 @@
 """The batch pipeline and its two placements: workers and device give the same batches from the
 same seed (checked on CPU tensors, and on CUDA where there is one), for every arrangement of
 dataset.cache and dataset.augment_on, with the determinism guarantees kept."""
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -102,19 +101,6 @@ def test_mixing_can_be_switched_off_per_batch():
     images, targets = Augmentation([], mix=MixupCutmix(4, mixup_alpha=1.0, prob=0.0))(raw_batch())
     assert torch.equal(targets, torch.nn.functional.one_hot(torch.arange(8) % 4, 4).float())
     assert torch.equal(images, Augmentation([])(raw_batch())[0])
-
-
-@pytest.mark.parametrize("mean, std, mixup, message", [
-    ((0.5, 0.5, 0.5), (0.1, 0.0, 0.1), {}, "image_augmentation.mean/std: std values must be > 0"),
-    ((0.5, 0.5), (0.1, 0.1), {}, "image_augmentation.mean/std: mean and std need 3 values"),
-    (None, None, {"prob": 1.5}, "image_augmentation.mixup: prob and switch_prob must be in"),
-])
-def test_bad_mean_std_and_mixup_settings_name_their_key(mean, std, mixup, message):
-    """Values the schema refuses already; the components check them too (a config built in code)."""
-    mix = SimpleNamespace(**{"mixup_alpha": 1.0, "cutmix_alpha": 0.0, "prob": 1.0, "switch_prob": 0.5, **mixup})
-    cfg = SimpleNamespace(train=(), val=(), mean=mean, std=std, mixup=mix)
-    with pytest.raises(ValueError, match=message):
-        build_augmentation(cfg, 4, train=True)
 
 
 # ----------------------------------------------------------------------------- the loaders

@@ -49,7 +49,7 @@ import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from options.config import ConfigError, load_config, override, to_yaml
-from options.files import atomic_write_text
+from utils.files import atomic_write_text
 from options.schema import Config, ModelConfig
 
 Column = Tuple[str, str, str]  # (row key, header, format spec)

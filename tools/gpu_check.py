@@ -233,7 +233,7 @@ class Report:
 
     def write(self, elapsed: float) -> None:
         if self.path:
-            from options.files import write_json
+            from utils.files import write_json
 
             write_json(self.path, self.payload(elapsed))
 
