@@ -19,7 +19,9 @@ and a new one starts. A tracker that raises is switched off with one warning; tr
 """
 from __future__ import annotations
 
+import functools
 import glob
+import importlib.util
 import json
 import logging
 import math
@@ -110,45 +112,29 @@ class Trackers:
 
 
 # ----------------------------------------------------------------------------- building
-# The trackers a config can turn on: (name, is it on?, the package it needs, its extra, builder).
-@dataclass(frozen=True)
-class _Kind:
-    key: str
-    enabled: Callable[[Config], bool]
-    package: str
-    extra: str
-    build: Callable[[Config], Logger]
+# Each tracker: the key that turns it on, its package (also the name of the extra that installs
+# it) and how to build it from the config.
+TRACKERS: Tuple[Tuple[str, str, Callable[[Config], Logger]], ...] = (
+    ("common.tensorboard", "tensorboard", lambda cfg: TensorBoardLogger()),
+    ("stats.wandb.enable", "wandb", lambda cfg: WandbLogger(cfg.stats.wandb)),
+    ("stats.mlflow.enable", "mlflow", lambda cfg: MLflowLogger(cfg.stats.mlflow)),
+)
 
 
-def _kinds() -> List[_Kind]:
-    return [
-        _Kind("common.tensorboard", lambda cfg: cfg.common.tensorboard, "torch.utils.tensorboard", "tensorboard",
-              lambda cfg: TensorBoardLogger()),
-        _Kind("stats.wandb.enable", lambda cfg: cfg.stats.wandb.enable, "wandb", "wandb",
-              lambda cfg: WandbLogger(cfg.stats.wandb)),
-        _Kind("stats.mlflow.enable", lambda cfg: cfg.stats.mlflow.enable, "mlflow", "mlflow",
-              lambda cfg: MLflowLogger(cfg.stats.mlflow)),
-    ]
+def _is_on(cfg: Config, key: str) -> bool:
+    return bool(functools.reduce(getattr, key.split("."), cfg))
 
 
 def check_trackers(cfg: Config) -> None:
     """ConfigError (exit status 2, before training) when an enabled tracker's package is missing."""
-    import importlib.util
-
-    for kind in _kinds():
-        if not kind.enabled(cfg):
-            continue
-        try:
-            found = importlib.util.find_spec(kind.package) is not None
-        except ImportError:  # a parent package (torch.utils) imports but the child does not
-            found = False
-        if not found:
-            raise ConfigError(f"{kind.key}: true needs the {kind.extra} package: pip install -e '.[{kind.extra}]'")
+    for key, package, _ in TRACKERS:
+        if _is_on(cfg, key) and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"{key}: true needs the {package} package: pip install -e '.[{package}]'")
 
 
 def build_loggers(cfg: Config) -> List[Logger]:
     """The trackers the config turns on (TensorBoard, W&B, MLflow), not started yet."""
-    return [kind.build(cfg) for kind in _kinds() if kind.enabled(cfg)]
+    return [build(cfg) for key, _, build in TRACKERS if _is_on(cfg, key)]
 
 
 def git_commit(folder: Optional[str] = None) -> Optional[str]:
@@ -212,7 +198,7 @@ class TensorBoardLogger(Logger):
         self.writer = None
 
     def start(self, run: RunInfo) -> None:
-        from torch.utils.tensorboard import SummaryWriter  # check_trackers saw that it imports
+        from torch.utils.tensorboard import SummaryWriter  # check_trackers found the package
 
         # purge_step drops what an interrupted run wrote beyond the checkpoint; the last row
         # the checkpoint vouches for is written again, so every epoch appears once.

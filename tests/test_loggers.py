@@ -5,6 +5,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -115,6 +116,38 @@ def test_mlflow_holds_the_config_and_each_epoch_once_after_a_crash_and_a_resume(
     assert resumed.data.metrics["best/epoch"] == best["epoch"]
 
 
+def open_trainer(args, run_dir):
+    """(trainer, open run folder), as the front door builds them."""
+    from engine.build import build_trainer, setup_process
+    from engine.run_folder import RunFolder
+    from options.config import load_config
+
+    cfg = load_config(args)
+    return build_trainer(cfg, setup_process(cfg)), RunFolder(str(run_dir)).open(logging.getLogger("cvnets"))
+
+
+def test_a_resume_from_an_older_checkpoint_leaves_the_mlflow_run_and_starts_a_new_one(fake_root, tmp_path, mlflow_uri,
+                                                                                     caplog, one_thread):
+    run_dir = tmp_path / "old"
+    trainer, folder = open_trainer(mlflow_args(fake_root, tmp_path, "old", 2, mlflow_uri), run_dir)
+    trainer.run(folder, stop_after_epoch=1)
+    shutil.copy(run_dir / "checkpoint_last.pt", tmp_path / "epoch1.pt")
+    trainer.run(folder)
+    folder.close(logging.getLogger("cvnets"))
+    client, first = mlflow_run(mlflow_uri, run_dir)
+    before = mlflow_history(client, first.info.run_id, "val_top1")
+    assert [step for step, _ in before] == [1, 2]
+
+    with caplog.at_level(logging.WARNING, logger="cvnets"):
+        assert train(mlflow_args(fake_root, tmp_path, "old", 2, mlflow_uri, "--common.resume",
+                                 str(tmp_path / "epoch1.pt"))) == 0
+    assert any("holds epochs up to 2, the checkpoint only 1" in r.getMessage() for r in caplog.records)
+    client, second = mlflow_run(mlflow_uri, run_dir)
+    assert second.info.run_id != first.info.run_id
+    assert_one_value_per_epoch(client, second.info.run_id, read_metrics(str(run_dir)))
+    assert mlflow_history(client, first.info.run_id, "val_top1") == before  # left as it was
+
+
 def test_mlflow_logs_the_best_checkpoint_as_an_artifact(fake_root, tmp_path, mlflow_uri, one_thread):
     assert train(mlflow_args(fake_root, tmp_path, "art", 1, mlflow_uri, "--stats.mlflow.log-checkpoint", "true")) == 0
     client, run = mlflow_run(mlflow_uri, tmp_path / "art")
@@ -179,13 +212,7 @@ def wandb_history(run_dir):
 def test_wandb_offline_run_files_hold_each_epoch_once_across_a_resume(fake_root, tmp_path, wandb_env, one_thread):
     args = ("--stats.wandb.enable", "true", "--stats.wandb.mode", "offline", "--stats.wandb.group", "sweep-x",
             "--stats.wandb.tags", "a,b")
-    from engine.build import build_trainer, setup_process
-    from engine.run_folder import RunFolder
-    from options.config import load_config
-
-    cfg = load_config(tiny_args(fake_root, tmp_path, "w", 3, *args))
-    trainer = build_trainer(cfg, setup_process(cfg))
-    folder = RunFolder(str(tmp_path / "w")).open(logging.getLogger("cvnets"))
+    trainer, folder = open_trainer(tiny_args(fake_root, tmp_path, "w", 3, *args), tmp_path / "w")
     trainer.run(folder, stop_after_epoch=1)  # ends like a stop after epoch 1
     folder.close(logging.getLogger("cvnets"))
     assert train(tiny_args(fake_root, tmp_path, "w", 3, *args, "--common.resume", "auto")) == 0
@@ -277,7 +304,7 @@ def test_mlflow_failing_mid_run_leaves_training_to_finish(fake_root, tmp_path, m
 @pytest.mark.parametrize("key, package, extra", [
     ("stats.wandb.enable", "wandb", "wandb"),
     ("stats.mlflow.enable", "mlflow", "mlflow"),
-    ("common.tensorboard", "torch.utils.tensorboard", "tensorboard"),
+    ("common.tensorboard", "tensorboard", "tensorboard"),
 ])
 def test_a_missing_tracker_package_is_one_line_exit_2_before_anything(fake_root, tmp_path, monkeypatch, capsys, key,
                                                                       package, extra):
