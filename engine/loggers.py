@@ -170,7 +170,7 @@ def _write_tracker_entry(run_dir: str, tracker: str, entry: Dict[str, Any]) -> N
 
 def _numbers(data: Mapping[str, Any]) -> Dict[str, float]:
     """The numeric fields of a row (bools and None left out)."""
-    return {k: float(v) for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _final_metrics(summary: Mapping[str, Any]) -> Dict[str, float]:
@@ -183,8 +183,10 @@ def _final_metrics(summary: Mapping[str, Any]) -> Dict[str, float]:
 
 
 def _summary_fields(summary: Mapping[str, Any]) -> Dict[str, Any]:
-    """The summary flattened to scalar fields ('best.val_top1'), without process details."""
-    flat = flatten({k: v for k, v in summary.items() if k not in ("pid", "updated", "already_finished")})
+    """The summary flattened to scalar fields, without process details and the best epochs
+    (those are _final_metrics)."""
+    left_out = ("pid", "updated", "already_finished", "best", "ema_best")
+    flat = flatten({k: v for k, v in summary.items() if k not in left_out})
     return {k: v for k, v in flat.items() if v is None or isinstance(v, (str, int, float, bool))}
 
 
@@ -466,7 +468,7 @@ class MLflowLogger(Logger):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, v, now, step) for k, v in values.items() if step not in self.held.get(k, ())]
+        metrics = [Metric(k, float(v), now, step) for k, v in values.items() if step not in self.held.get(k, ())]
         for i in range(0, len(metrics), self.MAX_METRICS_PER_CALL):
             self.client.log_batch(self.run_id, metrics=metrics[i:i + self.MAX_METRICS_PER_CALL])
 

@@ -193,7 +193,7 @@ def wandb_run_files(run_dir):
 def wandb_history(run_dir):
     """{step: {key: value}} of every history record across the run's offline files, and the list
     of epochs logged in order (one entry per history record that carries an epoch)."""
-    steps, epochs, config = {}, [], {}
+    steps, epochs, config, summary = {}, [], {}, {}
     for path in wandb_run_files(run_dir):
         for record in wandb_records(path):
             kind = record.WhichOneof("record_type")
@@ -203,10 +203,11 @@ def wandb_history(run_dir):
                 steps.setdefault(record.history.step.num, []).append(values)
                 if "epoch" in values:
                     epochs.append((values["epoch"], values))
-            elif kind == "config":
-                for item in record.config.update:
-                    config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
-    return steps, epochs, config
+            elif kind in ("config", "summary"):
+                for item in getattr(record, kind).update:
+                    (config if kind == "config" else summary)[item.key or "/".join(item.nested_key)] = \
+                        json.loads(item.value_json)
+    return steps, epochs, config, summary
 
 
 def test_wandb_offline_run_files_hold_each_epoch_once_across_a_resume(fake_root, tmp_path, wandb_env, one_thread):
@@ -221,7 +222,7 @@ def test_wandb_offline_run_files_hold_each_epoch_once_across_a_resume(fake_root,
     files = wandb_run_files(run_dir)
     run_id = read_tracker_ids(str(run_dir))["wandb"]["id"]
     assert len(files) == 2 and all(f.endswith(f"run-{run_id}.wandb") for f in files)
-    steps, epochs, config = wandb_history(run_dir)
+    steps, epochs, config, summary = wandb_history(run_dir)
     rows = read_metrics(str(run_dir))
     assert [epoch for epoch, _ in epochs] == [1, 2, 3]
     for (_, logged), row in zip(epochs, rows):
@@ -232,6 +233,9 @@ def test_wandb_offline_run_files_hold_each_epoch_once_across_a_resume(fake_root,
     assert [s for s, values in sorted(steps.items()) if any("epoch" in v for v in values)] == [6, 12, 18]
     assert all(len(v) == 1 for v in steps.values())  # no step logged twice
     assert config["scheduler"]["max_epochs"] == 3 and config["num_parameters"] == last_state(run_dir)["params"]
+    best = max(rows, key=lambda r: r["val_top1"])
+    assert summary["state"] == "finished" and summary["epochs_done"] == 3
+    assert summary["best/val_top1"] == pytest.approx(best["val_top1"]) and summary["best/epoch"] == best["epoch"]
 
     first = next(r.run for r in wandb_records(files[0]) if r.WhichOneof("record_type") == "run")
     assert (first.run_group, first.display_name, list(first.tags)) == ("sweep-x", "w", ["a", "b"])
@@ -361,5 +365,5 @@ def test_kill_9_then_resume_leaves_each_epoch_once_in_mlflow_and_wandb(fake_root
     assert_one_value_per_epoch(client, run_id, rows)
     steps = [step for step, _ in mlflow_history(client, run_id, "step/loss")]
     assert steps == list(range(1, 25))  # every optimizer step once, those the killed attempt logged too
-    _, epochs, _ = wandb_history(run_dir)
+    _, epochs, _, _ = wandb_history(run_dir)
     assert [epoch for epoch, _ in epochs] == [1, 2, 3, 4], (wandb_run_files(run_dir), done.stdout[-3000:])
