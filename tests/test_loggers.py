@@ -367,3 +367,21 @@ def test_kill_9_then_resume_leaves_each_epoch_once_in_mlflow_and_wandb(fake_root
     assert steps == list(range(1, 25))  # every optimizer step once, those the killed attempt logged too
     _, epochs, _, _ = wandb_history(run_dir)
     assert [epoch for epoch, _ in epochs] == [1, 2, 3, 4], (wandb_run_files(run_dir), done.stdout[-3000:])
+
+
+# ----------------------------------------------------------------------------- DDP
+@pytest.mark.slow
+def test_under_ddp_only_rank_0_logs_one_mlflow_run(fake_root, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from engine_helpers import free_port
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(REPO, "main_train.py"), *mlflow_args(fake_root, tmp_path, "ddp", 2, uri)]
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    client = MlflowClient(tracking_uri=uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("sweep-x").experiment_id])
+    assert_one_value_per_epoch(client, run.info.run_id, read_metrics(str(tmp_path / "ddp")))
