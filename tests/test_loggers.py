@@ -212,7 +212,7 @@ def wandb_history(run_dir):
 
 def test_wandb_offline_run_files_hold_each_epoch_once_across_a_resume(fake_root, tmp_path, wandb_env, one_thread):
     args = ("--stats.wandb.enable", "true", "--stats.wandb.mode", "offline", "--stats.wandb.group", "sweep-x",
-            "--stats.wandb.tags", "a,b")
+            "--stats.wandb.tags", "a,b", "--stats.wandb.log-checkpoint", "true")
     trainer, folder = open_trainer(tiny_args(fake_root, tmp_path, "w", 3, *args), tmp_path / "w")
     trainer.run(folder, stop_after_epoch=1)  # ends like a stop after epoch 1
     folder.close(logging.getLogger("cvnets"))
@@ -239,6 +239,10 @@ def test_wandb_offline_run_files_hold_each_epoch_once_across_a_resume(fake_root,
 
     first = next(r.run for r in wandb_records(files[0]) if r.WhichOneof("record_type") == "run")
     assert (first.run_group, first.display_name, list(first.tags)) == ("sweep-x", "w", ["a", "b"])
+    # the best checkpoints as one model artifact, logged once: when the run finished
+    artifacts = [r.artifact for path in files for r in wandb_records(path) if r.WhichOneof("record_type") == "artifact"]
+    assert [(a.type, sorted(c.path for c in a.manifest.contents)) for a in artifacts] == [
+        ("model", ["checkpoint_best.pt", "checkpoint_ema_best.pt"])]
 
 
 # ----------------------------------------------------------------------------- failures
