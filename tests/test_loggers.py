@@ -44,6 +44,10 @@ def wandb_env(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_CONSOLE", "off")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_DIR", raising=False)
+    yield
+    # W&B tells child processes to attach to this process's W&B service: trainers that other
+    # tests start must run their own, as a user's would
+    os.environ.pop("WANDB_SERVICE", None)
 
 
 def mlflow_args(root, results, label, epochs, uri, *extra):
@@ -343,6 +347,7 @@ def test_kill_9_then_resume_leaves_each_epoch_once_in_mlflow_and_wandb(fake_root
             *mlflow_args(fake_root, tmp_path, "k", 4, uri, "--stats.wandb.enable", "true", "--stats.wandb.mode",
                          "offline", "--common.log-every-batches", "1", "--common.resume", "auto")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+    env.pop("WANDB_SERVICE", None)  # its own W&B service, killed with it (see wandb_env)
     run_dir = tmp_path / "k"
     proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=True)
