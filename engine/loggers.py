@@ -408,8 +408,8 @@ class MLflowLogger(Logger):
         _write_tracker_entry(run.run_dir, "mlflow", {"run_id": self.run_id, "tracking_uri": uri})
         self._log_params({**{k: _param_text(v) for k, v in flatten(run.config).items()},
                           "num_parameters": str(run.params), "git_commit": str(run.git_commit)}, params)
-        for row in run.history:
-            self.log_epoch(row, 0)
+        for row, step in zip(run.history, run.epoch_steps):
+            self.log_epoch(row, step)
 
     def _existing_run(self, entry: Mapping[str, Any], uri: str, epochs: int):
         """The MLflow run this folder logged to before, when it can be continued; else None."""
