@@ -85,11 +85,23 @@ def run_dir_for(cfg: Config) -> str:
     return os.path.join(cfg.common.results_loc, label)
 
 
+def seeded_model(cfg: Config, num_classes: int) -> nn.Module:
+    """The model with initial weights drawn from common.seed alone, on a private generator.
+
+    Whatever ran before (a decoded cache built, a dataset generated or downloaded) may have drawn
+    from torch's global generator; the initial weights must not depend on it, or a speed setting
+    such as dataset.cache would change the run. The global generator is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.common.seed)
+        return cvnets.build_model(cfg.model, num_classes)
+
+
 def build_trainer(cfg: Config, process: Process) -> Trainer:
     """Build every component the config names and return a Trainer (no global state changes)."""
     common, device, dist_info = cfg.common, process.device, process.dist
     loaders = data.build_loaders(cfg, rank=dist_info.rank, world_size=dist_info.world_size, device=device)
-    model = cvnets.build_model(cfg.model, loaders.num_classes)
+    model = seeded_model(cfg, loaders.num_classes)
     if cfg.model.checkpoint is not None:
         skipped = ckpt.load_pretrained(model, cfg.model.checkpoint)
         logger.info("initialised from %s%s", cfg.model.checkpoint,

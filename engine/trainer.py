@@ -28,7 +28,7 @@ from engine.ema import ModelEMA
 from engine.loops import LoopOptions, NonFiniteLossError, Progress, evaluate, train_one_epoch
 from engine.run_folder import RunFolder, append_metrics, resume_path, write_metrics, write_summary
 from engine.signals import STOP_SIGNALS, handling
-from engine.utils import DistInfo
+from engine.utils import DistInfo, seed_everything
 from options.config import ConfigError, save_config, to_dict
 from options.schema import Config
 
@@ -104,6 +104,11 @@ class Trainer:
             start = resume_path(folder.path, self.cfg.common.resume)
             if start is not None:
                 self.resume(start)
+            else:
+                # What data setup drew from the global generators (a cache build, say) must
+                # not shift the training draws (dropout): a fresh run starts them from the
+                # seed, as a resume restores them from its checkpoint.
+                seed_everything(self.cfg.common.seed)
         self.folder = folder
         max_epochs = self.cfg.scheduler.max_epochs
         until = max_epochs if stop_after_epoch is None else min(stop_after_epoch, max_epochs)
