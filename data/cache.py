@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data.base import IMAGE_SIZE, CorruptImageError, DatasetError, decode_image, logger, progress_bar, worker_init
-from options.files import atomic_open, remove_quietly, remove_stale_temp_files, write_json
+from options.files import atomic_open, remove_quietly, remove_stale_temp_files, waiting_lock, write_json
 
 CACHE_VERSION = 2  # bump when the decoded pixels or the file format change (2: checksum in the .json)
 _CHUNK = 256  # images decoded per worker task
@@ -55,7 +55,17 @@ def find_unreadable(paths: Sequence[str], workers: int = 0, progress: bool = Tru
 
 def disk_cache(paths: Sequence[str], prefix: str, workers: int = 0, progress: bool = True) -> DecodedImages:
     """The decoded images stored at `<prefix>.npy` (+ `.json`), rebuilt when the files changed
-    or the stored array fails its checks."""
+    or the stored array fails its checks. Builders take a lock (`.<name>.lock` beside it): a
+    second process waits for the first one's cache and then uses it."""
+    def waiting() -> None:
+        logger.info("waiting for another process building the decoded cache %s.npy", prefix)
+
+    folder, name = os.path.split(prefix)
+    with waiting_lock(os.path.join(folder, f".{name}.lock"), waiting):
+        return _disk_cache(paths, prefix, workers, progress)
+
+
+def _disk_cache(paths: Sequence[str], prefix: str, workers: int, progress: bool) -> DecodedImages:
     meta_path, array_path = prefix + ".json", prefix + ".npy"
     expected = {"version": CACHE_VERSION, "size": IMAGE_SIZE, "count": len(paths), "fingerprint": fingerprint(paths)}
     meta = _read_json(meta_path)

@@ -20,6 +20,7 @@ from data import cache as decoded
 from data.archive import OFFICIAL, download_archive, unpack_archive, where_to_get_it
 from data.base import DATASETS, IMAGE_SIZE, BatchSpec, CorruptImageError, DatasetError, RawBatch, decode_image, logger
 from data.fake import make_fake_tinyimagenet
+from options.files import waiting_lock
 from options.schema import DatasetConfig
 
 SPLITS = ("train", "val", "test")
@@ -45,6 +46,24 @@ def prepare_root(cfg: DatasetConfig, progress: bool = True) -> str:
     root = cfg.root
     if os.path.isdir(root):
         return root
+    # Two runs started together (a sweep with --parallel) must not both write the root: the
+    # second waits for the first and adopts what it wrote.
+    where = os.path.abspath(root)
+    with waiting_lock(root_lock_path(root), lambda: logger.info("waiting for another process preparing %s", where)):
+        if os.path.isdir(root):
+            return root
+        _prepare_missing_root(cfg, progress)
+    return root
+
+
+def root_lock_path(root: str) -> str:
+    """The lock file beside a dataset root that its writers take: `<parent>/.<name>.lock`."""
+    parent, name = os.path.split(os.path.abspath(root))
+    return os.path.join(parent, f".{name}.lock")
+
+
+def _prepare_missing_root(cfg: DatasetConfig, progress: bool) -> None:
+    root = cfg.root
     if cfg.fake.enable:
         f = cfg.fake
         logger.info("writing a generated sample dataset (%d classes) to %s", f.classes, os.path.abspath(root))
@@ -56,7 +75,6 @@ def prepare_root(cfg: DatasetConfig, progress: bool = True) -> str:
         unpack_archive(download_archive(zip_path, root, OFFICIAL, progress), root, progress)
     else:
         raise DatasetError(f"dataset.root: {root} does not exist; {where_to_get_it(root)}")
-    return root
 
 
 # ----------------------------------------------------------------------------- reading the layout

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import shutil
 import tempfile
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any, Callable, Iterator, Optional
 
 TEMP_SUFFIX = ".tmp"
 
@@ -105,6 +106,45 @@ def atomic_write_text(path: str, text: str) -> None:
 def write_json(path: str, data: Any) -> None:
     """`data` as indented JSON, atomically."""
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str, on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """Hold an exclusive POSIX lock on the file `path` for the body; when another process holds
+    it, call on_wait() once and wait for it. The kernel drops the lock of a process that dies, so
+    a killed holder never blocks the next one. The holder removes the file before releasing it
+    (no lock file is left behind); a waiter that then finds its file gone locks a new one. Where
+    the file cannot be created (a read-only folder) the body runs unlocked: it cannot write there
+    either, and says so in its own words."""
+    waited = False
+    while True:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # read-only, not a folder, full: the body meets (and reports) it too
+            yield
+            return
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                os.close(fd)
+                raise
+            if not waited:
+                on_wait()
+                waited = True
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # still the file at `path`: the lock is ours
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed it: lock the new one
+    try:
+        yield
+    finally:
+        remove_quietly(path)  # while still locked, so that nobody can lock it in between
+        os.close(fd)
 
 
 def writer_pid(name: str) -> Optional[int]:
