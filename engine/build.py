@@ -64,6 +64,17 @@ def check_config(cfg: Config) -> None:
                               "pip install -e '.[tensorboard]'") from None
 
 
+def check_startable(cfg: Config) -> None:
+    """What training needs from the machine and the disk, checked before the run folder is
+    made: the checkpoint files it names exist, and the device it asks for is there."""
+    for key, path in (("model.checkpoint", cfg.model.checkpoint), ("common.resume", cfg.common.resume)):
+        if path is not None and path != "auto" and not os.path.isfile(path):
+            raise ConfigError(f"{key}: {path} does not exist; give the path of a checkpoint_*.pt file"
+                              + (" (or auto: continue this run folder's own)" if key == "common.resume" else ""))
+    if cfg.common.device == "cuda" and not torch.cuda.is_available():
+        resolve_device("cuda")  # its ConfigError says what to use instead
+
+
 def setup_process(cfg: Config) -> Process:
     """Once per process: device, process group (under torchrun), seeds and backend flags."""
     device = resolve_device(cfg.common.device, int(os.environ.get("LOCAL_RANK", "0")))

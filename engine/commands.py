@@ -15,7 +15,7 @@ import sys
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from options.cli import parse_config
-from options.config import ConfigError
+from options.config import ConfigError, help_text
 from options.files import DiskFullError
 from options.schema import Config
 
@@ -108,25 +108,38 @@ def _check(cfg: Config) -> None:
 # ----------------------------------------------------------------------------- train
 def train(argv: Optional[Sequence[str]] = None) -> int:
     """main_train.py / cvnets-train."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # training the defaults into results/run/ is never what a bare command meant
+        print(f"{help_text('main_train.py').splitlines()[0]}\n\n{TRAIN_DOC}\n\n--help lists every key.",
+              file=sys.stderr)
+        return 2
     cfg = parse_config(argv, "main_train.py", TRAIN_DOC, check=_check)
     _setup_logging(int(os.environ.get("RANK", "0")), timestamps=True)
     return _run(lambda: _train(cfg))
 
 
 def _train(cfg: Config) -> int:
-    from engine.build import build_trainer, run_dir_for, setup_process
+    from engine.build import build_trainer, check_startable, run_dir_for, setup_process
     from engine.run_folder import RunFolder, resume_path
-    from engine.trainer import closing_block
+    from engine.trainer import TrainingInterrupted, closing_block
 
     run_dir = run_dir_for(cfg)
     resume_path(run_dir, cfg.common.resume)  # refuses to overwrite a run before any work
+    check_startable(cfg)  # what can fail at once fails before the run folder exists
     # The lock first: a second trainer on this folder stops before anything else happens.
     folder = RunFolder(run_dir, writer=int(os.environ.get("RANK", "0")) == 0)
     try:
         folder.open(logger)
-        process = setup_process(cfg)
-        logger.info("run folder: %s", os.path.abspath(run_dir))
-        summary = build_trainer(cfg, process).run(folder)
+        try:
+            process = setup_process(cfg)
+            logger.info("run folder: %s", os.path.abspath(run_dir))
+            summary = build_trainer(cfg, process).run(folder)
+        except TrainingInterrupted:
+            raise
+        except Exception as e:
+            folder.record_failure(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
+                                  cfg.scheduler.max_epochs)
+            raise
         for line in closing_block(summary):
             logger.info(line)
         _barrier()  # no rank tears the process group down while rank 0 still writes

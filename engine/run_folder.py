@@ -237,6 +237,18 @@ class RunFolder:
             raise
         return self
 
+    def record_failure(self, message: str, max_epochs: int) -> None:
+        """Put an error that ended the run (outside the training loop, which records its own) into
+        train.log, and into summary.json when the folder has none yet: a folder whose earlier run
+        was stopped keeps saying so (a refused resume does not fail that run)."""
+        if not self.writer or self._handler is None:
+            return
+        record = logging.LogRecord("cvnets", logging.ERROR, __file__, 0, "error: %s", (message,), None)
+        self._handler.handle(record)
+        if not os.path.isfile(self.file(SUMMARY)):
+            write_summary(self.path, {"state": "failed", "finished": False, "epochs_done": 0, "max_epochs": max_epochs,
+                                      "error": message, "run_dir": os.path.abspath(self.path), "pid": os.getpid()})
+
     def close(self, logger: logging.Logger) -> None:
         if self._handler is not None:
             logger.removeHandler(self._handler)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from engine.commands import train
+from engine.run_folder import read_summary, run_status
 from engine_helpers import REPO, assert_same_weights, last_state, tiny_args
 
 
@@ -69,3 +70,43 @@ def test_two_runs_generating_the_same_dataset_at_once_both_train(tmp_path):
         assert "Traceback" not in err
     assert os.listdir(root.parent) == ["race"]  # no partial tree, no lock file left behind
     assert sorted(os.listdir(root / "cache")) == ["train-u8.json", "train-u8.npy", "val-u8.json", "val-u8.npy"]
+
+
+# ----------------------------------------------------------------------------- failures during setup
+def test_main_train_without_arguments_prints_usage_and_writes_nothing(tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(REPO, "main_train.py")], cwd=tmp_path, env=_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "usage: main_train.py --common.config-file" in done.stderr and "--help" in done.stderr
+    assert os.listdir(tmp_path) == []  # no results/run/
+
+
+@pytest.mark.parametrize("extra", [("--model.checkpoint", "/nonexistent/weights.pt"),
+                                   ("--common.resume", "/nonexistent/checkpoint_last.pt")])
+def test_a_missing_checkpoint_is_refused_before_the_run_folder_exists(fake_root, tmp_path, capsys, extra):
+    assert train(tiny_args(fake_root, tmp_path, "run", 1, *extra)) == 2
+    err = capsys.readouterr().err
+    assert "/nonexistent/" in err and "does not exist" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_cuda_asked_for_where_there_is_none_is_refused_before_the_run_folder_exists(fake_root, tmp_path):
+    done = subprocess.run([sys.executable, os.path.join(REPO, "main_train.py"),
+                           *tiny_args(fake_root, tmp_path, "run", 1, "--common.device", "cuda")],
+                          env={**_env(), "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "common.device" in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_failure_while_building_the_run_is_recorded_in_its_folder(fake_root, tmp_path, capsys):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert train(tiny_args(fake_root, tmp_path, "run", 1, "--model.checkpoint", str(garbage))) == 2
+    err = capsys.readouterr().err.strip()
+    message = err.removeprefix("error: ")
+    summary = read_summary(str(tmp_path / "run"))
+    assert summary["state"] == "failed" and summary["error"] == message
+    assert run_status(str(tmp_path / "run")).state == "failed"  # and the lock is released
+    with open(tmp_path / "run" / "train.log") as f:
+        assert message in f.read()
