@@ -120,20 +120,21 @@ def on_device(values: Any, device: torch.device, dtype: Optional[torch.dtype] = 
 
 # ----------------------------------------------------------------------------- workers
 def worker_init(parent_pid: int) -> Callable[[int], None]:
-    """A DataLoader worker_init_fn that leaves SIGINT, SIGTERM and SIGUSR1 to the main process
+    """A DataLoader worker_init_fn that leaves SIGINT, SIGTERM, SIGUSR1 and SIGHUP to the main process
     (`parent_pid`, the process building the DataLoader).
 
     timeout, SLURM and Ctrl-C signal every process of the job; a worker that died of it would
-    break the main process's iteration before it could save and exit. SIGINT and SIGUSR1 are
-    ignored. SIGTERM is ignored too, except from the main process itself: multiprocessing
-    ends workers that way (terminate() at interpreter exit, or when they fail to join), and a
-    worker deaf to it would keep the main process waiting for ever.
+    break the main process's iteration before it could save and exit (a closed terminal sends
+    SIGHUP to all of them). SIGINT, SIGUSR1 and SIGHUP are ignored. SIGTERM is ignored too,
+    except from the main process itself: multiprocessing ends workers that way (terminate() at
+    interpreter exit, or when they fail to join), and a worker deaf to it would keep the main
+    process waiting for ever.
     """
     return functools.partial(_leave_signals, parent_pid)
 
 
 def _leave_signals(parent_pid: int, worker_id: int) -> None:
-    for sig in (signal.SIGINT, signal.SIGUSR1):
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     # Blocked in this thread and so in every thread it starts: a SIGTERM stays pending until the
     # watcher takes it, with its sender.

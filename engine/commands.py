@@ -2,7 +2,7 @@
 
 Exit status: 0 done; 1 the run failed (non-finite loss, full disk, run folder in use, a failed
 parity check); 2 bad input (config, flags, dataset, checkpoint: one line naming the problem and
-the fix); 128 + N stopped by signal N after saving (130 SIGINT, 143 SIGTERM, 138 SIGUSR1).
+the fix); 128 + N stopped by signal N after saving (130 SIGINT, 143 SIGTERM, 138 SIGUSR1, 129 SIGHUP).
 main_train.py, main_eval.py, main_export.py and the console scripts cvnets-train, cvnets-eval
 and cvnets-export call these functions and exit with what they return.
 """

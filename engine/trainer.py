@@ -4,7 +4,7 @@ At the end of every epoch, in this order: the best-weights checkpoints, checkpoi
 (which carries the whole per-epoch history), then the metrics.jsonl row, TensorBoard and
 summary.json. A kill anywhere in between leaves a checkpoint that knows more than or as much as
 the records; resuming rebuilds the records from the checkpoint, so every epoch appears exactly
-once (engine/run_folder.py). Signals (SIGINT, SIGTERM, SIGUSR1) finish the current optimizer
+once (engine/run_folder.py). Signals (SIGINT, SIGTERM, SIGUSR1, SIGHUP) finish the current optimizer
 step, save and stop; the process exits 128 + the signal number.
 """
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Runs as users run them: concurrent starts, the cache as a pure speed setting, failures recorded,
 SIGHUP, resume into a new label, evaluation from anywhere and at another size, readable records."""
 import fcntl
+import signal
 import json
 import os
 import subprocess
@@ -110,3 +111,26 @@ def test_a_failure_while_building_the_run_is_recorded_in_its_folder(fake_root, t
     assert run_status(str(tmp_path / "run")).state == "failed"  # and the lock is released
     with open(tmp_path / "run" / "train.log") as f:
         assert message in f.read()
+
+
+# ----------------------------------------------------------------------------- SIGHUP
+@pytest.mark.slow
+def test_a_closed_terminal_sighup_saves_and_exits_129(fake_root, tmp_path):
+    """Closing the terminal or the SSH session signals the whole process group, workers included."""
+    args = tiny_args(fake_root, tmp_path, "hup", 30, "--dataset.workers", "2")
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "main_train.py"), *args], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for line in proc.stdout:
+            if "epoch 1/30 batch" in line:
+                break
+        os.killpg(proc.pid, signal.SIGHUP)
+        out = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGHUP, out
+    assert "stopped by SIGHUP" in out and "Traceback" not in out
+    summary = read_summary(str(tmp_path / "hup"))
+    assert summary["state"] == "interrupted" and summary["stopped_by"] == "SIGHUP"
+    assert last_state(tmp_path / "hup")["progress"]["iteration"] > 0
