@@ -28,7 +28,7 @@ from engine.ema import ModelEMA
 from engine.loops import AUTOCAST_DTYPES, LoopOptions, optimizer_steps
 from engine.trainer import Components, Trainer
 from engine.utils import DistInfo, init_distributed, resolve_device, seed_everything
-from options.config import ConfigError
+from options.config import ConfigError, override
 from options.schema import Config
 
 logger = logging.getLogger("cvnets")
@@ -62,6 +62,15 @@ def check_config(cfg: Config) -> None:
         except ImportError:
             raise ConfigError("common.tensorboard: true needs the tensorboard package: "
                               "pip install -e '.[tensorboard]'") from None
+
+
+def with_absolute_paths(cfg: Config) -> Config:
+    """cfg with its dataset paths made absolute, as the run stores them (config.yaml and every
+    checkpoint): main_eval and main_export then find the run's data from any folder."""
+    d = cfg.dataset
+    paths = {f"dataset.{key}": os.path.abspath(value) for key, value in
+             (("root", d.root), ("cache_dir", d.cache_dir), ("archive", d.archive)) if value is not None}
+    return override(cfg, paths)
 
 
 def check_startable(cfg: Config) -> None:

@@ -119,13 +119,14 @@ def train(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _train(cfg: Config) -> int:
-    from engine.build import build_trainer, check_startable, run_dir_for, setup_process
+    from engine.build import build_trainer, check_startable, run_dir_for, setup_process, with_absolute_paths
     from engine.run_folder import RunFolder, resume_path
     from engine.trainer import TrainingInterrupted, closing_block
 
     run_dir = run_dir_for(cfg)
     resume_path(run_dir, cfg.common.resume)  # refuses to overwrite a run before any work
     check_startable(cfg)  # what can fail at once fails before the run folder exists
+    cfg = with_absolute_paths(cfg)
     # The lock first: a second trainer on this folder stops before anything else happens.
     folder = RunFolder(run_dir, writer=int(os.environ.get("RANK", "0")) == 0)
     try:

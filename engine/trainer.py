@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
 import signal
 import sys
 import time
@@ -482,6 +483,14 @@ def closing_block(summary: Dict[str, Any]) -> List[str]:
         lines.append(f"  final train top-1 {summary['final_train_top1']:.2f}")
     run_dir = summary["run_dir"]
     lines.append(f"  run folder: {run_dir}")
-    if summary.get("best"):
-        lines.append(f"  evaluate: python main_eval.py --model.checkpoint {os.path.join(run_dir, 'checkpoint_best.pt')}")
+    best = os.path.join(run_dir, "checkpoint_best.pt")
+    if os.path.isfile(best):
+        lines.append(f"  evaluate: {eval_command()} --model.checkpoint {shlex.quote(best)}")
     return lines
+
+
+def eval_command() -> str:
+    """main_eval as a command that runs from any folder: this checkout's main_eval.py by its
+    absolute path, or the console script of an installed package."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "main_eval.py")
+    return f"python {shlex.quote(script)}" if os.path.isfile(script) else "cvnets-eval"

@@ -134,3 +134,27 @@ def test_a_closed_terminal_sighup_saves_and_exits_129(fake_root, tmp_path):
     summary = read_summary(str(tmp_path / "hup"))
     assert summary["state"] == "interrupted" and summary["stopped_by"] == "SIGHUP"
     assert last_state(tmp_path / "hup")["progress"]["iteration"] > 0
+
+
+# ----------------------------------------------------------------------------- evaluation from anywhere
+@pytest.mark.slow
+def test_the_evaluate_hint_runs_from_another_folder(tmp_path):
+    """A run started with a relative dataset.root stores the absolute path: its closing hint and
+    cvnets-eval work from any folder, on the run's own data (no new dataset where they run)."""
+    start, elsewhere = tmp_path / "start", tmp_path / "elsewhere"
+    start.mkdir()
+    elsewhere.mkdir()
+    args = tiny_args("data/tiny", "results", "rel", 1, "--dataset.fake.enable", "true", "--dataset.fake.classes", "4",
+                     "--dataset.fake.train-per-class", "8", "--dataset.fake.val-per-class", "4")
+    done = subprocess.run([sys.executable, os.path.join(REPO, "main_train.py"), *args], cwd=start, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    stored = last_state(start / "results" / "rel")["config"]["dataset"]["root"]
+    assert stored == str(start / "data" / "tiny")
+    hint = next(line for line in done.stdout.splitlines() if "evaluate:" in line).split("evaluate:", 1)[1].split()
+    assert os.path.isfile(hint[-1])
+    for command in (hint, ["cvnets-eval", *hint[-2:]]):
+        evaluated = subprocess.run(command, cwd=elsewhere, env=_env(), capture_output=True, text=True, timeout=300)
+        assert evaluated.returncode == 0, evaluated.stderr
+        assert "val images: 16" in evaluated.stdout  # 4 classes x 4: the run's own val split
+    assert os.listdir(elsewhere) == []
