@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -31,6 +32,7 @@ from engine.run_folder import RunFolder, append_metrics, resume_path, write_metr
 from engine.signals import STOP_SIGNALS, handling
 from engine.utils import DistInfo, seed_everything
 from options.config import ConfigError, save_config, to_dict
+from options.files import atomic_open
 from options.schema import Config
 
 logger = logging.getLogger("cvnets")
@@ -101,10 +103,15 @@ class Trainer:
         Continues from the checkpoint common.resume names; returns the summary (also in
         summary.json), whose "state" says how the run ended.
         """
+        adopted = False
         if self.folder is None:  # the first call; later ones (stop_after_epoch) continue in memory
             start = resume_path(folder.path, self.cfg.common.resume)
             if start is not None:
                 self.resume(start)
+                source = os.path.dirname(os.path.abspath(start))
+                adopted = source != os.path.abspath(folder.path)
+                if adopted and self.dist.is_main:
+                    self._adopt_best_checkpoints(source, folder)
             else:
                 # What data setup drew from the global generators (a cache build, say) must
                 # not shift the training draws (dropout): a fresh run starts them from the
@@ -113,9 +120,13 @@ class Trainer:
         self.folder = folder
         max_epochs = self.cfg.scheduler.max_epochs
         until = max_epochs if stop_after_epoch is None else min(stop_after_epoch, max_epochs)
-        if self.progress.epoch >= max_epochs:
+        if self.progress.epoch >= max_epochs and not adopted:
             return self._summary("finished", already=True)
         self._start_records()
+        if self.progress.epoch >= max_epochs:  # another run's finished checkpoint: this folder gets its records
+            self._save_last()
+            self._close_records()
+            return self._summary("finished")
         try:
             with self._catch_signals():
                 while self.progress.epoch < until:
@@ -339,6 +350,25 @@ class Trainer:
         what = "; changed: " + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in changes) if changes else ""
         logger.info("resumed from %s at epoch %d, batch %d (optimizer step %d)%s", os.path.abspath(path),
                     self.progress.epoch + 1, self.progress.batch_in_epoch, self.progress.iteration, what)
+
+    def _adopt_best_checkpoints(self, source: str, folder: RunFolder) -> None:
+        """Continuing another run's checkpoint in a new folder: copy that run's best checkpoints
+        that belong to the history just restored, so this folder's records name files it holds."""
+        for kind, name in (("model", "checkpoint_best.pt"), ("ema", "checkpoint_ema_best.pt")):
+            best, src, dest = self.best.get(kind), os.path.join(source, name), folder.file(name)
+            if best is None:
+                continue
+            try:
+                epoch = ckpt.load(src, kind=ckpt.WEIGHTS).get("epoch")
+            except ckpt.CheckpointError:
+                epoch = None
+            if epoch != best["epoch"]:
+                logger.warning("%s is not the best of epoch %d that %s took over; this folder has no %s until a "
+                               "better epoch", src, best["epoch"], os.path.basename(source), name)
+                continue
+            with open(src, "rb") as inp, atomic_open(dest, "wb") as out:
+                shutil.copyfileobj(inp, out)
+            logger.info("copied %s (epoch %d) from %s", name, epoch, source)
 
     # ------------------------------------------------------------------ records
     def _open_tensorboard(self) -> None:

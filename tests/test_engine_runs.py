@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from engine import checkpoint as ckpt
 from engine.commands import train
 from engine.run_folder import read_summary, run_status
 from engine_helpers import REPO, assert_same_weights, last_state, tiny_args
@@ -158,3 +159,34 @@ def test_the_evaluate_hint_runs_from_another_folder(tmp_path):
         assert evaluated.returncode == 0, evaluated.stderr
         assert "val images: 16" in evaluated.stdout  # 4 classes x 4: the run's own val split
     assert os.listdir(elsewhere) == []
+
+
+# ----------------------------------------------------------------------------- resume into a new label
+def test_continuing_another_runs_checkpoint_in_a_new_folder(fake_root, tmp_path, capsys):
+    """The new folder carries what its records name: the best checkpoints of the epochs it took
+    over, and the epochs it trains on top of a finished run."""
+    assert train(tiny_args(fake_root, tmp_path, "src", 2)) == 0
+    capsys.readouterr()
+    source_best = ckpt.load(str(tmp_path / "src" / "checkpoint_best.pt"))
+    fork = tiny_args(fake_root, tmp_path, "fork", 3, "--common.resume", str(tmp_path / "src" / "checkpoint_last.pt"),
+                     "--common.resume-allow-changes", "scheduler.max_epochs")
+    assert train(fork) == 0
+    out = capsys.readouterr().out
+    assert "already finished" not in out and "run finished: 3/3 epochs" in out
+    rows = [json.loads(line) for line in open(tmp_path / "fork" / "metrics.jsonl")]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    summary = read_summary(str(tmp_path / "fork"))
+    for name, key in (("checkpoint_best.pt", "best"), ("checkpoint_ema_best.pt", "ema_best")):
+        best = ckpt.load(str(tmp_path / "fork" / name))
+        assert best["epoch"] == summary[key]["epoch"], name
+        if best["epoch"] <= 2:  # taken over from the source run
+            assert_same_weights(best["model"], ckpt.load(str(tmp_path / "src" / name))["model"])
+    hint = next(line for line in out.splitlines() if "evaluate:" in line)
+    assert hint.endswith(str(tmp_path / "fork" / "checkpoint_best.pt"))
+    assert source_best["epoch"] == read_summary(str(tmp_path / "src"))["best"]["epoch"]  # the source is untouched
+    # a copy of the finished run in a third folder holds its records too
+    assert train(tiny_args(fake_root, tmp_path, "copy", 2, "--common.resume",
+                           str(tmp_path / "src" / "checkpoint_last.pt"))) == 0
+    assert read_summary(str(tmp_path / "copy"))["state"] == "finished"
+    assert [json.loads(line)["epoch"] for line in open(tmp_path / "copy" / "metrics.jsonl")] == [1, 2]
+    assert (tmp_path / "copy" / "checkpoint_last.pt").is_file() and (tmp_path / "copy" / "checkpoint_best.pt").is_file()
