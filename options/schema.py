@@ -453,6 +453,10 @@ class EvalConfig(Section):
     output_json: Optional[str] = opt(None, "also write the metrics to this JSON file")
     per_class: bool = opt(False, "print accuracy per class with its words.txt name")
     predictions_csv: Optional[str] = opt(None, "test split: where to write predictions (default beside the checkpoint)")
+    image_size: Optional[int] = opt(
+        None, "evaluate at N x N: resize to N + 8, center crop N (as the default val pipeline does at 64); "
+        "null = image_augmentation.val of the run", AT_LEAST_1
+    )
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 """Runs as users run them: concurrent starts, the cache as a pure speed setting, failures recorded,
 SIGHUP, resume into a new label, evaluation from anywhere and at another size, readable records."""
+import csv
 import fcntl
 import signal
 import json
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from engine import checkpoint as ckpt
-from engine.commands import train
+from engine.commands import evaluate, train
 from engine.run_folder import read_summary, run_status
 from engine_helpers import REPO, assert_same_weights, last_state, tiny_args
 
@@ -190,3 +191,40 @@ def test_continuing_another_runs_checkpoint_in_a_new_folder(fake_root, tmp_path,
     assert read_summary(str(tmp_path / "copy"))["state"] == "finished"
     assert [json.loads(line)["epoch"] for line in open(tmp_path / "copy" / "metrics.jsonl")] == [1, 2]
     assert (tmp_path / "copy" / "checkpoint_last.pt").is_file() and (tmp_path / "copy" / "checkpoint_best.pt").is_file()
+
+
+# ----------------------------------------------------------------------------- main_eval: size, test CSV
+@pytest.fixture(scope="module")
+def trained(fake_root, tmp_path_factory):
+    results = tmp_path_factory.mktemp("trained")
+    assert train(tiny_args(fake_root, results, "run", 1)) == 0
+    return results / "run"
+
+
+def test_eval_image_size_resizes_like_the_val_pipeline_and_says_so(trained, tmp_path, capsys):
+    best = str(trained / "checkpoint_best.pt")
+    assert evaluate(["--model.checkpoint", best, "--eval.output-json", str(tmp_path / "default.json")]) == 0
+    assert "image size: 32x32" in capsys.readouterr().out  # the run's own val pipeline (tiny_args: 36 -> 32)
+    assert evaluate(["--model.checkpoint", best, "--eval.image-size", "48",
+                     "--eval.output-json", str(tmp_path / "48.json")]) == 0
+    assert "image size: 48x48" in capsys.readouterr().out
+    by_hand = ["--image-augmentation.val", "[{name: resize, size: 56}, {name: center_crop, size: 48}]"]
+    assert evaluate(["--model.checkpoint", best, *by_hand, "--eval.output-json", str(tmp_path / "hand.json")]) == 0
+    at_48, hand = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("48", "hand"))
+    assert at_48["image_size"] == [48, 48] and at_48["loss"] == hand["loss"] and at_48["top5"] == hand["top5"]
+    assert at_48["loss"] != json.loads((tmp_path / "default.json").read_text())["loss"]
+
+
+def test_test_split_csv_has_class_names_scores_and_top5(trained, fake_root, tmp_path):
+    out = tmp_path / "pred.csv"
+    assert evaluate(["--model.checkpoint", str(trained / "checkpoint_best.pt"), "--eval.split", "test",
+                     "--eval.predictions-csv", str(out)]) == 0
+    rows = list(csv.DictReader(open(out)))
+    assert len(rows) == 4 * 2
+    words = dict(line.rstrip("\n").split("\t") for line in open(os.path.join(fake_root, "words.txt")))
+    wnids = open(os.path.join(fake_root, "wnids.txt")).read().split()
+    for row in rows:
+        top5 = row["top5"].split()
+        assert len(top5) == 4 and len(set(top5)) == 4 and set(top5) <= set(wnids)  # 4 classes: top-4
+        assert top5[0] == row["wnid"] and row["name"] == words[row["wnid"]]
+        assert 0.25 <= float(row["score"]) <= 1.0  # the top softmax probability of 4 classes
