@@ -7,7 +7,10 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["cvnets", "data", "loss_fn", "optim", "engine", "options", "tools"],
+    packages=["cvnets", "data", "loss_fn", "optim", "engine", "options", "tools", "config"],
+    # The configs travel with the code (site-packages/config beside options/), so an installed
+    # package finds `--common.config-file mobilevit_tiny` the same way a checkout does.
+    package_data={"config": ["*.yaml", "recipes/*.yaml", "paper/*.yaml", "paper/*.json", "paper/parts/*.yaml"]},
     install_requires=["torch>=2.1", "torchvision>=0.16", "pyyaml>=6", "numpy", "tqdm", "pillow"],
     extras_require={
         "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime", "timm", "tensorboard", "submitit"],

@@ -133,7 +133,10 @@ def _check_order(low_name: str, low: float, high_name: str, high: float) -> None
 # --------------------------------------------------------------------------- common
 @dataclass(frozen=True)
 class CommonConfig(Section):
-    config_file: Optional[str] = opt(None, "YAML config file (its `base:` files are merged first)")
+    config_file: Optional[str] = opt(
+        None, "YAML config file (its `base:` files are merged first), or the name of a shipped config "
+        "(mobilevit_tiny, quickstart, paper/table3_no_vbs: config/<name>.yaml of the package)"
+    )
     seed: int = opt(0, "random seed for python, numpy and torch", SEED)
     results_loc: str = opt("results", "folder that holds run folders")
     run_label: Optional[str] = opt(None, "run folder name; default: the config file's stem")
