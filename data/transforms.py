@@ -428,6 +428,8 @@ class _Flip(Transform):
 
 @TRANSFORMS.register("random_horizontal_flip")
 class RandomHorizontalFlip(_Flip):
+    """With probability p, mirror left to right."""
+
     def __init__(self, p: float = 0.5) -> None:
         self.p = _probability(p)
 
@@ -437,6 +439,8 @@ class RandomHorizontalFlip(_Flip):
 
 @TRANSFORMS.register("random_vertical_flip")
 class RandomVerticalFlip(_Flip):
+    """With probability p, flip upside down."""
+
     def __init__(self, p: float = 0.5) -> None:
         self.p = _probability(p)
 
@@ -781,3 +785,33 @@ def select(params: Any, chosen: np.ndarray) -> Any:
     if isinstance(params, list):
         return [select(value, chosen) for value in params]
     return params[torch.as_tensor(chosen)] if isinstance(params, Tensor) else params[chosen]
+
+
+# ----------------------------------------------------------------------------- listing
+def describe_transforms() -> str:
+    """Every registered transform with its settings (and their defaults) and what it does: the
+    text of `main_train.py --list-transforms`."""
+    lines = ["Transforms for image_augmentation.train / .val, as {name: NAME, <setting>: value, ...}:", ""]
+    for name in TRANSFORMS.names():
+        cls = TRANSFORMS.get(name)
+        params = [p for p in inspect.signature(cls.__init__).parameters.values()
+                  if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        settings = ", ".join(p.name if p.default is inspect.Parameter.empty else f"{p.name}: {_yaml_value(p.default)}"
+                             for p in params)
+        lines.append(f"  {name}" + (f"  {{{settings}}}" if settings else ""))
+        summary = " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
+        if summary:
+            lines.append(f"      {summary}")
+    return "\n".join(lines)
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_yaml_value(v) for v in value) + "]"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)

@@ -24,7 +24,9 @@ logger = logging.getLogger("cvnets")
 TRAIN_DOC = """Train a model from a YAML config.
 
     python main_train.py --common.config-file config/mobilevit_tiny.yaml [--section.key value ...]
-    torchrun --nproc_per_node 2 main_train.py --common.config-file ...    (DDP)"""
+    torchrun --nproc_per_node 2 main_train.py --common.config-file ...    (DDP)
+
+--list-transforms lists the transforms image_augmentation.train and .val can name, with their settings."""
 
 EVAL_DOC = """Evaluate a checkpoint written by main_train.py.
 
@@ -99,6 +101,12 @@ def _setup_logging(rank: int, timestamps: bool) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s" if timestamps else "%(message)s", "%H:%M:%S"))
 
 
+def _transforms() -> str:
+    from data.transforms import describe_transforms
+
+    return describe_transforms()
+
+
 def _check(cfg: Config) -> None:
     from engine.build import check_config
 
@@ -113,7 +121,7 @@ def train(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{help_text('main_train.py').splitlines()[0]}\n\n{TRAIN_DOC}\n\n--help lists every key.",
               file=sys.stderr)
         return 2
-    cfg = parse_config(argv, "main_train.py", TRAIN_DOC, check=_check)
+    cfg = parse_config(argv, "main_train.py", TRAIN_DOC, check=_check, listings={"list-transforms": _transforms})
     _setup_logging(int(os.environ.get("RANK", "0")), timestamps=True)
     return _run(lambda: _train(cfg))
 

@@ -228,3 +228,17 @@ def test_test_split_csv_has_class_names_scores_and_top5(trained, fake_root, tmp_
         assert len(top5) == 4 and len(set(top5)) == 4 and set(top5) <= set(wnids)  # 4 classes: top-4
         assert top5[0] == row["wnid"] and row["name"] == words[row["wnid"]]
         assert 0.25 <= float(row["score"]) <= 1.0  # the top softmax probability of 4 classes
+
+
+# ----------------------------------------------------------------------------- discoverability
+def test_list_transforms_names_every_registered_transform_with_its_settings(capsys):
+    from data.transforms import TRANSFORMS
+
+    with pytest.raises(SystemExit) as e:
+        train(["--list-transforms"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ") and not line.startswith("   ")]
+    assert listed == sorted(TRANSFORMS.names()) and len(listed) >= 15
+    assert "  random_resized_crop  {scale: [0.08, 1], ratio: [0.75, 1.333], interpolation: bilinear" in out
+    assert "  random_flip\n" in out  # no settings

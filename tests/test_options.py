@@ -447,7 +447,7 @@ def test_parse_config_base_gets_the_flags_and_sits_beneath_the_file(tmp_path, ca
     "argv,fragment",
     [
         (["--print-confg"], "unknown switch --print-confg — did you mean 'print-config'?"),
-        (["--verbose"], "the switches are --help and --print-config"),
+        (["--verbose"], "the switches are --help, --print-config"),
         (["--common.run-label", "--print-config"], "--common.run-label needs a value, not the option --print-config"),
     ],
 )
