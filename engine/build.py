@@ -97,6 +97,19 @@ def setup_process(cfg: Config) -> Process:
     return Process(device, dist_info)
 
 
+def describe_process(process: Process) -> str:
+    """The software and hardware a run ran on, for its log: what a result needs to be compared."""
+    import platform
+
+    import torchvision
+
+    device = process.device.type
+    if device == "cuda":
+        device = f"cuda ({torch.cuda.get_device_name(process.device)}, CUDA {torch.version.cuda})"
+    return (f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}; "
+            f"device {device}; world size {process.dist.world_size}")
+
+
 def run_dir_for(cfg: Config) -> str:
     """<results_loc>/<run_label>, the label defaulting to the config file's stem."""
     label = cfg.common.run_label

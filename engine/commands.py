@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import sys
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
@@ -123,11 +124,13 @@ def train(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     cfg = parse_config(argv, "main_train.py", TRAIN_DOC, check=_check, listings={"list-transforms": _transforms})
     _setup_logging(int(os.environ.get("RANK", "0")), timestamps=True)
-    return _run(lambda: _train(cfg))
+    command = shlex.join([sys.argv[0] if sys.argv and sys.argv[0] else "main_train.py", *argv])
+    return _run(lambda: _train(cfg, command))
 
 
-def _train(cfg: Config) -> int:
-    from engine.build import build_trainer, check_startable, run_dir_for, setup_process, with_absolute_paths
+def _train(cfg: Config, command: str = "") -> int:
+    from engine.build import (build_trainer, check_startable, describe_process, run_dir_for, setup_process,
+                              with_absolute_paths)
     from engine.run_folder import RunFolder, resume_path
     from engine.trainer import TrainingInterrupted, closing_block
 
@@ -142,6 +145,8 @@ def _train(cfg: Config) -> int:
         try:
             process = setup_process(cfg)
             logger.info("run folder: %s", os.path.abspath(run_dir))
+            logger.info("command line: %s", command)
+            logger.info("%s", describe_process(process))
             summary = build_trainer(cfg, process).run(folder)
         except TrainingInterrupted:
             raise

@@ -242,3 +242,15 @@ def test_list_transforms_names_every_registered_transform_with_its_settings(caps
     assert listed == sorted(TRANSFORMS.names()) and len(listed) >= 15
     assert "  random_resized_crop  {scale: [0.08, 1], ratio: [0.75, 1.333], interpolation: bilinear" in out
     assert "  random_flip\n" in out  # no settings
+
+
+def test_the_log_records_versions_command_line_and_world_size(trained):
+    import platform
+
+    import torchvision
+
+    log = (trained / "train.log").read_text()
+    assert (f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}; "
+            "device cpu; world size 1") in log
+    (command,) = [line for line in log.splitlines() if "command line: " in line]
+    assert "--common.run-label run" in command and "--scheduler.max-epochs 1" in command
