@@ -95,6 +95,7 @@ class Trainer:
         self._signal: Optional[int] = None
         self._saving = False
         self._tb = None
+        self._tb_steps = None
 
     # ------------------------------------------------------------------ main loop
     def run(self, folder: RunFolder, stop_after_epoch: Optional[int] = None) -> Dict[str, Any]:
@@ -382,19 +383,32 @@ class Trainer:
         self._tb = SummaryWriter(self.folder.file("tensorboard"), purge_step=done if done else None)
         if self.history:
             self._add_scalars(self.history[-1])
+        # The log-interval scalars live on the optimizer-step axis, in a run of their own (a purge
+        # applies to every tag of a run): everything after the checkpoint's step goes.
+        step = self.progress.iteration
+        self._tb_steps = SummaryWriter(self.folder.file(os.path.join("tensorboard", "steps")),
+                                       purge_step=step + 1 if step else None)
 
     def _add_scalars(self, row: Dict[str, Any]) -> None:
         if self._tb is None:
             return
         for key, value in row.items():
             if key != "epoch":
-                self._tb.add_scalar(key, value, row["epoch"])
+                self._tb.add_scalar(tensorboard_tag(key), value, row["epoch"])
         self._tb.flush()
 
+    def _add_step_scalars(self, stats: Dict[str, float]) -> None:
+        if self._tb_steps is None:
+            return
+        for key in ("loss", "top1", "lr", "images_per_second"):
+            self._tb_steps.add_scalar(f"train_step/{key}", stats[key], self.progress.iteration)
+        self._tb_steps.flush()
+
     def _close_records(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        for writer in (self._tb, self._tb_steps):
+            if writer is not None:
+                writer.close()
+        self._tb = self._tb_steps = None
 
     # ------------------------------------------------------------------ progress display
     def _progress_bar(self, epoch: int, epoch_batches: int):
@@ -419,6 +433,7 @@ class Trainer:
 
     def _log_step(self, epoch: int, epoch_batches: int, first_batch: int, stats: Dict[str, float], started: float,
                   bar) -> None:
+        self._add_step_scalars(stats)
         eta = self.run_eta(epoch_batches, first_batch, started)
         eta_text = format_duration(eta) if eta is not None else "?"
         if bar is not None:
@@ -485,6 +500,15 @@ def _flatten(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def tensorboard_tag(key: str) -> str:
+    """A metrics row key as a TensorBoard tag grouped by what it measures: train_loss ->
+    train/loss, val_top1 -> val/top1, ema_val_top5 -> ema_val/top5, lr -> epoch/lr."""
+    for group in ("ema_val", "train", "val"):
+        if key.startswith(group + "_"):
+            return f"{group}/{key[len(group) + 1:]}"
+    return f"epoch/{key}"
 
 
 def format_duration(seconds: float) -> str:

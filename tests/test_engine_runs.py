@@ -254,3 +254,21 @@ def test_the_log_records_versions_command_line_and_world_size(trained):
             "device cpu; world size 1") in log
     (command,) = [line for line in log.splitlines() if "command line: " in line]
     assert "--common.run-label run" in command and "--scheduler.max-epochs 1" in command
+
+
+def test_tensorboard_groups_the_epoch_scalars_and_logs_every_log_interval(fake_root, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    assert train(tiny_args(fake_root, tmp_path, "tb", 1, "--common.tensorboard", "true",
+                           "--common.max-batches-per-epoch", "4")) == 0
+    epochs = EventAccumulator(str(tmp_path / "tb" / "tensorboard"))
+    epochs.Reload()
+    tags = set(epochs.Tags()["scalars"])
+    assert {"train/loss", "train/top1", "val/loss", "val/top1", "val/top5", "ema_val/top1", "epoch/lr"} <= tags
+    assert not [t for t in tags if "/" not in t]
+    steps = EventAccumulator(str(tmp_path / "tb" / "tensorboard" / "steps"))
+    steps.Reload()
+    assert {"train_step/loss", "train_step/lr"} <= set(steps.Tags()["scalars"])
+    assert [e.step for e in steps.Scalars("train_step/loss")] == [2, 4]  # common.log_every_batches 2
+    rows = [json.loads(line) for line in open(tmp_path / "tb" / "metrics.jsonl")]
+    assert epochs.Scalars("val/top1")[0].value == pytest.approx(rows[0]["val_top1"])
