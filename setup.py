@@ -2,12 +2,12 @@ from setuptools import setup
 
 setup(
     name="cvnets-tiny",
-    version="0.1.0",
+    version="0.2.0",
     description="Config-driven PyTorch training of MobileViT and ResNet on TinyImageNet",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["cvnets", "data", "loss_fn", "optim", "engine", "options", "tools", "config"],
+    packages=["cvnets", "data", "loss_fn", "optim", "engine", "options", "tools", "utils", "config"],
     # The configs travel with the code (site-packages/config beside options/), so an installed
     # package finds `--common.config-file mobilevit_tiny` the same way a checkout does.
     package_data={"config": ["*.yaml", "recipes/*.yaml", "paper/*.yaml", "paper/*.json", "paper/parts/*.yaml"]},

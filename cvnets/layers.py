@@ -14,23 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvnets.init import LinearInit
+from utils.rounding import make_divisible
 
 ActFactory = Callable[[], nn.Module]
 
 # On the CPU, attention over at most this many tokens is faster as two batched matmuls than as
 # the fused SDPA kernel (1.8x at 16 tokens for forward + backward, slower from 64 tokens).
 _CPU_MATMUL_ATTENTION_MAX_TOKENS = 32
-
-
-def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = None) -> int:
-    """Round `value` to the nearest multiple of `divisor` (at least `min_value`).
-
-    One more multiple is added when rounding down would lose more than 10 %: ml-cvnets' rule,
-    for MobileNetV2 channel counts and for the variable batch sampler's crop sizes alike.
-    """
-    min_value = divisor if min_value is None else min_value
-    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < 0.9 * value else rounded
 
 
 class SiLU(nn.SiLU):
@@ -73,12 +63,6 @@ class ConvNormAct(nn.Sequential):
         if act is not None:
             layers["act"] = act()
         super().__init__(layers)
-
-
-def check_dropout(key: str, p: float) -> None:
-    """Raise ValueError unless `p` is a probability (the check nn.Dropout makes, naming the key)."""
-    if not 0.0 <= p <= 1.0:  # NaN fails too
-        raise ValueError(f"{key}: {p} must be in [0, 1]")
 
 
 class Dropout(nn.Dropout):

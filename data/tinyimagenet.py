@@ -20,8 +20,8 @@ from data import cache as decoded
 from data.archive import OFFICIAL, download_archive, unpack_archive, where_to_get_it
 from data.base import DATASETS, IMAGE_SIZE, BatchSpec, CorruptImageError, DatasetError, RawBatch, decode_image, logger
 from data.fake import make_fake_tinyimagenet
-from options.files import waiting_lock
 from options.schema import DatasetConfig
+from utils.files import waiting_lock
 
 SPLITS = ("train", "val", "test")
 _IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")

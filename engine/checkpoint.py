@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from options.files import atomic_write_bytes
+from utils.files import atomic_write_bytes
 
 VERSION = 2  # 1: cvnets-tiny 0.1 (pickled numpy/python RNG states); 2: tensors and plain data only
 TRAINING, WEIGHTS = "training", "weights"

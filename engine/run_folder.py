@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from options.config import ConfigError
-from options.files import atomic_write_text, remove_stale_temp_files, write_json
+from utils.files import atomic_write_text, remove_stale_temp_files, write_json
 
 METRICS, SUMMARY, LOCK = "metrics.jsonl", "summary.json", ".lock"
 LAST_CHECKPOINT = "checkpoint_last.pt"

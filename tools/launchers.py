@@ -52,7 +52,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 from engine.run_folder import is_locked, read_lock_holder, run_status
 from engine.signals import STOP_SIGNALS, handling
-from options.files import write_json
+from utils.files import write_json
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAIN_TRAIN = os.path.join(REPO, "main_train.py")

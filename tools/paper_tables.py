@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 
 from engine.run_folder import best_epoch, read_metrics, read_summary
 from options.config import ConfigError, load_config, parse_flags, to_yaml
-from options.files import atomic_open
+from utils.files import atomic_open
 from tools import launchers
 from tools.launchers import RunSpec
 

@@ -40,7 +40,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from engine.run_folder import best_epoch, read_metrics, read_summary
 from options.config import ConfigError, load_config, override, parse_flags, to_dict, to_yaml
-from options.files import atomic_open, atomic_write_text, write_json
+from utils.files import atomic_open, atomic_write_text, write_json
 from options.schema import Config
 from tools import launchers
 from tools.launchers import RunSpec

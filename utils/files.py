@@ -5,8 +5,7 @@ writers never share one), flushed and fsynced before an atomic rename; on any fa
 temporary file is removed and the destination is left as it was. A full disk raises
 DiskFullError, which names the folder and the bytes the write needed.
 
-This module sits in the lowest layer (options) because data/, engine/ and the tools all
-write files; it imports nothing of the config system.
+data/, engine/ and the tools all write files, so this module imports nothing of the project.
 """
 from __future__ import annotations
 
