@@ -83,6 +83,7 @@ class Trainer:
         self.resumes = 0
         self._signal: Optional[int] = None
         self._saving = False
+        self._announced = False
         self._tb = None
         self._tb_steps = None
 
@@ -122,8 +123,10 @@ class Trainer:
                 while self.progress.epoch < until:
                     self._run_epoch()
                     if self._signal is not None:  # saved (mid-epoch or at its end): stop here
+                        self._announce_signal()
                         raise TrainingInterrupted(self._signal, folder.last_checkpoint)
         except _StopNow:
+            self._announce_signal()
             self._write_summary("interrupted", stopped_by=signal.Signals(self._signal).name)
             raise TrainingInterrupted(self._signal, folder.last_checkpoint, saved=False) from None
         except TrainingInterrupted:
@@ -442,7 +445,16 @@ class Trainer:
                     row["images_per_second"], row["epoch_seconds"], format_duration(left))
 
     # ------------------------------------------------------------------ signals
+    def _announce_signal(self) -> None:
+        """Log the stop signal once, from the main code: a handler that logs could interrupt a
+        log write in progress, and a reentrant write to the same file fails."""
+        if self._signal is not None and not self._announced:
+            self._announced = True
+            logger.warning("%s received: finishing the current step, then saving (again to stop at once)",
+                           signal.Signals(self._signal).name)
+
     def _stop_requested(self) -> bool:
+        self._announce_signal()
         if not self.dist.enabled:
             return self._signal is not None
         if self.progress.batch_in_epoch % self.opts.log_every_batches:
@@ -452,15 +464,14 @@ class Trainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() > 0 and self._signal is None:
             self._signal = int(flag.item())
+            self._announce_signal()
         return flag.item() > 0
 
     @contextmanager
     def _catch_signals(self) -> Iterator[None]:
         def handler(signum, frame):
-            name = signal.Signals(signum).name
             if self._signal is None:
-                self._signal = signum
-                logger.warning("%s received: finishing the current step, then saving (again to stop at once)", name)
+                self._signal = signum  # announced by the loop (_announce_signal)
             elif self._saving:
                 pass  # the save in progress completes; the stop follows it
             else:
