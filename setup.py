@@ -13,10 +13,12 @@ setup(
     package_data={"config": ["*.yaml", "recipes/*.yaml", "paper/*.yaml", "paper/*.json", "paper/parts/*.yaml"]},
     install_requires=["torch>=2.1", "torchvision>=0.16", "pyyaml>=6", "numpy", "tqdm", "pillow"],
     extras_require={
-        "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime", "timm", "tensorboard", "submitit"],
+        "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime", "timm", "tensorboard", "submitit",
+                 "transformers", "safetensors"],
         "export": ["onnx", "onnxscript", "onnxruntime"],
         "plots": ["matplotlib"],
         "bench": ["timm"],
+        "pretrained": ["safetensors"],
         "tensorboard": ["tensorboard"],
         "cluster": ["submitit"],
     },

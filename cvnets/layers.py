@@ -176,10 +176,25 @@ class StagedClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stages = nn.ModuleDict()
+        self.backbone_frozen = False
 
     def _init_head(self, channels: int, num_classes: int, dropout: float) -> None:
         self.num_features = channels
         self.classifier = nn.Sequential(Dropout(dropout), nn.Linear(channels, num_classes))
+
+    def freeze_backbone(self) -> None:
+        """Train the classifier alone (linear probing): the stages get no gradients and always run
+        as in evaluation, BatchNorm on its running statistics and dropout off, whatever
+        train() says, so the features stay those of the pretrained network."""
+        self.backbone_frozen = True
+        self.stages.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "StagedClassifier":
+        super().train(mode)
+        if self.backbone_frozen:
+            self.stages.eval()
+        return self
 
     def stage_outputs(self, x: Tensor) -> Dict[str, Tensor]:
         """Every stage's output by stage name, then the logits under "classifier"."""
@@ -194,3 +209,4 @@ class StagedClassifier(nn.Module):
             x = stage(x)
         # Global mean pool: [B, C, H, W] -> [B, C]
         return self.classifier(x.mean(dim=(2, 3)))
+

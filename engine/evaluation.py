@@ -22,7 +22,7 @@ from options.config import ConfigError, override, to_dict
 from utils.files import atomic_open
 from options.schema import Config
 
-_NOT_ARCHITECTURE = ("checkpoint",)
+_NOT_ARCHITECTURE = ("checkpoint", "freeze")
 
 
 def check_same_model(cfg: Config, stored: Mapping[str, Any]) -> None:

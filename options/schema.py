@@ -314,7 +314,15 @@ class ModelConfig(Section):
     name: Literal["mobilevit", "resnet"] = opt("mobilevit", "model family")
     num_classes: Optional[int] = opt(None, "output classes; null = the dataset's", AT_LEAST_1)
     classifier_dropout: float = opt(0.1, "dropout before the classifier", RATE)
-    checkpoint: Optional[str] = opt(None, "weights to load (main_eval, export, fine-tuning)", harmless=True)
+    checkpoint: Optional[str] = opt(
+        None, "weights to load (main_eval, export, fine-tuning): a checkpoint of this tool, or a timm, "
+        "torchvision, ml-cvnets or Hugging Face weights file (recognised by its keys; another class "
+        "count re-initialises the classifier)", harmless=True
+    )
+    freeze: Literal["none", "backbone"] = opt(
+        "none", "backbone: train the classifier alone (linear probing); the stages keep their weights and "
+        "BatchNorm statistics and run in eval mode"
+    )
     mobilevit: MobileViTConfig = block(MobileViTConfig, "MobileViT settings")
     resnet: ResNetConfig = block(ResNetConfig, "ResNet settings")
     init: InitConfig = block(InitConfig, "weight initialisation")
