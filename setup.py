@@ -10,7 +10,7 @@ setup(
     packages=["cvnets", "data", "loss_fn", "optim", "engine", "options", "tools", "utils", "config"],
     # The configs travel with the code (site-packages/config beside options/), so an installed
     # package finds `--common.config-file mobilevit_tiny` the same way a checkout does.
-    package_data={"config": ["*.yaml", "recipes/*.yaml", "paper/*.yaml", "paper/*.json", "paper/parts/*.yaml"]},
+    package_data={"config": ["*.yaml", "*.json", "**/*.yaml", "**/*.json"]},
     install_requires=["torch>=2.1", "torchvision>=0.16", "pyyaml>=6", "numpy", "tqdm", "pillow"],
     extras_require={
         "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime", "timm", "tensorboard", "submitit",
