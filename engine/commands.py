@@ -99,10 +99,10 @@ def _setup_logging(rank: int, timestamps: bool) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s" if timestamps else "%(message)s", "%H:%M:%S"))
 
 
-def _check(cfg: Config) -> None:
+def _check(cfg: Config, training: bool = True) -> None:
     from engine.build import check_config
 
-    check_config(cfg)
+    check_config(cfg, training)
 
 
 # ----------------------------------------------------------------------------- train
@@ -180,7 +180,7 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> int:
     def check(cfg: Config) -> None:
         from engine.evaluation import check_same_model
 
-        _check(cfg)
+        _check(cfg, training=False)
         check_same_model(cfg, loaded["state"]["config"])
         _output_file("eval.output_json", cfg.eval.output_json)
         _output_file("eval.predictions_csv", cfg.eval.predictions_csv)
@@ -210,7 +210,7 @@ def export(argv: Optional[Sequence[str]] = None) -> int:
         from cvnets.export import check_settings
         from engine.evaluation import check_same_model
 
-        _check(cfg)
+        _check(cfg, training=False)
         check_same_model(cfg, loaded["state"]["config"])
         e = cfg.export
         try:
