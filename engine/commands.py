@@ -106,9 +106,18 @@ def _check(cfg: Config, training: bool = True) -> None:
 
 
 # ----------------------------------------------------------------------------- train
+def _train_doc() -> str:
+    """TRAIN_DOC and every transform image_augmentation.train / .val may list, with its settings."""
+    from data.transforms import describe_transforms
+
+    entries = "\n".join(f"    {line}" for line in describe_transforms())
+    return (f"{TRAIN_DOC}\n\nTransforms of image_augmentation.train and .val (a list of entries, applied in "
+            f"order; the settings and their defaults):\n{entries}")
+
+
 def train(argv: Optional[Sequence[str]] = None) -> int:
     """main_train.py / cvnets-train."""
-    cfg = parse_config(argv, "main_train.py", TRAIN_DOC, check=_check)
+    cfg = parse_config(argv, "main_train.py", _train_doc(), check=_check)
     _setup_logging(int(os.environ.get("RANK", "0")), timestamps=True)
     return _run(lambda: _train(cfg))
 

@@ -221,7 +221,8 @@ class AugmentationConfig(Section):
                 {"name": "random_horizontal_flip"},
             )
         ),
-        "training transforms, applied in order: a list of {name: ..., <its settings>}",
+        "training transforms, applied in order: a list of {name: ..., <its settings>} (main_train.py --help "
+        "lists every transform and its settings)",
     )
     val: Tuple[Dict[str, Any], ...] = opt(
         freeze(({"name": "resize", "size": 72}, {"name": "center_crop", "size": 64})),
