@@ -343,7 +343,7 @@ class LossConfig(Section):
     def check(self) -> None:
         if self.name == "distillation" and self.distillation.teacher is None:
             raise FieldError("distillation.teacher", "null, but loss.name is distillation: give the teacher's "
-                             "checkpoint (e.g. results/teacher_resnet18_cifar/checkpoint_best.pt)")
+                             "checkpoint (e.g. results/beyond/teacher_resnet18_cifar/checkpoint_best.pt)")
 
 
 # --------------------------------------------------------------------------- optimizer
