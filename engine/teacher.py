@@ -75,5 +75,8 @@ def teacher_change(stored: Optional[Dict[str, str]], current: Optional[Dict[str,
     new = current.get("sha256") if current else None
     if old == new:
         return None
-    describe = lambda t: f"{t['path']} (weights sha256 {t['sha256'][:12]})" if t else "none"  # noqa: E731
-    return f"its teacher was {describe(stored)}, this run's is {describe(current)}"
+    return f"its teacher was {_describe(stored)}, this run's is {_describe(current)}"
+
+
+def _describe(teacher: Optional[Dict[str, str]]) -> str:
+    return f"{teacher['path']} (weights sha256 {teacher['sha256'][:12]})" if teacher else "none"

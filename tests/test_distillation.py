@@ -235,3 +235,21 @@ def test_bf16_autocast_gives_the_float32_loss(batch):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = distil(student.bfloat16(), labels, images)
     assert mixed.dtype == torch.float32 and mixed.item() == pytest.approx(full.item(), rel=2e-2)
+
+
+@pytest.mark.slow
+def test_distillation_under_ddp_two_processes_on_cpu(fake_root, tmp_path):
+    import subprocess
+    import sys
+
+    from engine_helpers import REPO, free_port, read_rows
+
+    path = write_teacher(tmp_path / "t.pt", fake_wnids(fake_root))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           os.path.join(REPO, "main_train.py"), *_distil_args(fake_root, tmp_path, "ddp", path, 1)]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (row,) = read_rows(tmp_path / "ddp")
+    assert row["train_images"] == 4 * 12 and np.isfinite(row["train_loss"])
+    assert last_state(tmp_path / "ddp")["teacher"]["sha256"] == ckpt.weights_digest(ckpt.load(path)["model"])
