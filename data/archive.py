@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from data.base import DatasetError, logger, progress_bar
-from options.files import atomic_open, is_disk_full
+from utils.files import atomic_open, is_disk_full
 
 
 @dataclass(frozen=True)

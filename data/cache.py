@@ -8,7 +8,7 @@ the same decode_image as the JPEG path, so both paths agree exactly.
 
 The disk cache checks itself when opened (header, shape, dtype, file size and a checksum of a
 strided sample of rows) and is rebuilt when any check fails. It is written through a uniquely
-named temporary file (options/files.py) whose full size is reserved up front, so a full disk
+named temporary file (utils/files.py) whose full size is reserved up front, so a full disk
 is a DiskFullError before any decoding, not a SIGBUS on the memory map; temporary files of
 builders that were killed are removed when the next build starts.
 """
@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data.base import IMAGE_SIZE, CorruptImageError, DatasetError, decode_image, logger, progress_bar, worker_init
-from options.files import atomic_open, remove_quietly, remove_stale_temp_files, write_json
+from utils.files import atomic_open, remove_quietly, remove_stale_temp_files, write_json
 
 CACHE_VERSION = 2  # bump when the decoded pixels or the file format change (2: checksum in the .json)
 _CHUNK = 256  # images decoded per worker task

@@ -102,6 +102,10 @@ def check_config(cfg: Config) -> None:
     """
     train = build_augmentation(cfg.image_augmentation, num_classes=1, train=True,
                                max_epochs=cfg.scheduler.max_epochs)
+    off, epochs = cfg.image_augmentation.mixup.off_epochs, cfg.scheduler.max_epochs
+    if off >= epochs:
+        raise ValueError(f"image_augmentation.mixup.off_epochs: {off} would switch mixing off for the whole run "
+                         f"(scheduler.max_epochs is {epochs}); give fewer epochs than that")
     build_augmentation(cfg.image_augmentation, num_classes=1, train=False)
     sampler = cfg.sampler
     if sampler.name == "variable_batch_sampler":

@@ -109,9 +109,13 @@ def build_trainer(cfg: Config, process: Process) -> Trainer:
     loaders = data.build_loaders(cfg, rank=dist_info.rank, world_size=dist_info.world_size, device=device)
     model = cvnets.build_model(cfg.model, loaders.num_classes)
     if cfg.model.checkpoint is not None:
-        skipped = ckpt.load_pretrained(model, cfg.model.checkpoint)
-        logger.info("initialised from %s%s", cfg.model.checkpoint,
-                    f" (kept fresh, shapes differ: {', '.join(skipped)})" if skipped else "")
+        loaded = ckpt.load_pretrained(model, cfg.model.checkpoint, cfg.model)
+        logger.info(loaded.describe(cfg.model.checkpoint, loaders.num_classes if cfg.model.num_classes is None
+                                    else cfg.model.num_classes))
+    if cfg.model.freeze == "backbone":
+        model.freeze_backbone()
+        logger.info("backbone frozen: training the classifier alone (%d parameters)",
+                    sum(p.numel() for p in model.parameters() if p.requires_grad))
     if dist_info.enabled and common.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     fmt = torch.channels_last if common.channels_last else torch.contiguous_format

@@ -43,6 +43,9 @@ def load_teacher(cfg: Config, wnids: Sequence[str], device: torch.device) -> Tup
     path = cfg.loss.distillation.teacher
     state = ckpt.load(path)
     theirs = list(state.get("wnids") or [])
+    if not theirs:
+        raise ConfigError(f"{KEY}: {path} holds no class list (imported weights?); fine-tune it on this dataset "
+                          "first and distil from that run's checkpoint_best.pt")
     if len(theirs) != len(wnids) or int(state["num_classes"]) != len(wnids):
         raise ConfigError(f"{KEY}: {path} predicts {state['num_classes']} classes, this run's dataset has "
                           f"{len(wnids)}; distil from a teacher trained on the same dataset")

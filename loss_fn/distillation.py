@@ -14,7 +14,7 @@ be cached exactly. In eval mode the loss is the plain cross entropy and the teac
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,13 @@ def soft_distillation(student: Tensor, teacher: Tensor, temperature: float) -> T
 def hard_distillation(student: Tensor, teacher: Tensor) -> Tensor:
     """Cross entropy of the student against the teacher's top class."""
     return F.cross_entropy(student, teacher.argmax(dim=1))
+
+
+# loss.distillation.kind -> the teacher term D(student logits, teacher logits, temperature)
+TERMS: Dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
+    "soft": soft_distillation,
+    "hard": lambda student, teacher, temperature: hard_distillation(student, teacher),
+}
 
 
 class Teacher(nn.Module):
@@ -100,11 +107,7 @@ class Distillation(nn.Module):
     def __init__(self, teacher: nn.Module, kind: str = "soft", temperature: float = 1.0, alpha: float = 0.5,
                  label_smoothing: float = 0.0) -> None:
         super().__init__()
-        if kind not in ("soft", "hard"):
-            raise ValueError(f"kind must be soft or hard, got {kind!r}")
-        if not temperature > 0 or not 0 <= alpha <= 1:
-            raise ValueError(f"need temperature > 0 and alpha in [0, 1], got {temperature} and {alpha}")
-        self.teacher = teacher
+        self.teacher, self.term = teacher, TERMS[kind]
         self.cross_entropy = CrossEntropy(label_smoothing)
         self.kind, self.temperature, self.alpha = kind, temperature, alpha
 
@@ -122,9 +125,7 @@ class Distillation(nn.Module):
             return ce
         if images is None:
             raise ValueError("the distillation loss needs the batch's images: call loss(logits, targets, images)")
-        teacher = self.teacher(images)
-        term = (soft_distillation(logits, teacher, self.temperature) if self.kind == "soft"
-                else hard_distillation(logits, teacher))
+        term = self.term(logits, self.teacher(images), self.temperature)
         return (1.0 - self.alpha) * ce + self.alpha * term
 
     def extra_repr(self) -> str:
