@@ -12,7 +12,7 @@ from torch import nn
 
 from engine import checkpoint as ckpt
 from engine.build import build_trainer, setup_process
-from engine.commands import train
+from engine.commands import evaluate, train
 from engine.run_folder import RunFolder
 from engine.teacher import load_teacher
 from engine_helpers import fake_wnids, last_state, tiny_args, write_teacher
@@ -205,6 +205,12 @@ def test_resume_refuses_another_teacher_and_accepts_the_same_one_moved(fake_root
     # the original weights under another name: the same teacher, the run continues
     assert train(_distil_args(fake_root, tmp_path, "run", first, 2, "--common.resume", "auto")) == 0
     assert last_state(tmp_path / "run")["progress"]["epoch"] == 2
+
+    # evaluating the distilled student needs no teacher
+    for path in (first, other, used):
+        os.remove(path)
+    assert evaluate(["--model.checkpoint", str(tmp_path / "run" / "checkpoint_best.pt")]) == 0
+    assert "top1:" in capsys.readouterr().out
 
 
 def test_a_missing_teacher_file_is_one_line_and_exit_2_before_anything_is_written(fake_root, tmp_path, capsys):
