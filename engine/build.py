@@ -9,7 +9,6 @@ before data or models are touched (also by --print-config).
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -61,12 +60,6 @@ def check_config(cfg: Config, training: bool = True) -> None:
         raise ConfigError("common.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
     if training:
         check_teacher_path(cfg)
-    if cfg.common.tensorboard:
-        try:
-            importlib.import_module("torch.utils.tensorboard")
-        except ImportError:
-            raise ConfigError("common.tensorboard: true needs the tensorboard package: "
-                              "pip install -e '.[tensorboard]'") from None
 
 
 def setup_process(cfg: Config) -> Process:
