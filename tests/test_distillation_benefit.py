@@ -1,6 +1,6 @@
 """A held-out check on the generated sample: a MobileViT-Tiny student distilled from a trained
 MobileViT-XS teacher ends with a lower validation loss than the same student, same seed, trained
-alone for the same steps. About 7 minutes on 2 CPU cores (the teacher's 24 epochs dominate):
+alone for the same steps. 3 to 7 minutes on 2 shared CPU cores (the teacher's 24 epochs dominate):
 
     python -m pytest -q -m slow tests/test_distillation_benefit.py -s    # -s prints the figures
 """
