@@ -39,7 +39,9 @@ def test_the_ladder_is_a_tables_file_whose_rows_are_the_folders_yamls():
     rows, titles, _, _ = paper_tables.load_tables(str(BEYOND / "ladder.json"))
     assert {r.table for r in rows} == {5} and "Beyond the paper" in titles[5]
     assert sorted(r.config for r in rows) == sorted(p.name for p in BEYOND.glob("*.yaml")) == sorted(STEPS)
-    assert not {r.key for r in rows} & {r.key for r in paper_tables.ROWS}  # no clash with the paper's rows
+    paper_rows = paper_tables.load_tables(paper_tables.TABLES_FILE)[0]
+    assert not {r.key for r in rows} & {r.key for r in paper_rows}  # no clash with the paper's rows
+    assert set(rows) <= set(paper_tables.ROWS)  # and the tool lists, trains and tabulates them
     stages = [key for stage in LADDER["stages"] for key in stage]
     assert sorted(stages) == sorted(r.key for r in rows)
 
