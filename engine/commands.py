@@ -105,24 +105,42 @@ def _setup_logging(rank: int, timestamps: bool) -> None:
 def _transforms() -> str:
     from data.transforms import describe_transforms
 
-    return describe_transforms()
+    return "Transforms of image_augmentation.train and .val, with their settings and defaults:\n" + "\n".join(
+        f"  {line}" for line in describe_transforms())
 
 
-def _check(cfg: Config) -> None:
+def _check(cfg: Config, training: bool = True) -> None:
     from engine.build import check_config
 
-    check_config(cfg)
+    check_config(cfg, training)
 
 
 # ----------------------------------------------------------------------------- train
+def _train_doc() -> str:
+    """TRAIN_DOC and every transform image_augmentation.train / .val may list, with its settings."""
+    from data.transforms import describe_transforms
+
+    entries = "\n".join(f"    {line}" for line in describe_transforms())
+    return (f"{TRAIN_DOC}\n\nTransforms of image_augmentation.train and .val (a list of entries, applied in "
+            f"order; the settings and their defaults):\n{entries}")
+
+
+def _check_train(cfg: Config) -> None:
+    from engine.loggers import check_trackers
+
+    _check(cfg)
+    check_trackers(cfg)
+
+
 def train(argv: Optional[Sequence[str]] = None) -> int:
     """main_train.py / cvnets-train."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv:  # training the defaults into results/run/ is never what a bare command meant
-        print(f"{help_text('main_train.py').splitlines()[0]}\n\n{TRAIN_DOC}\n\n--help lists every key.",
+        print(f"{help_text('main_train.py').splitlines()[0]}\n\n{_train_doc()}\n\n--help lists every key.",
               file=sys.stderr)
         return 2
-    cfg = parse_config(argv, "main_train.py", TRAIN_DOC, check=_check, listings={"list-transforms": _transforms})
+    cfg = parse_config(argv, "main_train.py", _train_doc(), check=_check_train,
+                       listings={"list-transforms": _transforms})
     _setup_logging(int(os.environ.get("RANK", "0")), timestamps=True)
     command = shlex.join([sys.argv[0] if sys.argv and sys.argv[0] else "main_train.py", *argv])
     return _run(lambda: _train(cfg, command))
@@ -207,7 +225,7 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> int:
     def check(cfg: Config) -> None:
         from engine.evaluation import check_same_model
 
-        _check(cfg)
+        _check(cfg, training=False)
         check_same_model(cfg, loaded["state"]["config"])
         _output_file("eval.output_json", cfg.eval.output_json)
         _output_file("eval.predictions_csv", cfg.eval.predictions_csv)
@@ -236,7 +254,7 @@ def export(argv: Optional[Sequence[str]] = None) -> int:
     def check(cfg: Config) -> None:
         from engine.evaluation import check_same_model
 
-        _check(cfg)
+        _check(cfg, training=False)
         check_same_model(cfg, loaded["state"]["config"])
 
     cfg = parse_config(argv, "main_export.py", EXPORT_DOC, check=check, base=_checkpoint_config("main_export", loaded))

@@ -1,10 +1,10 @@
 """The Trainer: runs epochs of train_one_epoch/evaluate and keeps the run folder truthful.
 
 At the end of every epoch, in this order: the best-weights checkpoints, checkpoint_last.pt
-(which carries the whole per-epoch history), then the metrics.jsonl row, TensorBoard and
-summary.json. A kill anywhere in between leaves a checkpoint that knows more than or as much as
-the records; resuming rebuilds the records from the checkpoint, so every epoch appears exactly
-once (engine/run_folder.py). Signals (SIGINT, SIGTERM, SIGUSR1, SIGHUP) finish the current optimizer
+(which carries the whole per-epoch history), then the metrics.jsonl row, the experiment
+trackers (TensorBoard, W&B, MLflow: engine/loggers.py) and summary.json. A kill anywhere in
+between leaves a checkpoint that knows more than or as much as the records; resuming rebuilds
+the records from the checkpoint, so every epoch appears exactly once (engine/run_folder.py). Signals (SIGINT, SIGTERM, SIGUSR1, SIGHUP) finish the current optimizer
 step, save and stop; the process exits 128 + the signal number.
 """
 from __future__ import annotations
@@ -27,10 +27,12 @@ from tqdm import tqdm
 
 from engine import checkpoint as ckpt
 from engine.ema import ModelEMA
-from engine.loops import LoopOptions, NonFiniteLossError, Progress, evaluate, train_one_epoch
+from engine.loggers import RunInfo, Trackers, build_loggers, git_commit
+from engine.loops import LoopOptions, NonFiniteLossError, Progress, evaluate, optimizer_steps, train_one_epoch
 from engine.run_folder import RunFolder, append_metrics, resume_path, write_metrics, write_summary
 from engine.signals import STOP_SIGNALS, handling
-from engine.utils import DistInfo, seed_everything
+from engine.teacher import KEY as TEACHER_KEY, teacher_change
+from engine.utils import DistInfo, flatten, seed_everything
 from options.config import ConfigError, save_config, to_dict
 from options.schema import Config, harmless_on_resume
 from utils.files import atomic_open
@@ -70,6 +72,7 @@ class Components:
     scaler: Optional[torch.amp.GradScaler] = None
     ema: Optional[ModelEMA] = None
     eval_copy: Callable[[nn.Module], nn.Module] = lambda module: module  # e.g. a BatchNorm-folded copy
+    teacher: Optional[Dict[str, str]] = None  # distillation: the teacher's {"path", "sha256"}
 
 
 class Trainer:
@@ -84,8 +87,9 @@ class Trainer:
         self._signal: Optional[int] = None
         self._saving = False
         self._announced = False
-        self._tb = None
-        self._tb_steps = None
+        self.trackers = Trackers()  # rank 0 fills it when the run starts
+        self._closing: Dict[str, Any] = {}  # the last summary written: what the trackers get at the end
+        self._changes: Dict[str, Any] = {}  # keys a resume changed, for the trackers
 
     # ------------------------------------------------------------------ main loop
     def run(self, folder: RunFolder, stop_after_epoch: Optional[int] = None) -> Dict[str, Any]:
@@ -125,6 +129,7 @@ class Trainer:
                     if self._signal is not None:  # saved (mid-epoch or at its end): stop here
                         self._announce_signal()
                         raise TrainingInterrupted(self._signal, folder.last_checkpoint)
+            summary = self._summary("finished" if self.progress.epoch >= max_epochs else "interrupted")
         except _StopNow:
             self._announce_signal()
             self._write_summary("interrupted", stopped_by=signal.Signals(self._signal).name)
@@ -143,7 +148,7 @@ class Trainer:
             raise
         finally:
             self._close_records()
-        return self._summary("finished" if self.progress.epoch >= max_epochs else "interrupted")
+        return summary
 
     def _run_epoch(self) -> None:
         epoch, parts = self.progress.epoch, self.parts
@@ -213,7 +218,7 @@ class Trainer:
             self._save_weights("checkpoint_ema_best.pt", self.parts.ema.module.state_dict(), row, ema=True)
         self._save_last()
         append_metrics(self.folder.path, row)
-        self._add_scalars(row)
+        self.trackers.log_epoch(row, self.progress.iteration)
         self._write_summary("running")
 
     def _start_records(self) -> None:
@@ -223,12 +228,13 @@ class Trainer:
         if write_metrics(self.folder.path, self.history):
             logger.info("metrics.jsonl rebuilt from the checkpoint (%d epochs)", len(self.history))
         save_config(self.cfg, self.folder.file("config.yaml"))
-        self._open_tensorboard()
+        self._start_trackers()
         self._write_summary("running")
 
     def _summary(self, state: str, already: bool = False) -> Dict[str, Any]:
         summary = self._summary_data(state)
         if self.dist.is_main and not already:
+            self._closing = dict(summary)
             write_summary(self.folder.path, summary)
         summary["already_finished"] = already
         return summary
@@ -236,8 +242,9 @@ class Trainer:
     def _write_summary(self, state: str, **extra: Any) -> None:
         if not self.dist.is_main or self.folder is None:
             return
+        self._closing = {**self._summary_data(state), **extra}
         try:
-            write_summary(self.folder.path, {**self._summary_data(state), **extra})
+            write_summary(self.folder.path, self._closing)
         except Exception as e:  # e.g. the disk is full: the error that got us here matters more
             logger.warning("could not update summary.json: %s", e)
 
@@ -266,7 +273,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _common_state(self) -> Dict[str, Any]:
         return {"config": to_dict(self.cfg), "num_classes": self.parts.num_classes, "wnids": list(self.parts.wnids),
-                "class_names": list(self.parts.class_names), "params": self.params}
+                "class_names": list(self.parts.class_names), "params": self.params, "teacher": self.parts.teacher}
 
     def _save(self, state: Dict[str, Any], name: str) -> None:
         self._saving = True
@@ -314,6 +321,11 @@ class Trainer:
             raise ConfigError(f"resuming {path} would change the run: {listing}; resume with the original "
                               f"settings, allow them with --common.resume-allow-changes {keys}, or start a new run "
                               "with --common.run-label NAME")
+        teacher = teacher_change(state.get("teacher"), self.parts.teacher)
+        if teacher is not None and not _allowed(TEACHER_KEY, self.cfg.common.resume_allow_changes):
+            raise ConfigError(f"resuming {path} would change the distillation teacher: {teacher}; resume with the "
+                              f"original teacher, allow it with --common.resume-allow-changes {TEACHER_KEY}, or "
+                              "start a new run with --common.run-label NAME")
         parts = self.parts
         try:
             parts.model.load_state_dict(state["model"])
@@ -340,6 +352,7 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         if self.progress.epoch >= self.cfg.scheduler.max_epochs:
             return  # a finished run: the closing summary says so
+        self._changes = {key: value for key, _, value in changes}
         what = "; changed: " + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in changes) if changes else ""
         logger.info("resumed from %s at epoch %d, batch %d (optimizer step %d)%s", os.path.abspath(path),
                     self.progress.epoch + 1, self.progress.batch_in_epoch, self.progress.iteration, what)
@@ -364,43 +377,22 @@ class Trainer:
             logger.info("copied %s (epoch %d) from %s", name, epoch, source)
 
     # ------------------------------------------------------------------ records
-    def _open_tensorboard(self) -> None:
-        if not self.cfg.common.tensorboard:
-            return
-        from torch.utils.tensorboard import SummaryWriter  # the front door checked that it imports
-
-        # purge_step drops what an interrupted run wrote beyond the checkpoint; the last row
-        # the checkpoint vouches for is written again, so every epoch appears once.
-        done = len(self.history)
-        self._tb = SummaryWriter(self.folder.file("tensorboard"), purge_step=done if done else None)
-        if self.history:
-            self._add_scalars(self.history[-1])
-        # The log-interval scalars live on the optimizer-step axis, in a run of their own (a purge
-        # applies to every tag of a run): everything after the checkpoint's step goes.
-        step = self.progress.iteration
-        self._tb_steps = SummaryWriter(self.folder.file(os.path.join("tensorboard", "steps")),
-                                       purge_step=step + 1 if step else None)
-
-    def _add_scalars(self, row: Dict[str, Any]) -> None:
-        if self._tb is None:
-            return
-        for key, value in row.items():
-            if key != "epoch":
-                self._tb.add_scalar(tensorboard_tag(key), value, row["epoch"])
-        self._tb.flush()
-
-    def _add_step_scalars(self, stats: Dict[str, float]) -> None:
-        if self._tb_steps is None:
-            return
-        for key in ("loss", "top1", "lr", "images_per_second"):
-            self._tb_steps.add_scalar(f"train_step/{key}", stats[key], self.progress.iteration)
-        self._tb_steps.flush()
+    def _start_trackers(self) -> None:
+        """Rank 0: start the configured trackers, which add the checkpoint's epochs they lack."""
+        steps, total = [], 0
+        for epoch in range(len(self.history)):
+            total += optimizer_steps(self.parts.epoch_batches(epoch), self.opts.accum_freq)
+            steps.append(total)
+        self.trackers = Trackers(build_loggers(self.cfg))
+        if self.trackers.active:
+            self.trackers.start(RunInfo(
+                run_dir=self.folder.path, name=os.path.basename(os.path.abspath(self.folder.path)),
+                config=to_dict(self.cfg), params=self.params, git_commit=git_commit(), history=list(self.history),
+                epoch_steps=steps, resume_changes=self._changes))
 
     def _close_records(self) -> None:
-        for writer in (self._tb, self._tb_steps):
-            if writer is not None:
-                writer.close()
-        self._tb = self._tb_steps = None
+        best = [self.folder.file(name) for name in ("checkpoint_best.pt", "checkpoint_ema_best.pt")]
+        self.trackers.finish(self._closing, [path for path in best if os.path.isfile(path)])
 
     # ------------------------------------------------------------------ progress display
     def _progress_bar(self, epoch: int, epoch_batches: int):
@@ -425,7 +417,7 @@ class Trainer:
 
     def _log_step(self, epoch: int, epoch_batches: int, first_batch: int, stats: Dict[str, float], started: float,
                   bar) -> None:
-        self._add_step_scalars(stats)
+        self.trackers.log_step(self.progress.iteration, stats)
         eta = self.run_eta(epoch_batches, first_batch, started)
         eta_text = format_duration(eta) if eta is not None else "?"
         if bar is not None:
@@ -483,32 +475,13 @@ class Trainer:
 
 def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
     """(dotted key, old value, new value) of every leaf that differs and would change the run."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and not harmless_on_resume(k)]
 
 
 def _allowed(key: str, prefixes: Sequence[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-
-def _flatten(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    flat: Dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def tensorboard_tag(key: str) -> str:
-    """A metrics row key as a TensorBoard tag grouped by what it measures: train_loss ->
-    train/loss, val_top1 -> val/top1, ema_val_top5 -> ema_val/top5, lr -> epoch/lr."""
-    for group in ("ema_val", "train", "val"):
-        if key.startswith(group + "_"):
-            return f"{group}/{key[len(group) + 1:]}"
-    return f"epoch/{key}"
 
 
 def format_duration(seconds: float) -> str:

@@ -217,6 +217,15 @@ class MixupConfig(Section):
     cutmix_alpha: float = opt(0.0, "cutmix Beta(alpha, alpha); 0 disables cutmix", NON_NEGATIVE)
     prob: float = opt(1.0, "probability of mixing a batch", PROBABILITY)
     switch_prob: float = opt(0.5, "probability of cutmix instead of mixup when both are on", PROBABILITY)
+    off_epochs: int = opt(
+        0, "no mixup / cutmix in the last this many epochs of the run (the images and targets are left as "
+        "they are; a fine-tuning phase on clean images)", NON_NEGATIVE
+    )
+
+    def check(self) -> None:
+        if self.off_epochs and self.mixup_alpha == 0 and self.cutmix_alpha == 0:
+            raise FieldError("off_epochs", f"{self.off_epochs}, but mixup_alpha and cutmix_alpha are 0: there is no "
+                             "mixing to switch off; set it to 0")
 
 
 @dataclass(frozen=True)
@@ -228,7 +237,8 @@ class AugmentationConfig(Section):
                 {"name": "random_horizontal_flip"},
             )
         ),
-        "training transforms, applied in order: a list of {name: ..., <its settings>}",
+        "training transforms, applied in order: a list of {name: ..., <its settings>} (main_train.py --help "
+        "lists every transform and its settings)",
     )
     val: Tuple[Dict[str, Any], ...] = opt(
         freeze(({"name": "resize", "size": 72}, {"name": "center_crop", "size": 64})),
@@ -330,9 +340,35 @@ class ModelConfig(Section):
 
 # --------------------------------------------------------------------------- loss
 @dataclass(frozen=True)
+class DistillationConfig(Section):
+    teacher: Optional[str] = opt(
+        None, "checkpoint of this tool to distil from (checkpoint_best.pt of a finished run); its model is rebuilt "
+        "from the config inside it and must have been trained on the same class list. A resume compares the "
+        "weights' SHA-256, not the path, so the file may move", harmless=True
+    )
+    kind: Literal["soft", "hard"] = opt(
+        "soft", "soft: KL divergence to the teacher's softened probabilities (x temperature^2); hard: cross entropy "
+        "to the teacher's top class (DeiT's hard-label distillation)"
+    )
+    temperature: float = opt(1.0, "softmax temperature of both logits in the soft term (kind soft only)", POSITIVE)
+    alpha: float = opt(
+        0.5, "weight of the distillation term; the label cross entropy (with label_smoothing and mixup targets) "
+        "gets 1 - alpha, so 0 is plain training", PROBABILITY
+    )
+
+
+@dataclass(frozen=True)
 class LossConfig(Section):
-    name: Literal["cross_entropy"] = opt("cross_entropy", "classification loss")
+    name: Literal["cross_entropy", "distillation"] = opt(
+        "cross_entropy", "classification loss (distillation: cross entropy blended with a teacher's predictions)"
+    )
     label_smoothing: float = opt(0.1, "label smoothing (training only; validation loss is plain)", RATE)
+    distillation: DistillationConfig = block(DistillationConfig, "knowledge distillation settings")
+
+    def check(self) -> None:
+        if self.name == "distillation" and self.distillation.teacher is None:
+            raise FieldError("distillation.teacher", "null, but loss.name is distillation: give the teacher's "
+                             "checkpoint (e.g. results/beyond/teacher_resnet18_cifar/checkpoint_best.pt)")
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -460,9 +496,38 @@ class EMAConfig(Section):
 
 
 @dataclass(frozen=True)
+class WandbConfig(Section):
+    enable: bool = opt(False, "also log to Weights & Biases (needs the wandb extra); rank 0 only")
+    project: str = opt("cvnets-tiny", "W&B project")
+    entity: Optional[str] = opt(None, "W&B entity (user or team); null = the account's default")
+    group: Optional[str] = opt(None, "W&B group; a sweep sets it to the sweep's name")
+    tags: Tuple[str, ...] = opt((), "W&B tags of the run")
+    mode: Literal["online", "offline"] = opt(
+        "online", "offline writes the W&B run under <run folder>/wandb (or $WANDB_DIR) for a later `wandb sync`"
+    )
+    log_checkpoint: bool = opt(False, "upload the best checkpoint(s) as a model artifact when the run finishes")
+
+
+@dataclass(frozen=True)
+class MLflowConfig(Section):
+    enable: bool = opt(False, "also log to MLflow (needs the mlflow extra); rank 0 only")
+    tracking_uri: Optional[str] = opt(
+        None, "MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, ...); null = $MLFLOW_TRACKING_URI or "
+        "MLflow's default"
+    )
+    experiment: Optional[str] = opt(
+        None, "MLflow experiment name, created when missing; a sweep sets it to the sweep's name; null = "
+        "$MLFLOW_EXPERIMENT_NAME or MLflow's Default experiment"
+    )
+    log_checkpoint: bool = opt(False, "upload the best checkpoint(s) as run artifacts when the run finishes")
+
+
+@dataclass(frozen=True)
 class StatsConfig(Section):
     checkpoint_metric: Literal["top1", "top5", "loss"] = opt("top1", "val metric that picks checkpoint_best.pt")
     checkpoint_metric_max: bool = opt(True, "larger is better for checkpoint_metric")
+    wandb: WandbConfig = block(WandbConfig, "Weights & Biases experiment tracking", harmless=True)
+    mlflow: MLflowConfig = block(MLflowConfig, "MLflow experiment tracking", harmless=True)
 
 
 @dataclass(frozen=True)
@@ -515,7 +580,7 @@ class Config:
     optim: OptimConfig = block(OptimConfig, "optimizer")
     scheduler: SchedulerConfig = block(SchedulerConfig, "learning-rate schedule")
     ema: EMAConfig = block(EMAConfig, "weight EMA")
-    stats: StatsConfig = block(StatsConfig, "checkpoint selection")
+    stats: StatsConfig = block(StatsConfig, "checkpoint selection and experiment trackers")
     eval: EvalConfig = block(EvalConfig, "main_eval.py settings", harmless=True)
     export: ExportConfig = block(ExportConfig, "main_export.py settings", harmless=True)
 
