@@ -18,16 +18,19 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from options.config import ConfigError
-from options.files import atomic_write_text, remove_stale_temp_files, write_json
+from options.files import atomic_write_text, remove_quietly, remove_stale_temp_files, write_json
 
 METRICS, SUMMARY, LOCK = "metrics.jsonl", "summary.json", ".lock"
 LAST_CHECKPOINT = "checkpoint_last.pt"
+BEST_CHECKPOINTS = ("checkpoint_best.pt", "checkpoint_ema_best.pt")
+RESTART = "restart"  # common.resume value: discard the folder's earlier run and train from scratch
 STATES = ("pending", "running", "finished", "failed", "interrupted")
 
 
@@ -248,14 +251,40 @@ class RunFolder:
 def resume_path(run_dir: str, resume: Optional[str]) -> Optional[str]:
     """The checkpoint a run continues from (None: a fresh start), per common.resume.
 
-    Without common.resume, an existing checkpoint_last.pt is never overwritten: that is a
-    ConfigError telling the user how to continue it or start another run."""
+    Without common.resume, an existing checkpoint_last.pt is never overwritten; and a folder
+    holding records of a run (metrics.jsonl rows, best checkpoints) but no checkpoint_last.pt
+    is never silently retrained, with or without `auto`: both are a ConfigError telling the
+    user how to continue, start another run, or (`restart`) discard the records on purpose."""
     last = os.path.join(run_dir, LAST_CHECKPOINT)
-    if resume == "auto":
-        return last if os.path.isfile(last) else None
-    if resume is not None:
+    if resume == RESTART:
+        return None
+    if resume not in ("auto", None):
         return resume
     if os.path.isfile(last):
-        raise ConfigError(f"{run_dir} already holds a run; continue it with --common.resume auto "
-                         "or start another with --common.run-label NAME")
+        if resume == "auto":
+            return last
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --common.resume auto, start another "
+                          f"with --common.run-label NAME, or discard it with --common.resume {RESTART}")
+    records = existing_records(run_dir)
+    if records:
+        raise ConfigError(f"{run_dir} holds records of a run ({', '.join(records)}) but no {LAST_CHECKPOINT} to "
+                          f"continue from; start another run with --common.run-label NAME, or discard these "
+                          f"records and train from scratch with --common.resume {RESTART}")
     return None
+
+
+def existing_records(run_dir: str) -> List[str]:
+    """What a run left in `run_dir` that a fresh start would overwrite (besides checkpoint_last.pt)."""
+    found = []
+    rows = len(read_metrics(run_dir))
+    if rows:
+        found.append(f"{METRICS} with {rows} epoch(s)")
+    found += [name for name in BEST_CHECKPOINTS if os.path.isfile(os.path.join(run_dir, name))]
+    return found
+
+
+def discard_records(run_dir: str) -> None:
+    """Remove an earlier run's records and checkpoints (common.resume: restart)."""
+    for name in (METRICS, LAST_CHECKPOINT) + BEST_CHECKPOINTS:
+        remove_quietly(os.path.join(run_dir, name))
+    shutil.rmtree(os.path.join(run_dir, "tensorboard"), ignore_errors=True)

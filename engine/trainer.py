@@ -26,7 +26,8 @@ from tqdm import tqdm
 from engine import checkpoint as ckpt
 from engine.ema import ModelEMA
 from engine.loops import LoopOptions, NonFiniteLossError, Progress, evaluate, train_one_epoch
-from engine.run_folder import RunFolder, append_metrics, resume_path, write_metrics, write_summary
+from engine.run_folder import (RESTART, RunFolder, append_metrics, discard_records, resume_path, write_metrics,
+                               write_summary)
 from engine.signals import STOP_SIGNALS, handling
 from engine.utils import DistInfo
 from options.config import ConfigError, save_config, to_dict
@@ -102,6 +103,9 @@ class Trainer:
         """
         if self.folder is None:  # the first call; later ones (stop_after_epoch) continue in memory
             start = resume_path(folder.path, self.cfg.common.resume)
+            if self.cfg.common.resume == RESTART and self.dist.is_main:
+                discard_records(folder.path)
+                logger.info("common.resume restart: discarded the earlier run's records and checkpoints")
             if start is not None:
                 self.resume(start)
         self.folder = folder

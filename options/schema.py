@@ -137,7 +137,10 @@ class CommonConfig(Section):
     seed: int = opt(0, "random seed for python, numpy and torch", SEED)
     results_loc: str = opt("results", "folder that holds run folders")
     run_label: Optional[str] = opt(None, "run folder name; default: the config file's stem")
-    resume: Optional[str] = opt(None, "'auto' (continue checkpoint_last.pt of the run folder) or a checkpoint path")
+    resume: Optional[str] = opt(
+        None, "'auto' (continue checkpoint_last.pt of the run folder), a checkpoint path, or 'restart' (discard "
+        "the run folder's earlier records and checkpoints and train from scratch)"
+    )
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train; auto picks cuda when available")
     mixed_precision: Literal["none", "bf16", "fp16"] = opt("none", "autocast dtype on CUDA (fp16 adds a grad scaler)")
     channels_last: bool = opt(True, "channels_last memory format for model and inputs")
