@@ -92,6 +92,9 @@ def build_trainer(cfg: Config, process: Process) -> Trainer:
     model = cvnets.build_model(cfg.model, loaders.num_classes)
     if cfg.model.checkpoint is not None:
         skipped = ckpt.load_pretrained(model, cfg.model.checkpoint)
+        other = ckpt.class_list_difference(ckpt.load(cfg.model.checkpoint).get("wnids"), loaders.wnids)
+        if other:  # fine-tuning onto other classes is what --model.checkpoint is for; say it
+            logger.info("fine-tuning %s on another class list (%s)", cfg.model.checkpoint, other)
         logger.info("initialised from %s%s", cfg.model.checkpoint,
                     f" (kept fresh, shapes differ: {', '.join(skipped)})" if skipped else "")
     if dist_info.enabled and common.sync_bn:

@@ -10,7 +10,9 @@ anything else is refused with one line. Two kinds:
 - weights (`checkpoint_best.pt`, `checkpoint_ema_best.pt`): the model (or EMA) weights of one
   epoch with its metrics and the config, for evaluation, export and fine-tuning.
 
-Every checkpoint also holds the class list (wnids and names) and the parameter count.
+Every checkpoint also holds the class list (wnids and names), which resume and evaluation
+compare with the dataset's, the parameter count, and a CRC-32 of everything it stores, which
+`load` verifies: a flipped bit in the tensor data is a one-line error, not silently wrong weights.
 
     python -m engine.checkpoint --upgrade PATH   # convert a format-1 checkpoint you trust
 """
@@ -21,7 +23,8 @@ import io
 import os
 import pickle
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+import zlib
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -30,6 +33,7 @@ from options.files import atomic_write_bytes
 
 VERSION = 2  # 1: cvnets-tiny 0.1 (pickled numpy/python RNG states); 2: tensors and plain data only
 TRAINING, WEIGHTS = "training", "weights"
+CHECKSUM = "checksum"  # key of the CRC-32 over everything else the checkpoint holds
 
 
 class CheckpointError(Exception):
@@ -40,9 +44,38 @@ class CheckpointError(Exception):
 def save(state: Mapping[str, Any], path: str) -> None:
     """Write `state` (plus the format version) atomically: serialised in memory first, so the
     free space is checked against the exact size and a full disk leaves the old file as it was."""
+    state = {**state, "version": VERSION}
+    state[CHECKSUM] = checksum(state)
     buffer = io.BytesIO()
-    torch.save({**state, "version": VERSION}, buffer)
+    torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getbuffer().tobytes())
+
+
+def checksum(state: Mapping[str, Any]) -> str:
+    """CRC-32 of every value in `state` but the checksum itself: tensors by dtype, shape and raw
+    bytes, plain data by type and repr, in a fixed order (about 0.5 s per GB of tensors)."""
+    crc = 0
+    for path, value in _leaves({k: v for k, v in state.items() if k != CHECKSUM}):
+        crc = zlib.crc32(path.encode(), crc)
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            crc = zlib.crc32(f"{tensor.dtype}{tuple(tensor.shape)}".encode(), crc)
+            if tensor.numel():
+                crc = zlib.crc32(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), crc)
+        else:
+            crc = zlib.crc32(f"{type(value).__name__}:{value!r}".encode(), crc)
+    return f"crc32:{crc:08x}"
+
+
+def _leaves(value: Any, path: str = "") -> Iterator[Tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        for key in sorted(value, key=lambda k: (type(k).__name__, str(k))):
+            yield from _leaves(value[key], f"{path}/{key!r}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _leaves(item, f"{path}[{i}]")
+    else:
+        yield path, value
 
 
 def rng_state() -> Dict[str, Any]:
@@ -77,6 +110,11 @@ def load(path: str, kind: Optional[str] = None) -> Dict[str, Any]:
     version = state.get("version")
     if version != VERSION:
         raise CheckpointError(_version_advice(path, version))
+    # Checkpoints written before the checksum existed carry none: nothing to verify.
+    if CHECKSUM in state and checksum(state) != state[CHECKSUM]:
+        raise CheckpointError(f"{path} is damaged: what it holds no longer matches the checksum written with it "
+                              "(a flipped bit on disk or in a copy); use another copy of the file, or another "
+                              "checkpoint of the run")
     if kind == TRAINING and state.get("kind") != TRAINING:
         raise CheckpointError(f"{path} holds weights only, not a training state; resume from checkpoint_last.pt")
     return state
@@ -100,6 +138,17 @@ def _version_advice(path: str, version: Any) -> str:
                 "upgrade cvnets-tiny to use it")
     return (f"{path} has checkpoint format {version!r}; this version reads format {VERSION}. "
             f"If you trust the file, convert it once with: python -m engine.checkpoint --upgrade {path}")
+
+
+def class_list_difference(stored: Optional[Sequence[str]], current: Sequence[str]) -> Optional[str]:
+    """None when a checkpoint's class list (None: it stored none) matches the dataset's, else
+    a short description of the first difference."""
+    if stored is None or list(stored) == list(current):
+        return None
+    if len(stored) != len(current):
+        return f"{len(stored)} classes, the dataset has {len(current)}"
+    i = next(i for i, (a, b) in enumerate(zip(stored, current)) if a != b)
+    return f"class {i} is {stored[i]} in the checkpoint but {current[i]} in the dataset"
 
 
 def weights(state: Mapping[str, Any], use_ema: bool, path: str, flag: str = "--eval.ema") -> Dict[str, Any]:

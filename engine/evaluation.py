@@ -55,6 +55,11 @@ def evaluate_checkpoint(cfg: Config, state: Mapping[str, Any]) -> Dict[str, Any]
     """Metrics (val/train) or predictions (test) of the checkpoint's model on cfg.eval.split."""
     device = resolve_device(cfg.common.device)
     loader, dataset = data.build_eval_loader(cfg, cfg.eval.split, device=device)
+    other = ckpt.class_list_difference(state.get("wnids"), dataset.wnids)
+    if other and cfg.eval.split != "test":  # test predictions are named by the checkpoint's own wnids
+        raise ckpt.CheckpointError(f"{cfg.model.checkpoint} was trained on another class list than "
+                                   f"{cfg.dataset.root} ({other}): its labels would be wrong; evaluate it on "
+                                   "the dataset it was trained on (--dataset.root)")
     model = trained_model(cfg, state, cfg.eval.ema, "--eval.ema")
     params = sum(p.numel() for p in model.parameters())
     fmt = torch.channels_last if cfg.common.channels_last else torch.contiguous_format

@@ -309,6 +309,11 @@ class Trainer:
                               f"settings, allow them with --common.resume-allow-changes {keys}, or start a new run "
                               "with --common.run-label NAME")
         parts = self.parts
+        other = ckpt.class_list_difference(state.get("wnids"), parts.wnids)
+        if other:
+            raise ConfigError(f"resuming {path} onto another class list ({other}); resume with the dataset the run "
+                              "was started with (dataset.root), or fine-tune on this one with --model.checkpoint "
+                              f"{path} and a new --common.run-label")
         try:
             parts.model.load_state_dict(state["model"])
         except RuntimeError as e:

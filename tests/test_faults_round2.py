@@ -41,7 +41,7 @@ def call(command, argv, capsys):
 
 
 def snapshot(folder):
-    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder)) if name != "train.log"}
+    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder)) if name not in ("train.log", ".lock")}
 
 
 # ----------------------------------------------------------------------------- records without a last checkpoint
@@ -64,3 +64,105 @@ def test_resume_restart_discards_the_records_and_trains_from_scratch(fake_root, 
     assert [row["epoch"] for row in read_rows(run_copy)] == [1]
     assert read_rows(run_copy)[0]["val_top1"] != 99.0
     assert ckpt.load(str(run_copy / "checkpoint_best.pt"))["metrics"]["val_top1"] == read_rows(run_copy)[0]["val_top1"]
+
+
+# ----------------------------------------------------------------------------- class lists
+@pytest.fixture(scope="module")
+def other_classes(tmp_path_factory):
+    """Fake trees whose wnids differ from fake_root's: the same count, and one class more."""
+    from conftest import FAKE_TREE
+    from data.fake import make_fake_tinyimagenet
+
+    base = tmp_path_factory.mktemp("other")
+    same = make_fake_tinyimagenet(str(base / "same"), **{**FAKE_TREE, "seed": 1})
+    more = make_fake_tinyimagenet(str(base / "more"), **{**FAKE_TREE, "seed": 1, "classes": 5})
+    return same, more
+
+
+def test_checkpoints_store_the_class_list(finished_run, fake_root):
+    from data.tinyimagenet import read_classes
+
+    wnids = read_classes(fake_root).wnids
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt", "checkpoint_ema_best.pt"):
+        assert ckpt.load(str(finished_run / name))["wnids"] == wnids, name
+
+
+def test_resume_onto_another_class_list_is_refused(run_copy, other_classes, capsys):
+    before = snapshot(run_copy)
+    status, err = call(train, one_batch_args(other_classes[0], run_copy.parent, "done", "--common.resume", "auto",
+                                             "--scheduler.max-epochs", "2",
+                                             "--common.resume-allow-changes", "scheduler.max_epochs"), capsys)
+    assert status == 2 and len(err) == 1, err
+    assert "another class list (class 0 is" in err[0] and "--model.checkpoint" in err[0]
+    assert snapshot(run_copy) == before
+
+
+@pytest.mark.parametrize("which, detail", [(0, "class 0 is"), (1, "4 classes, the dataset has 5")])
+def test_eval_on_another_class_list_is_refused(finished_run, other_classes, capsys, which, detail):
+    argv = ["--model.checkpoint", str(finished_run / "checkpoint_best.pt"), "--dataset.root", other_classes[which],
+            "--dataset.workers", "0"]
+    status, err = call(evaluate, argv, capsys)
+    assert status == 2 and len(err) == 1, err
+    assert "another class list" in err[0] and detail in err[0] and "checkpoint_best.pt" in err[0]
+
+
+def test_fine_tuning_onto_another_class_list_says_so(finished_run, other_classes, tmp_path, capsys):
+    argv = one_batch_args(other_classes[0], tmp_path, "ft", "--model.checkpoint",
+                          str(finished_run / "checkpoint_best.pt"))
+    capsys.readouterr()
+    assert train(argv) == 0
+    out = capsys.readouterr().out
+    assert f"fine-tuning {finished_run / 'checkpoint_best.pt'} on another class list (class 0 is" in out
+
+
+# ----------------------------------------------------------------------------- damaged checkpoints
+def _flip_a_byte_inside(path, tensor):
+    data = bytearray(path.read_bytes())
+    raw = torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage()).numpy().tobytes()  # as stored
+    at = data.find(raw)
+    assert at > 0 and data.find(raw, at + 1) < 0, "the tensor's bytes should appear once in the file"
+    data[at + len(raw) // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["checkpoint_best.pt", "checkpoint_last.pt"])
+def test_a_flipped_bit_in_tensor_data_is_refused_by_eval(run_copy, capsys, name):
+    path = run_copy / name
+    state = ckpt.load(str(path))
+    key = max(state["model"], key=lambda k: state["model"][k].numel())
+    _flip_a_byte_inside(path, state["model"][key])
+    assert not torch.equal(torch.load(path, weights_only=True)["model"][key], state["model"][key])
+    status, err = call(evaluate, ["--model.checkpoint", str(path), "--dataset.workers", "0"], capsys)
+    assert status == 2 and len(err) == 1, err
+    assert f"{path} is damaged" in err[0] and "checksum" in err[0]
+
+
+def test_a_flipped_bit_in_the_last_checkpoint_is_refused_by_resume(fake_root, run_copy, capsys):
+    path = run_copy / "checkpoint_last.pt"
+    state = ckpt.load(str(path))
+    moments = [t for per_param in state["optimizer"]["state"].values() for t in per_param.values() if t.numel() > 1]
+    _flip_a_byte_inside(path, max(moments, key=torch.Tensor.numel))
+    before = snapshot(run_copy)
+    status, err = call(train, one_batch_args(fake_root, run_copy.parent, "done", "--common.resume", "auto"), capsys)
+    assert status == 2 and len(err) == 1 and f"{path} is damaged" in err[0], err
+    assert snapshot(run_copy) == before
+
+
+def test_a_checkpoint_without_a_checksum_still_loads(run_copy):
+    path = run_copy / "checkpoint_best.pt"
+    state = torch.load(path, weights_only=True)
+    del state[ckpt.CHECKSUM]
+    torch.save(state, path)
+    assert ckpt.load(str(path))["model"].keys() == state["model"].keys()
+
+
+def test_the_checksum_changes_with_any_stored_value():
+    state = {"model": {"w": torch.zeros(3, 2), "b": torch.zeros(2, dtype=torch.bfloat16)}, "epoch": 3}
+    reference = ckpt.checksum(state)
+    changed = [
+        {**state, "epoch": 4},
+        {**state, "model": {**state["model"], "w": torch.zeros(2, 3)}},  # same bytes, other shape
+        {**state, "model": {**state["model"], "b": torch.tensor([0.0, 2 ** -8], dtype=torch.bfloat16)}},
+    ]
+    assert all(ckpt.checksum(c) != reference for c in changed)
+    assert ckpt.checksum({**state, ckpt.CHECKSUM: "x"}) == reference
