@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from data.base import DatasetError, logger, progress_bar
-from options.files import atomic_open, is_disk_full
+from options.files import atomic_open, is_disk_full, temp_dir_for
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,7 @@ def unpack_archive(archive: str, root: str, progress: bool = True) -> None:
     root = os.path.abspath(root)
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.unpack-", dir=parent)
+    tmp = temp_dir_for(root, "unpack")
     logger.info("unpacking %s into %s", archive, root)
     try:
         _extract(archive, tmp, progress)

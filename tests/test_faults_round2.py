@@ -166,3 +166,47 @@ def test_the_checksum_changes_with_any_stored_value():
     ]
     assert all(ckpt.checksum(c) != reference for c in changed)
     assert ckpt.checksum({**state, ckpt.CHECKSUM: "x"}) == reference
+
+
+# ----------------------------------------------------------------------------- file modes
+@pytest.fixture
+def umask():
+    """Set a umask for the test (the process's is restored after it)."""
+    saved = os.umask(0o022)
+
+    def set_mask(mask):
+        os.umask(mask)
+
+    yield set_mask
+    os.umask(saved)
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
+def test_atomic_writes_get_the_umask_mode(tmp_path, umask, mask, mode):
+    from options.files import atomic_write_text, current_umask, write_json
+
+    umask(mask)
+    assert current_umask() == mask
+    atomic_write_text(str(tmp_path / "a.txt"), "x")
+    write_json(str(tmp_path / "b.json"), {})
+    ckpt.save({"model": {}, "config": {}}, str(tmp_path / "c.pt"))
+    for name in ("a.txt", "b.json", "c.pt"):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == mode, name
+
+
+def test_a_run_folder_is_readable_under_umask_022(fake_root, tmp_path, umask):
+    umask(0o022)
+    assert train(one_batch_args(fake_root, tmp_path, "modes")) == 0
+    modes = {name: os.stat(tmp_path / "modes" / name).st_mode & 0o777 for name in os.listdir(tmp_path / "modes")}
+    for name in ("checkpoint_last.pt", "checkpoint_best.pt", "config.yaml", "summary.json", "metrics.jsonl"):
+        assert modes.pop(name) == 0o644, name
+    assert all(mode == 0o644 for mode in modes.values()), modes
+
+
+def test_a_generated_dataset_root_gets_the_umask_mode(tmp_path, umask):
+    from data.fake import make_fake_tinyimagenet
+
+    umask(0o022)
+    root = make_fake_tinyimagenet(str(tmp_path / "tiny"), classes=1, train_per_class=1, val_per_class=1,
+                                  test_per_class=0)
+    assert os.stat(root).st_mode & 0o777 == 0o755

@@ -1163,8 +1163,9 @@ class TreeBuilder:
 def merge_shards(shards: Sequence[str], root: str) -> None:
     """One tree from shard trees, renamed into place at the end. A wnid drawn by two shards gets
     a fresh one (the train folder is renamed; file names inside are not read by the loader)."""
-    parent = os.path.dirname(os.path.abspath(root))
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.partial-", dir=parent)
+    from options.files import temp_dir_for
+
+    tmp = temp_dir_for(root, "partial")
     try:
         for sub in ("train", os.path.join("val", "images"), os.path.join("test", "images")):
             os.makedirs(os.path.join(tmp, sub))
