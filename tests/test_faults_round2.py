@@ -210,3 +210,51 @@ def test_a_generated_dataset_root_gets_the_umask_mode(tmp_path, umask):
     root = make_fake_tinyimagenet(str(tmp_path / "tiny"), classes=1, train_per_class=1, val_per_class=1,
                                   test_per_class=0)
     assert os.stat(root).st_mode & 0o777 == 0o755
+
+
+# ----------------------------------------------------------------------------- a flag given twice
+@pytest.mark.parametrize("argv, named", [
+    (["--optim.weight-decay", "0.1", "--optim.weight-decay", "0.5"], "--optim.weight-decay is given twice ('0.1' and '0.5')"),
+    (["--optim.weight_decay=0.1", "--optim.weight-decay", "0.5"], "--optim.weight_decay is given twice"),
+    (["--common.config-file", "config/resnet18.yaml", "--common.config-file", "config/resnet34.yaml"],
+     "--common.config-file is given twice ('config/resnet18.yaml' and 'config/resnet34.yaml')"),
+])
+def test_a_flag_given_twice_is_refused_naming_it(argv, named):
+    import subprocess
+    import sys
+
+    from engine_helpers import REPO
+
+    done = subprocess.run([sys.executable, os.path.join(REPO, "main_train.py"), *argv, "--print-config"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert len(done.stderr.strip().splitlines()) == 1 and named in done.stderr, done.stderr
+
+
+# ----------------------------------------------------------------------------- text files of the layout
+def _rewrite(path, transform):
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    with open(path, "wb") as f:
+        f.write(transform(text))
+
+
+@pytest.mark.parametrize("name", ["wnids.txt", "val/val_annotations.txt", "words.txt"])
+def test_a_byte_order_mark_and_crlf_line_ends_are_read_as_the_plain_file(fake_root, fake_copy, name):
+    from data.tinyimagenet import TinyImageNet
+
+    _rewrite(os.path.join(fake_copy, name), lambda text: b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    for split in ("train", "val"):
+        plain, marked = TinyImageNet(fake_root, split), TinyImageNet(fake_copy, split)
+        assert marked.wnids == plain.wnids and marked.class_names == plain.class_names
+        assert marked.file_names == plain.file_names and marked.labels.tolist() == plain.labels.tolist()
+
+
+def test_a_name_that_still_does_not_exist_is_shown_with_repr(fake_copy):
+    from data.base import DatasetError
+    from data.tinyimagenet import TinyImageNet
+
+    annotations = os.path.join(fake_copy, "val", "val_annotations.txt")
+    _rewrite(annotations, lambda text: ("val_0\u200b" + text[len("val_0"):]).encode())  # a zero-width space
+    with pytest.raises(DatasetError, match=r"val_0\\u200b\.JPEG' does not exist"):
+        TinyImageNet(fake_copy, "val")
