@@ -14,6 +14,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from options.registry import Registry
@@ -159,6 +160,29 @@ def worker_init(parent_pid: int) -> Callable[[int], None]:
     worker deaf to it would keep the main process waiting for ever.
     """
     return functools.partial(_leave_signals, parent_pid)
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+
+
+class WorkerDataLoader(DataLoader):
+    """A DataLoader whose workers never meet a stop signal before worker_init has set them up.
+
+    A worker is a fork of the main process and runs its signal handlers until worker_init
+    replaces them; a signal to the process group in that window could kill the worker (and
+    with it the main process's iteration) instead of letting the main process save. So the
+    stop signals are blocked in the calling thread while the iterator forks its workers: the
+    workers inherit the block and worker_init takes it from there; the main process gets its
+    pending signal the moment the block is lifted."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
+            return super()._get_iterator()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _leave_signals(parent_pid: int, worker_id: int) -> None:

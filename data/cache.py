@@ -26,9 +26,10 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from data.base import IMAGE_SIZE, CorruptImageError, DatasetError, decode_image, logger, progress_bar, worker_init
+from data.base import (IMAGE_SIZE, CorruptImageError, DatasetError, WorkerDataLoader, decode_image, logger,
+                       progress_bar, worker_init)
 from options.files import atomic_open, remove_quietly, remove_stale_temp_files, write_json
 
 # Bump when the decoded pixels or the file format change (2: checksum in the .json; 3: every
@@ -138,7 +139,7 @@ def _decode_into(paths: Sequence[str], store: Callable[[slice, np.ndarray], None
                  progress: bool, desc: str) -> List[int]:
     """Decode in chunks on DataLoader worker processes (threads do not help: decoding a small
     JPEG is mostly Python-side work under the GIL) and store each chunk; return unreadable rows."""
-    chunks = DataLoader(_FileDecoder(paths), batch_size=_CHUNK, num_workers=workers,
+    chunks = WorkerDataLoader(_FileDecoder(paths), batch_size=_CHUNK, num_workers=workers,
                         worker_init_fn=worker_init(os.getpid()) if workers > 0 else None)
     unreadable: List[int] = []
     with progress_bar(progress, total=len(paths), desc=desc, unit="img") as bar:

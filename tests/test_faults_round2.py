@@ -4,6 +4,7 @@ are files, flags given twice. Each ends in one line and the documented exit stat
 correct run; nothing is half-written."""
 import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -41,7 +42,8 @@ def call(command, argv, capsys):
 
 
 def snapshot(folder):
-    return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder)) if name not in ("train.log", ".lock")}
+    names = sorted(set(os.listdir(folder)) - {"train.log", ".lock"})
+    return {name: (folder / name).read_bytes() for name in names}
 
 
 # ----------------------------------------------------------------------------- records without a last checkpoint
@@ -214,7 +216,8 @@ def test_a_generated_dataset_root_gets_the_umask_mode(tmp_path, umask):
 
 # ----------------------------------------------------------------------------- a flag given twice
 @pytest.mark.parametrize("argv, named", [
-    (["--optim.weight-decay", "0.1", "--optim.weight-decay", "0.5"], "--optim.weight-decay is given twice ('0.1' and '0.5')"),
+    (["--optim.weight-decay", "0.1", "--optim.weight-decay", "0.5"],
+     "--optim.weight-decay is given twice ('0.1' and '0.5')"),
     (["--optim.weight_decay=0.1", "--optim.weight-decay", "0.5"], "--optim.weight_decay is given twice"),
     (["--common.config-file", "config/resnet18.yaml", "--common.config-file", "config/resnet34.yaml"],
      "--common.config-file is given twice ('config/resnet18.yaml' and 'config/resnet34.yaml')"),
@@ -258,3 +261,47 @@ def test_a_name_that_still_does_not_exist_is_shown_with_repr(fake_copy):
     _rewrite(annotations, lambda text: ("val_0\u200b" + text[len("val_0"):]).encode())  # a zero-width space
     with pytest.raises(DatasetError, match=r"val_0\\u200b\.JPEG' does not exist"):
         TinyImageNet(fake_copy, "val")
+
+
+# ----------------------------------------------------------------------------- signals while workers start
+_SIGNAL_AT_WORKER_START = r"""
+import multiprocessing.process, os, signal, subprocess, sys
+import torch
+from data.base import WorkerDataLoader, worker_init
+
+MAIN = os.getpid()
+got = []
+
+def handler(signum, frame):
+    if os.getpid() != MAIN:  # a worker still running the main process's handler: it dies of it
+        os._exit(9)
+    got.append(signum)
+
+signal.signal(signal.SIGTERM, handler)
+start = multiprocessing.process.BaseProcess.start
+
+def start_then_signal(self):
+    start(self)
+    # From another process, as timeout or SLURM would, to the whole group, while the new
+    # worker has not run worker_init yet.
+    kill = f"import os, signal; os.killpg({os.getpgrp()}, signal.SIGTERM)"
+    subprocess.run([sys.executable, "-c", kill])
+
+multiprocessing.process.BaseProcess.start = start_then_signal
+loader = WorkerDataLoader(list(range(40)), batch_size=4, num_workers=2, worker_init_fn=worker_init(MAIN))
+batches = [b.tolist() for b in loader]
+print(len(batches), sum(len(b) for b in batches), got)
+"""
+
+
+@pytest.mark.slow
+def test_a_stop_signal_while_workers_start_reaches_only_the_main_process():
+    import subprocess
+    import sys
+
+    from engine_helpers import REPO
+
+    done = subprocess.run([sys.executable, "-c", _SIGNAL_AT_WORKER_START], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, start_new_session=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["10", "40", f"[{int(signal.SIGTERM)}]"], done.stdout
