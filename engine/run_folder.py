@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from options.config import ConfigError
-from options.files import atomic_write_text, remove_quietly, remove_stale_temp_files, write_json
+from options.files import (DiskFullError, atomic_write_text, is_disk_full, remove_quietly, remove_stale_temp_files,
+                           write_json)
 
 METRICS, SUMMARY, LOCK = "metrics.jsonl", "summary.json", ".lock"
 LAST_CHECKPOINT = "checkpoint_last.pt"
@@ -51,8 +52,17 @@ class RunLock:
         self._fd: Optional[int] = None
 
     def acquire(self) -> None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        run_dir = os.path.dirname(self.path)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if is_disk_full(e):
+                raise DiskFullError(self.path, None) from None
+            # A read-only file system, a results-loc that is a file, no permission: the fix is
+            # another place for the run, so it is bad input.
+            raise ConfigError(f"cannot create the run folder {run_dir} ({e.strerror or e}); set --common.results-loc "
+                              "to a writable folder") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -255,6 +265,9 @@ def resume_path(run_dir: str, resume: Optional[str]) -> Optional[str]:
     holding records of a run (metrics.jsonl rows, best checkpoints) but no checkpoint_last.pt
     is never silently retrained, with or without `auto`: both are a ConfigError telling the
     user how to continue, start another run, or (`restart`) discard the records on purpose."""
+    for folder, key in ((os.path.dirname(run_dir) or ".", "--common.results-loc"), (run_dir, "--common.run-label")):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ConfigError(f"{folder} is a file, not a folder for runs; change {key}")
     last = os.path.join(run_dir, LAST_CHECKPOINT)
     if resume == RESTART:
         return None

@@ -59,7 +59,7 @@ def parse_config(
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        flags, switches = parse_flags(argv)
+        flags, switches = parse_flags(argv, once=True)
         for switch in switches:
             if switch not in SWITCHES:
                 raise ConfigError(

@@ -69,6 +69,11 @@ PROBABILITY = Range(0, 1)
 RATE = Range(0, 1, high_open=True)  # dropout, label smoothing, momentum, betas: 1 would erase the signal
 FACTOR = Range(0, 1, low_open=True)  # LR multipliers and the EMA momentum: 0 would stop all change
 SEED = Range(0, 2**32 - 1)  # numpy's legacy seeding takes 32-bit seeds
+# Upper bounds on what a run can mean: beyond them a value is a typo, and acting on it would hang
+# (epochs: the schedule's totals are computed up front) or allocate gigabytes before the first line.
+EPOCHS = Range(1, 10_000)
+BATCH = Range(1, 65_536)  # per process
+SCALES = Range(1, 256)
 
 
 def opt(default: Any, help: str, valid: Optional[Range] = None, **metadata: Any):
@@ -197,8 +202,8 @@ class DatasetConfig(Section):
     persistent_workers: bool = opt(True, "keep workers alive between epochs")
     pin_memory: bool = opt(True, "pin host memory (CUDA only)")
     prefetch_factor: int = opt(2, "batches prefetched per worker", AT_LEAST_1)
-    train_batch_size: int = opt(128, "batch size at the base crop size (per process)", AT_LEAST_1)
-    val_batch_size: int = opt(256, "validation batch size (per process)", AT_LEAST_1)
+    train_batch_size: int = opt(128, "batch size at the base crop size (per process)", BATCH)
+    val_batch_size: int = opt(256, "validation batch size (per process)", BATCH)
     fake: FakeDataConfig = block(FakeDataConfig, "generated sample data")
 
 
@@ -250,7 +255,7 @@ class AugmentationConfig(Section):
 class VBSConfig(Section):
     min_crop_size: int = opt(58, "smallest candidate crop size", AT_LEAST_1)
     max_crop_size: int = opt(82, "largest candidate crop size", AT_LEAST_1)
-    max_n_scales: int = opt(5, "number of sizes drawn from linspace(min, max)", AT_LEAST_1)
+    max_n_scales: int = opt(5, "number of sizes drawn from linspace(min, max)", SCALES)
     check_scale: int = opt(6, "crop sizes are rounded to a multiple of this", AT_LEAST_1)
     batch_rule: Literal["at_least_base", "constant_pixels"] = opt(
         "at_least_base", "batch size per crop size: at_least_base = max(B0, B0*64^2/(h*w)), the paper's cvnets v0.1 "
@@ -422,7 +427,7 @@ class FixedConfig(Section):
 @dataclass(frozen=True)
 class SchedulerConfig(Section):
     name: Literal["cosine", "cyclic", "div_by_ten", "plateau", "polynomial", "fixed"] = opt("cosine", "LR schedule")
-    max_epochs: int = opt(200, "training epochs", AT_LEAST_1)
+    max_epochs: int = opt(200, "training epochs", EPOCHS)
     warmup_iterations: int = opt(3000, "linear warmup iterations (0 disables warmup)", NON_NEGATIVE)
     warmup_init_lr: float = opt(0.0002, "learning rate at iteration 0 of the warmup", NON_NEGATIVE)
     is_iteration_based: bool = opt(False, "cosine/polynomial progress per iteration, from the end of warmup to the run's last step, instead of per epoch (cyclic and div_by_ten count epochs either way)")

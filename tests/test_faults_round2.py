@@ -305,3 +305,83 @@ def test_a_stop_signal_while_workers_start_reaches_only_the_main_process():
                           timeout=120, start_new_session=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["10", "40", f"[{int(signal.SIGTERM)}]"], done.stdout
+
+
+# ----------------------------------------------------------------------------- huge values, impossible sizes
+def _print_config(*argv):
+    import subprocess
+    import sys
+
+    from engine_helpers import REPO
+
+    return subprocess.run([sys.executable, os.path.join(REPO, "main_train.py"), "--common.config-file",
+                           os.path.join(REPO, "config", "mobilevit_tiny.yaml"), *argv, "--print-config"], cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("flag, value, bound", [
+    ("--scheduler.max-epochs", "1000000000000", "[1, 10000]"),
+    ("--sampler.vbs.max-n-scales", "1000000000", "[1, 256]"),
+    ("--dataset.train-batch-size", "100000", "[1, 65536]"),
+    ("--dataset.val-batch-size", "100000", "[1, 65536]"),
+])
+def test_huge_values_are_refused_at_once(flag, value, bound):
+    done = _print_config(flag, value, "--sampler.name", "variable_batch_sampler")
+    assert done.returncode == 2 and done.stdout == "", done.stderr[-500:]
+    assert len(done.stderr.splitlines()) == 1 and f"{value} must be in {bound}" in done.stderr
+
+
+def test_epoch_length_of_a_fixed_batch_is_computed_not_walked():
+    import math
+    import time
+
+    from data.samplers import batch_sampler
+    from options.schema import SamplerConfig
+
+    started = time.perf_counter()
+    sampler = batch_sampler(10**9, SamplerConfig(), 128, shuffle=True)
+    assert [sampler.epoch_length(e) for e in range(10_000)] == [math.ceil(10**9 / 128)] * 10_000
+    assert time.perf_counter() - started < 1.0
+    small = batch_sampler(1000, SamplerConfig(), 128, shuffle=True, rank=1, world_size=3)
+    assert small.epoch_length(0) == len(list(small)) == math.ceil(333 / 128)
+
+
+@pytest.mark.parametrize("extra, fragments", [
+    (["--dataset.train-batch-size", "49"], ["dataset.train_batch_size: 49 is larger than the dataset's 48 training",
+                                            "at most 48"]),
+    (["--model.num-classes", "3"], ["model.num_classes: 3 is smaller than the dataset's 4 classes"]),
+])
+def test_a_batch_or_classifier_that_cannot_fit_the_dataset_is_one_line(fake_root, tmp_path, capsys, extra, fragments):
+    status, err = call(train, one_batch_args(fake_root, tmp_path, "fit", *extra), capsys)
+    assert status == 2 and len(err) == 1, err
+    assert all(f in err[0] for f in fragments), err
+    assert not (tmp_path / "fit" / "checkpoint_last.pt").exists()
+
+
+@pytest.mark.parametrize("where", ["results", "label"])
+def test_a_results_loc_or_run_folder_that_is_a_file_is_one_line(fake_root, tmp_path, capsys, where):
+    (tmp_path / "results").write_text("") if where == "results" else (tmp_path / "runs").mkdir()
+    results = tmp_path / ("results" if where == "results" else "runs")
+    if where == "label":
+        (results / "taken").write_text("")
+    status, err = call(train, one_batch_args(fake_root, results, "taken"), capsys)
+    assert status == 2 and len(err) == 1, err
+    assert "is a file, not a folder for runs" in err[0]
+    assert ("--common.results-loc" if where == "results" else "--common.run-label") in err[0]
+
+
+def test_a_read_only_file_system_for_the_run_folder_is_one_line(fake_root, tmp_path, capsys, monkeypatch):
+    import errno
+
+    real_makedirs = os.makedirs
+
+    def read_only(path, *args, **kwargs):  # what a file system remounted read-only answers
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", read_only)
+    status, err = call(train, one_batch_args(fake_root, tmp_path / "ro", "run"), capsys)
+    assert status == 2 and len(err) == 1, err
+    assert f"cannot create the run folder {tmp_path / 'ro' / 'run'} (Read-only file system)" in err[0]
+    assert "--common.results-loc" in err[0]

@@ -208,7 +208,7 @@ def point_argv(base_args: Sequence[str], point: Point, sweep_dir: str) -> List[s
 
 def check_keys(axes: Sequence[Axis], base_args: Sequence[str]) -> None:
     """Keys the sweep owns, and keys both swept and set by a flag, are refused."""
-    flags, _ = parse_flags(base_args)
+    flags, _ = parse_flags(base_args, once=True)
     for axis in axes:
         if axis.key in RESERVED:
             raise SweepError(f"{axis.key} cannot be swept: the sweep sets it for every point")
