@@ -30,7 +30,8 @@ from torch.utils.data import Dataset
 
 from data.base import (IMAGE_SIZE, CorruptImageError, DatasetError, WorkerDataLoader, decode_image, logger,
                        progress_bar, worker_init)
-from options.files import atomic_open, remove_quietly, remove_stale_temp_files, write_json
+from options.files import (DiskFullError, atomic_open, is_disk_full, remove_quietly, remove_stale_temp_files,
+                           write_json)
 
 # Bump when the decoded pixels or the file format change (2: checksum in the .json; 3: every
 # pixel checksummed, 16-bit and transparent images decoded by their meaning).
@@ -176,6 +177,8 @@ def _write_array(paths: Sequence[str], array_path: str, meta_path: str, workers:
             digest = checksum(array)
             del array
     except OSError as e:  # not DiskFullError: that one names the folder and the bytes itself
+        if is_disk_full(e):  # e.g. no inode left for the folder or the temporary file
+            raise DiskFullError(array_path, total) from None
         raise DatasetError(
             f"cannot write the decoded cache in {folder} ({e.strerror or e}); make it writable, "
             f"set dataset.cache_dir to a writable folder, or use dataset.cache: memory"

@@ -75,8 +75,14 @@ class RunLock:
                 f"{os.path.dirname(self.path)} is in use by {who}, which is training this run; wait for it "
                 "to end (or stop it), or start another run with --common.run-label NAME"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+        except OSError as e:
+            os.close(fd)
+            if is_disk_full(e):
+                raise DiskFullError(self.path, None) from None
+            raise
         self._fd = fd
 
     def release(self) -> None:
@@ -139,11 +145,25 @@ def best_epoch(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
 
 
 def append_metrics(run_dir: str, row: Dict[str, Any]) -> None:
-    """Append one epoch's row (flushed and synced: the row is on disk when this returns)."""
-    with open(os.path.join(run_dir, METRICS), "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one epoch's row (synced: the row is on disk when this returns). A full disk is a
+    DiskFullError with the file cut back to its earlier rows, not a torn last line."""
+    path = os.path.join(run_dir, METRICS)
+    data = (json.dumps(row) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            os.ftruncate(fd, size)
+            raise DiskFullError(path, len(data)) from None
+    finally:
+        os.close(fd)
 
 
 def write_metrics(run_dir: str, rows: List[Dict[str, Any]]) -> bool:

@@ -106,7 +106,12 @@ def atomic_open(path: str, mode: str = "wb", expected_size: Optional[int] = None
         free = free_bytes(folder)
         if free is not None and free < expected_size:
             raise DiskFullError(path, expected_size, free)
-    tmp = temp_path_for(path)
+    try:
+        tmp = temp_path_for(path)
+    except OSError as e:  # no inode left for the temporary file
+        if is_disk_full(e):
+            raise DiskFullError(path, expected_size) from None
+        raise
     try:
         encoding = None if "b" in mode else "utf-8"
         with open(tmp, mode, encoding=encoding, newline=None if "b" in mode else "") as f:

@@ -385,3 +385,99 @@ def test_a_read_only_file_system_for_the_run_folder_is_one_line(fake_root, tmp_p
     assert status == 2 and len(err) == 1, err
     assert f"cannot create the run folder {tmp_path / 'ro' / 'run'} (Read-only file system)" in err[0]
     assert "--common.results-loc" in err[0]
+
+
+# ----------------------------------------------------------------------------- disk full in more places
+def _enospc(path=""):
+    import errno
+
+    return OSError(errno.ENOSPC, "No space left on device", path)
+
+
+def test_a_full_disk_while_appending_metrics_is_one_line_and_leaves_no_torn_row(fake_root, tmp_path, capsys,
+                                                                               monkeypatch):
+    real_write = os.write
+
+    def write_half_then_fail(fd, data):  # the disk fills in the middle of the row
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("metrics.jsonl") and len(data) > 8:
+            real_write(fd, data[: len(data) // 2])
+            raise _enospc()
+        return real_write(fd, data)
+
+    args = tiny_args(fake_root, tmp_path, "m", 2, "--common.max-batches-per-epoch", "2", "--common.resume", "auto")
+    assert train(tiny_args(fake_root, tmp_path, "m", 1, "--common.max-batches-per-epoch", "2")) == 0
+    rows = (tmp_path / "m" / "metrics.jsonl").read_bytes()
+    monkeypatch.setattr(os, "write", write_half_then_fail)
+    status, err = call(train, [*args, "--common.resume-allow-changes", "scheduler.max_epochs"], capsys)
+    monkeypatch.undo()
+    assert status == 1 and len(err) == 1, err
+    assert err[0].startswith("error: disk full: writing metrics.jsonl in") and str(tmp_path / "m") in err[0]
+    assert (tmp_path / "m" / "metrics.jsonl").read_bytes() == rows  # cut back: no half row
+
+
+def test_no_inode_left_for_a_checkpoint_is_one_line(fake_root, tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    real_mkstemp = tempfile.mkstemp
+
+    def no_inodes(*args, prefix="", **kwargs):
+        if prefix.startswith(".checkpoint_"):
+            raise _enospc()
+        return real_mkstemp(*args, prefix=prefix, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_inodes)
+    status, err = call(train, one_batch_args(fake_root, tmp_path, "inodes"), capsys)
+    assert status == 1 and len(err) == 1, err
+    assert err[0].startswith("error: disk full: writing checkpoint_") and str(tmp_path / "inodes") in err[0]
+    assert not [n for n in os.listdir(tmp_path / "inodes") if n.endswith(".tmp") or n.endswith(".pt")]
+
+
+def test_a_full_disk_at_run_start_is_one_line(fake_root, tmp_path, capsys, monkeypatch):
+    real_makedirs = os.makedirs
+
+    def full(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "full")):
+            raise _enospc(str(path))
+        return real_makedirs(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "makedirs", full)
+    status, err = call(train, one_batch_args(fake_root, tmp_path / "full", "run"), capsys)
+    assert status == 1 and len(err) == 1, err
+    assert err[0].startswith("error: disk full: writing .lock in") and str(tmp_path / "full" / "run") in err[0]
+
+
+def test_a_full_disk_while_unpacking_the_archive_is_one_line_and_leaves_nothing(fake_root, tmp_path, monkeypatch):
+    import zipfile
+
+    from data.archive import unpack_archive
+    from options.files import DiskFullError
+
+    archive = shutil.make_archive(str(tmp_path / "tiny"), "zip", os.path.dirname(fake_root),
+                                  os.path.basename(fake_root))
+    real_extract, count = zipfile.ZipFile.extract, []
+
+    def fill_up(self, member, *args, **kwargs):
+        count.append(member)
+        if len(count) > 5:
+            raise _enospc()
+        return real_extract(self, member, *args, **kwargs)
+
+    monkeypatch.setattr(zipfile.ZipFile, "extract", fill_up)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(DiskFullError, match=r"^disk full: writing tiny-imagenet-200 in .*out needs [\d,]+ bytes"):
+        unpack_archive(archive, str(tmp_path / "out" / "tiny-imagenet-200"), progress=False)
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_no_inode_left_for_the_decoded_cache_is_disk_full_not_make_it_writable(fake_copy, monkeypatch):
+    import tempfile
+
+    from data.tinyimagenet import TinyImageNet
+    from options.files import DiskFullError
+
+    def no_inodes(*args, **kwargs):
+        raise _enospc()
+
+    monkeypatch.setattr(tempfile, "mkstemp", no_inodes)
+    with pytest.raises(DiskFullError, match="^disk full: writing val-u8.npy in .*cache needs [\\d,]+ bytes"):
+        TinyImageNet(fake_copy, "val", cache="disk", progress=False)
