@@ -107,6 +107,10 @@ def load(path: str, kind: Optional[str] = None) -> Dict[str, Any]:
                               "is it a complete checkpoint of this tool?") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         raise CheckpointError(f"{path} is not a checkpoint of this tool (no model weights and config inside)")
+    for key in ("model", "config"):
+        if not isinstance(state[key], dict):
+            raise CheckpointError(f"{path} is not a checkpoint of this tool (its {key} is a "
+                                  f"{type(state[key]).__name__}, not a mapping)")
     version = state.get("version")
     if version != VERSION:
         raise CheckpointError(_version_advice(path, version))
@@ -185,7 +189,13 @@ def upgrade(path: str) -> None:
     Format 1 pickled numpy and Python RNG states, which weights-only loading refuses; this is
     the one place that unpickles, and only on the user's explicit request.
     """
-    old = torch.load(path, map_location="cpu", weights_only=False)  # the user vouched for this file
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}; check the path")
+    try:
+        old = torch.load(path, map_location="cpu", weights_only=False)  # the user vouched for this file
+    except Exception as e:  # a text file, a truncated one, ...
+        raise CheckpointError(f"cannot read {path} as a checkpoint ({type(e).__name__}); give a format-1 "
+                              "checkpoint of cvnets-tiny 0.1") from None
     if not isinstance(old, dict) or old.get("version") != 1:
         raise CheckpointError(f"{path} is not a format-1 checkpoint of this tool; nothing to upgrade")
     new = {k: v for k, v in old.items() if k not in ("rng", "version", "progress")}

@@ -169,8 +169,15 @@ def _checkpoint_config(prog: str, loaded: Dict[str, Any]) -> Callable[[Mapping[s
 
 
 def _output_file(key: str, path: Optional[str]) -> None:
-    if path and os.path.isdir(path):
+    if not path:
+        return
+    if os.path.isdir(path):
         raise ConfigError(f"{key}: {path} is a folder; give a file path inside it")
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # the folders that would be created: the first existing one counts
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"{key}: {folder} is a file, so {path} cannot be written; give a path in a folder")
 
 
 def evaluate(argv: Optional[Sequence[str]] = None) -> int:
@@ -212,6 +219,7 @@ def export(argv: Optional[Sequence[str]] = None) -> int:
 
         _check(cfg)
         check_same_model(cfg, loaded["state"]["config"])
+        _output_file("export.output", cfg.export.output)
         e = cfg.export
         try:
             check_settings(e.format, e.batch_size, e.dynamic_shape, e.opset, e.tolerance)

@@ -481,3 +481,82 @@ def test_no_inode_left_for_the_decoded_cache_is_disk_full_not_make_it_writable(f
     monkeypatch.setattr(tempfile, "mkstemp", no_inodes)
     with pytest.raises(DiskFullError, match="^disk full: writing val-u8.npy in .*cache needs [\\d,]+ bytes"):
         TinyImageNet(fake_copy, "val", cache="disk", progress=False)
+
+
+# ----------------------------------------------------------------------------- bad input that was a traceback
+@pytest.mark.parametrize("flag, command", [("--eval.output-json", "evaluate"), ("--eval.predictions-csv", "evaluate"),
+                                           ("--export.output", "export")])
+def test_an_output_path_under_a_file_is_one_line(finished_run, tmp_path, capsys, flag, command):
+    (tmp_path / "plain").write_text("")
+    argv = ["--model.checkpoint", str(finished_run / "checkpoint_best.pt"), flag, str(tmp_path / "plain" / "out" / "x"),
+            "--dataset.workers", "0"]
+    if flag == "--eval.predictions-csv":
+        argv += ["--eval.split", "test"]
+    status, err = call({"evaluate": evaluate, "export": export}[command], argv, capsys)
+    assert status == 2 and len(err) == 1, err
+    assert f"{tmp_path / 'plain'} is a file" in err[0] and flag.lstrip("-").replace("-", "_") in err[0]
+
+
+def _resave(path, change):
+    state = torch.load(path, weights_only=True)
+    change(state)
+    state.pop(ckpt.CHECKSUM, None)
+    ckpt.save(state, str(path))
+
+
+@pytest.mark.parametrize("command", [evaluate, export])
+def test_weights_missing_a_key_are_one_line(run_copy, capsys, command):
+    path = run_copy / "checkpoint_best.pt"
+    _resave(path, lambda state: state["model"].pop(sorted(state["model"])[0]))
+    status, err = call(command, ["--model.checkpoint", str(path), "--dataset.workers", "0"], capsys)
+    assert status == 2 and len(err) == 1, err
+    assert f"{path}: its weights do not fit the model" in err[0] and "Missing key" in err[0]
+
+
+def test_a_stored_config_that_is_not_a_mapping_is_one_line(run_copy, capsys):
+    path = run_copy / "checkpoint_best.pt"
+    _resave(path, lambda state: state.update(config=["not", "a", "mapping"]))
+    status, err = call(evaluate, ["--model.checkpoint", str(path)], capsys)
+    assert status == 2 and len(err) == 1, err
+    assert "is not a checkpoint of this tool (its config is a list, not a mapping)" in err[0]
+
+
+@pytest.mark.parametrize("content", [None, "just some text\n"])
+def test_upgrade_of_a_missing_or_text_file_is_one_line(tmp_path, capsys, content):
+    path = tmp_path / "old.pt"
+    if content is not None:
+        path.write_text(content)
+    assert ckpt.main(["--upgrade", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0], err
+    assert ("not found" if content is None else "cannot read") in err[0]
+
+
+def _sweep(*argv):
+    import subprocess
+    import sys
+
+    from engine_helpers import REPO
+
+    return subprocess.run([sys.executable, "-m", "tools.sweep", "--common.config-file",
+                           os.path.join(REPO, "config", "mobilevit_tiny.yaml"), "--dry-run", *argv], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("grid, fragment", [
+    (b"optim:\n  weight_decay: [0.1, \xff]\n", "is not UTF-8 text"),
+    (b"common:\n  run_label: [2024-01-01]\n", "datetime.date(2024, 1, 1) is a date, not a config value; quote it"),
+])
+def test_a_grid_file_that_is_not_utf8_or_holds_a_date_is_one_line(tmp_path, grid, fragment):
+    (tmp_path / "grid.yaml").write_bytes(grid)
+    done = _sweep("--grid-file", str(tmp_path / "grid.yaml"), "--results", str(tmp_path / "sweeps"))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr[-1500:]
+    assert fragment in done.stderr
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_sweep_results_that_is_a_file_is_one_line(tmp_path):
+    (tmp_path / "sweeps").write_text("")
+    done = _sweep("--grid", "optim.weight_decay=0.1,0.2", "--results", str(tmp_path / "sweeps"))
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr[-1500:]
+    assert f"--results {tmp_path / 'sweeps'} is a file" in done.stderr
