@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from options.cli import parse_config
 from options.config import ConfigError
-from options.files import DiskFullError
+from options.files import DiskFullError, file_in_the_way
 from options.schema import Config
 
 logger = logging.getLogger("cvnets")
@@ -173,11 +173,9 @@ def _output_file(key: str, path: Optional[str]) -> None:
         return
     if os.path.isdir(path):
         raise ConfigError(f"{key}: {path} is a folder; give a file path inside it")
-    folder = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(folder):  # the folders that would be created: the first existing one counts
-        folder = os.path.dirname(folder)
-    if not os.path.isdir(folder):
-        raise ConfigError(f"{key}: {folder} is a file, so {path} cannot be written; give a path in a folder")
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        raise ConfigError(f"{key}: {blocker} is a file, so {path} cannot be written; give a path in a folder")
 
 
 def evaluate(argv: Optional[Sequence[str]] = None) -> int:
@@ -219,7 +217,6 @@ def export(argv: Optional[Sequence[str]] = None) -> int:
 
         _check(cfg)
         check_same_model(cfg, loaded["state"]["config"])
-        _output_file("export.output", cfg.export.output)
         e = cfg.export
         try:
             check_settings(e.format, e.batch_size, e.dynamic_shape, e.opset, e.tolerance)

@@ -86,6 +86,15 @@ def current_umask() -> int:
     return mask
 
 
+def file_in_the_way(path: str) -> Optional[str]:
+    """The nearest existing ancestor folder of `path` when it is a file (so that `path` can never
+    be written), else None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # folders that atomic_open would create
+        folder = os.path.dirname(folder)
+    return None if os.path.isdir(folder) else folder
+
+
 def remove_quietly(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.remove(path)
