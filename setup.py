@@ -2,18 +2,20 @@ from setuptools import setup
 
 setup(
     name="cvnets-tiny",
-    version="0.1.0",
+    version="0.2.0",
     description="Config-driven PyTorch training of MobileViT and ResNet on TinyImageNet",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["cvnets", "data", "loss_fn", "optim", "engine", "options", "tools"],
+    packages=["cvnets", "data", "loss_fn", "optim", "engine", "options", "tools", "utils"],
     install_requires=["torch>=2.1", "torchvision>=0.16", "pyyaml>=6", "numpy", "tqdm", "pillow"],
     extras_require={
-        "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime", "timm", "tensorboard", "submitit"],
+        "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime", "timm", "tensorboard", "submitit",
+                 "transformers", "safetensors"],
         "export": ["onnx", "onnxscript", "onnxruntime"],
         "plots": ["matplotlib"],
         "bench": ["timm"],
+        "pretrained": ["safetensors"],
         "tensorboard": ["tensorboard"],
         "cluster": ["submitit"],
     },

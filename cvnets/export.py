@@ -29,13 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvnets.mobilevit import MobileViTBlock
+from options.schema import MIN_ONNX_OPSET
 
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 MIN_DYNAMIC_SIDE = 32  # smallest height/width a dynamic-shape ONNX graph accepts (the 32x downsampling)
 TRACE_SIDE = 128  # dynamic-shape tracing size: 4x4 maps after 32x downsampling, 4 patches of 2x2
-MIN_OPSET = 18  # the torch.export-based exporter writes opset 18 and newer only
 EXTRA_HINT = "pip install -e '.[export]'"
-FORMATS = ("torchscript", "onnx")
 JIT_DEPRECATION = r"`torch\.jit\."  # start of torch 2.14's "`torch.jit.trace` is deprecated" notices
 
 Runner = Callable[[Tensor], Tensor]  # images [B, 3, H, W] -> logits [B, C], on the CPU
@@ -91,22 +90,6 @@ def make_any_size(model: nn.Module) -> int:
 
 
 # ----------------------------------------------------------------------------- writing artifacts
-def check_settings(fmt: str, batch_size: int, dynamic_shape: bool, opset: int, tolerance: float) -> None:
-    """Reject export settings that cannot work, before any model is built (ValueError naming the key)."""
-    if fmt not in FORMATS:
-        raise ValueError(f"export.format: {fmt!r} is not one of {', '.join(FORMATS)}")
-    if batch_size < 1:
-        raise ValueError(f"export.batch_size: {batch_size} must be >= 1")
-    if not tolerance >= 0:  # NaN fails too
-        raise ValueError(f"export.tolerance: {tolerance} must be >= 0")
-    if dynamic_shape and fmt != "onnx":
-        raise ValueError("export.dynamic_shape: true needs export.format: onnx; a traced TorchScript "
-                         "model keeps the input size it was traced at")
-    if fmt == "onnx" and opset < MIN_OPSET:
-        raise ValueError(f"export.opset: {opset} is older than {MIN_OPSET}, the oldest opset the "
-                         f"torch.export-based ONNX exporter writes; use {MIN_OPSET} or newer")
-
-
 def export_torchscript(model: nn.Module, example: Tensor, path: str) -> None:
     """Trace `model` (eval mode) on `example` and save the TorchScript module to `path`."""
     with warnings.catch_warnings():
@@ -157,10 +140,9 @@ def _trace_example(example: Tensor, dynamic_batch: bool, dynamic_shape: bool) ->
     return torch.rand(batch, channels, height, width)
 
 
-def export_model(model: nn.Module, example: Tensor, path: str, fmt: str, opset: int = MIN_OPSET,
+def export_model(model: nn.Module, example: Tensor, path: str, fmt: str, opset: int = MIN_ONNX_OPSET,
                  dynamic_batch: bool = False, dynamic_shape: bool = False) -> None:
-    """Write `model` (eval mode, BN folded) as `fmt` to `path`; settings as check_settings accepts."""
-    check_settings(fmt, len(example), dynamic_shape, opset, tolerance=0.0)
+    """Write `model` (eval mode, BN folded) as `fmt` to `path`; settings as the schema's ExportConfig accepts."""
     if fmt == "torchscript":
         export_torchscript(model, example, path)
     else:

@@ -14,23 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvnets.init import LinearInit
+from utils.rounding import make_divisible
 
 ActFactory = Callable[[], nn.Module]
 
 # On the CPU, attention over at most this many tokens is faster as two batched matmuls than as
 # the fused SDPA kernel (1.8x at 16 tokens for forward + backward, slower from 64 tokens).
 _CPU_MATMUL_ATTENTION_MAX_TOKENS = 32
-
-
-def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = None) -> int:
-    """Round `value` to the nearest multiple of `divisor` (at least `min_value`).
-
-    One more multiple is added when rounding down would lose more than 10 %: ml-cvnets' rule,
-    for MobileNetV2 channel counts and for the variable batch sampler's crop sizes alike.
-    """
-    min_value = divisor if min_value is None else min_value
-    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < 0.9 * value else rounded
 
 
 class SiLU(nn.SiLU):
@@ -73,12 +63,6 @@ class ConvNormAct(nn.Sequential):
         if act is not None:
             layers["act"] = act()
         super().__init__(layers)
-
-
-def check_dropout(key: str, p: float) -> None:
-    """Raise ValueError unless `p` is a probability (the check nn.Dropout makes, naming the key)."""
-    if not 0.0 <= p <= 1.0:  # NaN fails too
-        raise ValueError(f"{key}: {p} must be in [0, 1]")
 
 
 class Dropout(nn.Dropout):
@@ -192,10 +176,25 @@ class StagedClassifier(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.stages = nn.ModuleDict()
+        self.backbone_frozen = False
 
     def _init_head(self, channels: int, num_classes: int, dropout: float) -> None:
         self.num_features = channels
         self.classifier = nn.Sequential(Dropout(dropout), nn.Linear(channels, num_classes))
+
+    def freeze_backbone(self) -> None:
+        """Train the classifier alone (linear probing): the stages get no gradients and always run
+        as in evaluation, BatchNorm on its running statistics and dropout off, whatever
+        train() says, so the features stay those of the pretrained network."""
+        self.backbone_frozen = True
+        self.stages.requires_grad_(False)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> "StagedClassifier":
+        super().train(mode)
+        if self.backbone_frozen:
+            self.stages.eval()
+        return self
 
     def stage_outputs(self, x: Tensor) -> Dict[str, Tensor]:
         """Every stage's output by stage name, then the logits under "classifier"."""
@@ -210,3 +209,4 @@ class StagedClassifier(nn.Module):
             x = stage(x)
         # Global mean pool: [B, C, H, W] -> [B, C]
         return self.classifier(x.mean(dim=(2, 3)))
+

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from data.base import DatasetError, logger, progress_bar
-from options.files import DiskFullError, atomic_open, is_disk_full, temp_dir_for
+from utils.files import DiskFullError, atomic_open, is_disk_full, temp_dir_for
 
 
 @dataclass(frozen=True)

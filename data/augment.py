@@ -18,7 +18,7 @@ from torch import Tensor
 
 from data.base import RawBatch
 from data.transforms import Transform, build_transforms
-from options.schema import AugmentationConfig, MixupConfig
+from options.schema import AugmentationConfig
 
 Batch = Tuple[Tensor, Tensor]  # (images float32 [B, 3, h, w], targets)
 _TRANSFORMS, _MIXING = 0, 1  # random streams of one batch seed
@@ -28,10 +28,6 @@ class Normalize:
     """(images - mean) / std per channel, mean and std in [0, 1] pixel units."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        if len(mean) != 3 or len(std) != 3:
-            raise ValueError(f"mean and std need 3 values (R, G, B), got {list(mean)} and {list(std)}")
-        if min(std) <= 0:
-            raise ValueError(f"std values must be > 0, got {list(std)}")
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
         # Copies per device, made once: copying them for every batch would wait on the device.
@@ -54,10 +50,6 @@ class MixupCutmix:
 
     def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
                  prob: float = 1.0, switch_prob: float = 0.5) -> None:
-        if mixup_alpha < 0 or cutmix_alpha < 0:
-            raise ValueError(f"alphas must be >= 0, got mixup {mixup_alpha} and cutmix {cutmix_alpha}")
-        if not (0 <= prob <= 1 and 0 <= switch_prob <= 1):
-            raise ValueError(f"prob and switch_prob must be in [0, 1], got {prob} and {switch_prob}")
         self.num_classes, self.mixup_alpha, self.cutmix_alpha = num_classes, mixup_alpha, cutmix_alpha
         self.prob, self.switch_prob = prob, switch_prob
 
@@ -125,15 +117,7 @@ def build_augmentation(cfg: AugmentationConfig, num_classes: int, train: bool) -
     """
     where = "image_augmentation.train" if train else "image_augmentation.val"
     transforms = build_transforms(cfg.train if train else cfg.val, where)
-    try:
-        normalize = Normalize(cfg.mean, cfg.std) if cfg.mean is not None or cfg.std is not None else None
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"image_augmentation.mean/std: {e}; give both, 3 values each, or neither") from None
-    return Augmentation(transforms, normalize, _build_mix(cfg.mixup, num_classes) if train else None)
-
-
-def _build_mix(cfg: MixupConfig, num_classes: int) -> MixupCutmix:
-    try:
-        return MixupCutmix(num_classes, cfg.mixup_alpha, cfg.cutmix_alpha, cfg.prob, cfg.switch_prob)
-    except ValueError as e:
-        raise ValueError(f"image_augmentation.mixup: {e}") from None
+    normalize = Normalize(cfg.mean, cfg.std) if cfg.mean is not None else None
+    m = cfg.mixup
+    mix = MixupCutmix(num_classes, m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob) if train else None
+    return Augmentation(transforms, normalize, mix)

@@ -8,8 +8,8 @@ the same decode_image as the JPEG path, so both paths agree exactly.
 
 The disk cache checks itself when opened (header, shape, dtype, file size and a CRC-32 of every
 pixel, about half a second per GB once the file is in the page cache, where training wants it
-anyway) and is rebuilt, with a warning saying why, when any check fails. It is written through a uniquely
-named temporary file (options/files.py) whose full size is reserved up front, so a full disk
+anyway) and is rebuilt, with a warning saying why, when any check fails. It is
+written through a uniquely named temporary file (utils/files.py) whose full size is reserved up front, so a full disk
 is a DiskFullError before any decoding, not a SIGBUS on the memory map; temporary files of
 builders that were killed are removed when the next build starts.
 """
@@ -30,8 +30,7 @@ from torch.utils.data import Dataset
 
 from data.base import (IMAGE_SIZE, CorruptImageError, DatasetError, WorkerDataLoader, decode_image, logger,
                        progress_bar, worker_init)
-from options.files import (DiskFullError, atomic_open, is_disk_full, remove_quietly, remove_stale_temp_files,
-                           write_json)
+from utils.files import DiskFullError, atomic_open, is_disk_full, remove_quietly, remove_stale_temp_files, write_json
 
 # Bump when the decoded pixels or the file format change (2: checksum in the .json; 3: every
 # pixel checksummed, 16-bit and transparent images decoded by their meaning).

@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterator, List, Sequence, Tuple
 import numpy as np
 from torch.utils.data import Sampler
 
-from cvnets.layers import make_divisible
+from utils.rounding import make_divisible
 from data.base import BatchSpec
 from options.registry import Registry
 from options.schema import SamplerConfig
@@ -41,13 +41,6 @@ def variable_batch_schedule(
     Sizes are linspace(min, max, n_scales) plus the base size, each made divisible by
     check_scale; the batch sizes follow `batch_rule` (BATCH_RULES).
     """
-    if not 1 <= min_crop_size <= max_crop_size or n_scales < 1 or check_scale < 1:
-        raise ValueError(
-            f"need 1 <= min_crop_size <= max_crop_size, max_n_scales >= 1 and check_scale >= 1, got "
-            f"{min_crop_size}, {max_crop_size}, {n_scales}, {check_scale}"
-        )
-    if batch_rule not in BATCH_RULES:
-        raise ValueError(f"batch_rule {batch_rule!r} is not one of {', '.join(BATCH_RULES)}")
     sizes = [*np.linspace(min_crop_size, max_crop_size, n_scales), crop_size]
     crops = sorted({make_divisible(s, check_scale) for s in sizes})
     pixels = batch_size * crop_size * crop_size
@@ -171,10 +164,7 @@ def variable_batch_sampler(num_samples: int, cfg: SamplerConfig, batch_size: int
 
 
 def vbs_schedule(cfg: SamplerConfig, batch_size: int) -> List[Tuple[int, int]]:
-    """The variable batch sampler's schedule for `cfg`; a bad setting is a ValueError naming its key."""
+    """The variable batch sampler's schedule for `cfg` (the schema has checked every setting)."""
     v = cfg.vbs
-    try:
-        return variable_batch_schedule(cfg.crop_size, batch_size, v.min_crop_size, v.max_crop_size,
-                                       v.max_n_scales, v.check_scale, v.batch_rule)
-    except ValueError as e:
-        raise ValueError(f"sampler.vbs: {e}") from None
+    return variable_batch_schedule(cfg.crop_size, batch_size, v.min_crop_size, v.max_crop_size,
+                                   v.max_n_scales, v.check_scale, v.batch_rule)

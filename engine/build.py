@@ -108,12 +108,16 @@ def build_trainer(cfg: Config, process: Process) -> Trainer:
     check_fits_dataset(cfg, len(loaders.train.dataset), loaders.num_classes, dist_info.world_size)
     model = cvnets.build_model(cfg.model, loaders.num_classes)
     if cfg.model.checkpoint is not None:
-        skipped = ckpt.load_pretrained(model, cfg.model.checkpoint)
-        other = ckpt.class_list_difference(ckpt.load(cfg.model.checkpoint).get("wnids"), loaders.wnids)
+        loaded = ckpt.load_pretrained(model, cfg.model.checkpoint, cfg.model)
+        logger.info(loaded.describe(cfg.model.checkpoint, loaders.num_classes if cfg.model.num_classes is None
+                                    else cfg.model.num_classes))
+        other = ckpt.class_list_difference(loaded.wnids, loaders.wnids)
         if other:  # fine-tuning onto other classes is what --model.checkpoint is for; say it
             logger.info("fine-tuning %s on another class list (%s)", cfg.model.checkpoint, other)
-        logger.info("initialised from %s%s", cfg.model.checkpoint,
-                    f" (kept fresh, shapes differ: {', '.join(skipped)})" if skipped else "")
+    if cfg.model.freeze == "backbone":
+        model.freeze_backbone()
+        logger.info("backbone frozen: training the classifier alone (%d parameters)",
+                    sum(p.numel() for p in model.parameters() if p.requires_grad))
     if dist_info.enabled and common.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     fmt = torch.channels_last if common.channels_last else torch.contiguous_format

@@ -13,6 +13,9 @@ anything else is refused with one line. Two kinds:
 Every checkpoint also holds the class list (wnids and names), which resume and evaluation
 compare with the dataset's, the parameter count, and a CRC-32 of everything it stores, which
 `load` verifies: a flipped bit in the tensor data is a one-line error, not silently wrong weights.
+Weights imported from another library (tools/import_weights.py) are a weights checkpoint too, with
+an empty class list (unknown: never compared) and a `source` record (path, layout, SHA-256);
+fine-tuning (`load_pretrained`) also reads foreign weights files directly, through cvnets.pretrained.
 
     python -m engine.checkpoint --upgrade PATH   # convert a format-1 checkpoint you trust
 """
@@ -24,16 +27,18 @@ import os
 import pickle
 import sys
 import zlib
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from options.files import atomic_write_bytes
+from utils.files import atomic_write_bytes
 
 VERSION = 2  # 1: cvnets-tiny 0.1 (pickled numpy/python RNG states); 2: tensors and plain data only
 TRAINING, WEIGHTS = "training", "weights"
 CHECKSUM = "checksum"  # key of the CRC-32 over everything else the checkpoint holds
+CLASSIFIER_WEIGHT = "classifier.1.weight"  # both families' linear layer
 
 
 class CheckpointError(Exception):
@@ -96,16 +101,27 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
 # ----------------------------------------------------------------------------- reading
 def load(path: str, kind: Optional[str] = None) -> Dict[str, Any]:
     """Read a checkpoint of this tool (any kind, or the given one); CheckpointError otherwise."""
+    return _checked(_read(path), path, kind)
+
+
+def _read(path: str) -> Any:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint not found: {path}; check the path")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(_refusal(path, e)) from None
     except Exception as e:  # truncated, not a torch file, ...
         raise CheckpointError(f"cannot read checkpoint {path} ({type(e).__name__}); "
                               "is it a complete checkpoint of this tool?") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
+
+
+def _is_ours(state: Any) -> bool:
+    return isinstance(state, dict) and "model" in state and "config" in state
+
+
+def _checked(state: Any, path: str, kind: Optional[str] = None) -> Dict[str, Any]:
+    if not _is_ours(state):
         raise CheckpointError(f"{path} is not a checkpoint of this tool (no model weights and config inside)")
     for key in ("model", "config"):
         if not isinstance(state[key], dict):
@@ -145,9 +161,9 @@ def _version_advice(path: str, version: Any) -> str:
 
 
 def class_list_difference(stored: Optional[Sequence[str]], current: Sequence[str]) -> Optional[str]:
-    """None when a checkpoint's class list (None: it stored none) matches the dataset's, else
+    """None when a checkpoint's class list matches the dataset's (or it has none), else
     a short description of the first difference."""
-    if stored is None or list(stored) == list(current):
+    if not stored or list(stored) == list(current):  # none or empty (imported weights): unknown
         return None
     if len(stored) != len(current):
         return f"{len(stored)} classes, the dataset has {len(current)}"
@@ -164,22 +180,77 @@ def weights(state: Mapping[str, Any], use_ema: bool, path: str, flag: str = "--e
     raise CheckpointError(f"{path} holds no EMA weights; drop {flag} or use checkpoint_ema_best.pt / checkpoint_last.pt")
 
 
-def load_pretrained(model: nn.Module, path: str) -> List[str]:
-    """Initialise `model` from a checkpoint's weights for fine-tuning.
+@dataclass(frozen=True)
+class Pretrained:
+    """What load_pretrained did: the file's layout, tensors loaded, and the classifier keys left fresh."""
 
-    Tensors whose shape differs (typically the classifier, for another number of classes)
-    keep their fresh initialisation; their names are returned. Missing or unexpected keys
-    mean another architecture and are an error.
+    layout: str
+    loaded: int
+    total: int
+    fresh: Tuple[str, ...]
+    file_classes: Optional[int]
+    wnids: Tuple[str, ...] = ()  # the class list of a checkpoint of this tool; () when unknown
+
+    def describe(self, path: str, num_classes: int) -> str:
+        """The one log line of a fine-tuning start."""
+        line = f"initialised from {path} ({self.layout}): {self.loaded} of {self.total} tensors loaded"
+        if self.fresh:
+            line += f"; classifier re-initialised for {num_classes} classes (the file has {self.file_classes})"
+        return line
+
+
+def load_pretrained(model: nn.Module, path: str, model_cfg: Any) -> Pretrained:
+    """Initialise `model` from a checkpoint of this tool or a foreign weights file (fine-tuning).
+
+    Foreign files (timm, torchvision, ml-cvnets, Hugging Face) are recognised by their keys and
+    mapped exactly (cvnets.pretrained). A classifier for another number of classes keeps its
+    fresh initialisation; any other difference (missing or extra keys, another shape) means
+    another architecture and is a CheckpointError.
     """
-    given = load(path)["model"]
+    from cvnets import pretrained
+
     own = model.state_dict()
-    if set(given) != set(own):
-        odd = sorted(set(given) ^ set(own))[:3]
-        raise CheckpointError(f"model.checkpoint {path} holds another architecture (e.g. {', '.join(odd)}); "
-                              "pick a checkpoint of the same model")
-    skipped = [k for k, v in given.items() if v.shape != own[k].shape]
-    model.load_state_dict({k: v for k, v in given.items() if k not in skipped}, strict=False)
-    return skipped
+    try:
+        state = pretrained.read_state_dict(path) if path.endswith(".safetensors") else _read(path)
+        if _is_ours(state):
+            given, layout = _checked(state, path)["model"], "a checkpoint of this tool"
+            odd = sorted(set(given) ^ set(own))
+            if odd:
+                raise CheckpointError(f"model.checkpoint {path} holds another architecture (e.g. "
+                                      f"{', '.join(odd[:3])}); pick a checkpoint of the same model")
+            wrong = [k for k in own if given[k].shape != own[k].shape]
+            if any(not k.startswith(pretrained.CLASSIFIER) for k in wrong):
+                bad = next(k for k in wrong if not k.startswith(pretrained.CLASSIFIER))
+                raise CheckpointError(f"model.checkpoint {path} holds another architecture: {bad} is "
+                                      f"{tuple(given[bad].shape)}, the model's {tuple(own[bad].shape)}")
+            weights = {k: v for k, v in given.items() if k not in wrong}
+            file_classes = int(given[CLASSIFIER_WEIGHT].shape[0])
+            wnids = tuple(state.get("wnids") or ())
+        else:
+            state = pretrained.unwrap(state, path)
+            fmt, family = pretrained.detect_format(state)
+            if family != model_cfg.name:
+                raise CheckpointError(f"model.checkpoint {path} holds {family} weights ({fmt} layout) but "
+                                      f"model.name is {model_cfg.name}; use a {family} config")
+            layout = f"{fmt} layout"
+            weights, _ = pretrained.to_project(fmt, model_cfg, own, state, classifier_may_differ=True)
+            head = pretrained.places(fmt, model_cfg, own)["classifier.1"][0] + ".weight"
+            file_classes = int(state[head].shape[0])
+            wnids = ()
+    except pretrained.WeightMappingError as e:
+        raise CheckpointError(f"model.checkpoint {path}: {e}") from None
+    model.load_state_dict({**own, **weights})
+    fresh = tuple(k for k in own if k.startswith(pretrained.CLASSIFIER) and k not in weights)
+    return Pretrained(layout, len(weights), len(own), fresh, file_classes, wnids)
+
+
+def imported_state(cfg_dict: Mapping[str, Any], weights: Mapping[str, Any], params: int,
+                   source: Mapping[str, Any]) -> Dict[str, Any]:
+    """A weights checkpoint of another library's weights in this project's layout, with the resolved
+    config they belong to and where they came from (the class list is unknown: none)."""
+    return {"kind": WEIGHTS, "model": dict(weights), "config": dict(cfg_dict),
+            "num_classes": int(weights[CLASSIFIER_WEIGHT].shape[0]), "wnids": [], "class_names": [],
+            "params": params, "source": dict(source)}
 
 
 # ----------------------------------------------------------------------------- format 1 -> 2

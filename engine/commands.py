@@ -16,8 +16,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from options.cli import parse_config
 from options.config import ConfigError
-from options.files import DiskFullError, file_in_the_way
-from options.schema import Config
+from options.schema import Config, literal_choices
+from utils.files import DiskFullError, file_in_the_way
 
 logger = logging.getLogger("cvnets")
 
@@ -34,10 +34,10 @@ EVAL_DOC = """Evaluate a checkpoint written by main_train.py.
 The model is rebuilt from the config stored in the checkpoint; a config file given as well
 must describe the same model (its dataset and eval settings are used)."""
 
-EXPORT_DOC = """Export a checkpoint written by main_train.py as TorchScript or ONNX, for deployment.
+EXPORT_DOC = f"""Export a checkpoint written by main_train.py as TorchScript or ONNX, for deployment.
 
     python main_export.py --model.checkpoint results/RUN/checkpoint_best.pt
-        [--common.config-file CONFIG] [--export.format torchscript|onnx] [--export.output PATH]
+        [--common.config-file CONFIG] [--export.format {"|".join(literal_choices("export.format"))}] [--export.output PATH]
         [--export.ema true] [--export.batch-size 1] [--export.dynamic-batch true]
         [--export.dynamic-shape true] [--export.verify false] [--export.tolerance 0.001]
 
@@ -195,7 +195,7 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> int:
 
     def body() -> int:
         from engine.evaluation import evaluate_checkpoint, report
-        from options.files import write_json
+        from utils.files import write_json
 
         result = evaluate_checkpoint(cfg, loaded["state"])
         for line in report(result):
@@ -212,16 +212,10 @@ def export(argv: Optional[Sequence[str]] = None) -> int:
     loaded: Dict[str, Any] = {}
 
     def check(cfg: Config) -> None:
-        from cvnets.export import check_settings
         from engine.evaluation import check_same_model
 
         _check(cfg)
         check_same_model(cfg, loaded["state"]["config"])
-        e = cfg.export
-        try:
-            check_settings(e.format, e.batch_size, e.dynamic_shape, e.opset, e.tolerance)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
 
     cfg = parse_config(argv, "main_export.py", EXPORT_DOC, check=check, base=_checkpoint_config("main_export", loaded))
     _setup_logging(0, timestamps=False)

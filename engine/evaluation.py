@@ -19,10 +19,10 @@ from engine import checkpoint as ckpt
 from engine.loops import AUTOCAST_DTYPES, LoopOptions, predict
 from engine.utils import Meter, resolve_device
 from options.config import ConfigError, to_dict
-from options.files import atomic_open
+from utils.files import atomic_open
 from options.schema import Config
 
-_NOT_ARCHITECTURE = ("checkpoint",)
+_NOT_ARCHITECTURE = ("checkpoint", "freeze")
 
 
 def check_same_model(cfg: Config, stored: Mapping[str, Any]) -> None:

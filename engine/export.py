@@ -40,7 +40,7 @@ from data.augment import Normalize
 from data.tinyimagenet import read_classes
 from engine.evaluation import trained_model
 from options.config import ConfigError, override, to_dict
-from options.files import atomic_write_bytes, file_in_the_way, write_json
+from utils.files import atomic_write_bytes, file_in_the_way, write_json
 from options.schema import Config
 
 EXTENSIONS = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}

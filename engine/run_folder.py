@@ -8,8 +8,8 @@ The records never disagree with the checkpoint: an epoch's row is appended only 
 checkpoint_last.pt of that epoch (which carries every row so far) is safely on disk, and a
 resume first rewrites metrics.jsonl from that checkpoint. So after any sequence of kills and resumes the file
 holds each epoch exactly once. summary.json exists from the start and says what state the run
-is in after every stop. The read functions are what the tools (paper_tables, sweep,
-plot_curves) use.
+is in after every stop. The read functions are what engine/experiments.py (which works out a
+run's state from them) and the tools use.
 """
 from __future__ import annotations
 
@@ -21,18 +21,16 @@ import os
 import shutil
 import socket
 import time
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from options.config import ConfigError
-from options.files import (DiskFullError, atomic_write_text, is_disk_full, remove_quietly, remove_stale_temp_files,
-                           write_json)
+from utils.files import (DiskFullError, atomic_write_text, is_disk_full, remove_quietly, remove_stale_temp_files,
+                         write_json)
 
 METRICS, SUMMARY, LOCK = "metrics.jsonl", "summary.json", ".lock"
 LAST_CHECKPOINT = "checkpoint_last.pt"
 BEST_CHECKPOINTS = ("checkpoint_best.pt", "checkpoint_ema_best.pt")
 RESTART = "restart"  # common.resume value: discard the folder's earlier run and train from scratch
-STATES = ("pending", "running", "finished", "failed", "interrupted")
 
 
 class RunFolderBusy(Exception):
@@ -196,41 +194,6 @@ def read_summary(run_dir: str) -> Dict[str, Any]:
 
 def write_summary(run_dir: str, summary: Dict[str, Any]) -> None:
     write_json(os.path.join(run_dir, SUMMARY), {**summary, "updated": time.time()})
-
-
-@dataclass(frozen=True)
-class RunStatus:
-    """What a run folder says about its run, for status listings."""
-
-    state: str  # one of STATES
-    epochs_done: int = 0
-    max_epochs: Optional[int] = None
-    error: Optional[str] = None  # the last error line of a failed run
-    stopped_by: Optional[str] = None  # signal name of an interrupted run
-
-    def describe(self) -> str:
-        progress = f" {self.epochs_done}/{self.max_epochs}" if self.max_epochs else ""
-        extra = f": {self.error}" if self.error else (f" ({self.stopped_by})" if self.stopped_by else "")
-        return f"{self.state}{progress}{extra}"
-
-
-def run_status(run_dir: str) -> RunStatus:
-    """pending (nothing yet), running (a live trainer holds the lock), finished, failed, or
-    interrupted (stopped by a signal or killed; a resume continues it)."""
-    if not os.path.isdir(run_dir):
-        return RunStatus("pending")
-    summary = read_summary(run_dir)
-    done, total = int(summary.get("epochs_done") or 0), summary.get("max_epochs")
-    if is_locked(run_dir):
-        return RunStatus("running", done, total)
-    state = summary.get("state")
-    if state == "finished" or summary.get("finished"):
-        return RunStatus("finished", done, total)
-    if state == "failed":
-        return RunStatus("failed", done, total, error=summary.get("error"))
-    if not summary and not read_metrics(run_dir):
-        return RunStatus("pending")
-    return RunStatus("interrupted", done, total, stopped_by=summary.get("stopped_by"))
 
 
 # ----------------------------------------------------------------------------- the open folder

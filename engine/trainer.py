@@ -31,20 +31,9 @@ from engine.run_folder import (RESTART, RunFolder, append_metrics, discard_recor
 from engine.signals import STOP_SIGNALS, handling
 from engine.utils import DistInfo
 from options.config import ConfigError, save_config, to_dict
-from options.schema import Config
+from options.schema import Config, harmless_on_resume
 
 logger = logging.getLogger("cvnets")
-
-
-# Keys a resume may change without changing what the run computes: where files are, how
-# fast or verbose it runs, what main_eval/main_export do. Any other difference is refused.
-HARMLESS_ON_RESUME = (
-    "common.config_file", "common.results_loc", "common.run_label", "common.resume", "common.resume_allow_changes",
-    "common.log_every_batches", "common.tensorboard", "common.device", "common.compile", "common.channels_last",
-    "dataset.root", "dataset.download", "dataset.archive", "dataset.cache", "dataset.cache_dir",
-    "dataset.augment_on", "dataset.workers", "dataset.persistent_workers", "dataset.pin_memory",
-    "dataset.prefetch_factor", "dataset.skip_corrupt", "dataset.val_batch_size", "model.checkpoint", "eval", "export",
-)
 
 
 class TrainingInterrupted(Exception):
@@ -443,7 +432,7 @@ def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, 
     """(dotted key, old value, new value) of every leaf that differs and would change the run."""
     a, b = _flatten(old), _flatten(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and not _allowed(k, HARMLESS_ON_RESUME)]
+            if a.get(k) != b.get(k) and not harmless_on_resume(k)]
 
 
 def _allowed(key: str, prefixes: Sequence[str]) -> bool:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Literal, Mapping, Optional, Sequen
 import yaml
 
 from options.errors import ConfigError, FieldError, did_you_mean
-from options.files import atomic_write_text
+from utils.files import atomic_write_text
 from options.schema import Config, freeze, hints, iter_keys
 
 # Where a value came from, for messages: "in FILE", "from --flag", "in the base config".

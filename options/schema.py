@@ -77,12 +77,17 @@ SCALES = Range(1, 256)
 
 
 def opt(default: Any, help: str, valid: Optional[Range] = None, **metadata: Any):
-    """A dataclass field with a default, a one-line description for --help and its valid range."""
+    """A dataclass field with a default, a one-line description for --help and its valid range.
+
+    Facts about a key go in `metadata`: `harmless=True` marks a key a resume may change freely
+    (where files are, how fast or verbose the run is), as it does not change what the run computes.
+    """
     return field(default=default, metadata={"help": help, "valid": valid, **metadata})
 
 
-def block(cls, help: str):
-    return field(default_factory=cls, metadata={"help": help})
+def block(cls, help: str, **metadata: Any):
+    """A nested section; `metadata` (e.g. harmless=True) holds for every key inside it."""
+    return field(default_factory=cls, metadata={"help": help, **metadata})
 
 
 @functools.lru_cache(maxsize=None)
@@ -138,29 +143,30 @@ def _check_order(low_name: str, low: float, high_name: str, high: float) -> None
 # --------------------------------------------------------------------------- common
 @dataclass(frozen=True)
 class CommonConfig(Section):
-    config_file: Optional[str] = opt(None, "YAML config file (its `base:` files are merged first)")
+    config_file: Optional[str] = opt(None, "YAML config file (its `base:` files are merged first)", harmless=True)
     seed: int = opt(0, "random seed for python, numpy and torch", SEED)
-    results_loc: str = opt("results", "folder that holds run folders")
-    run_label: Optional[str] = opt(None, "run folder name; default: the config file's stem")
+    results_loc: str = opt("results", "folder that holds run folders", harmless=True)
+    run_label: Optional[str] = opt(None, "run folder name; default: the config file's stem", harmless=True)
     resume: Optional[str] = opt(
         None, "'auto' (continue checkpoint_last.pt of the run folder), a checkpoint path, or 'restart' (discard "
-        "the run folder's earlier records and checkpoints and train from scratch)"
+        "the run folder's earlier records and checkpoints and train from scratch)", harmless=True
     )
-    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train; auto picks cuda when available")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train; auto picks cuda when available", harmless=True)
     mixed_precision: Literal["none", "bf16", "fp16"] = opt("none", "autocast dtype on CUDA (fp16 adds a grad scaler)")
-    channels_last: bool = opt(True, "channels_last memory format for model and inputs")
-    compile: bool = opt(False, "wrap the model in torch.compile")
+    channels_last: bool = opt(True, "channels_last memory format for model and inputs", harmless=True)
+    compile: bool = opt(False, "wrap the model in torch.compile", harmless=True)
     grad_clip: Optional[float] = opt(None, "clip the gradient norm to this value; null = no clipping", POSITIVE)
     accum_freq: int = opt(1, "accumulate gradients over this many batches per optimizer step", AT_LEAST_1)
-    log_every_batches: int = opt(50, "batches between log lines / metric reads", AT_LEAST_1)
-    tensorboard: bool = opt(False, "also write TensorBoard scalars (needs the tensorboard extra)")
+    log_every_batches: int = opt(50, "batches between log lines / metric reads", AT_LEAST_1, harmless=True)
+    tensorboard: bool = opt(False, "also write TensorBoard scalars (needs the tensorboard extra)", harmless=True)
     sync_bn: bool = opt(False, "convert BatchNorm to SyncBatchNorm under DDP")
     max_batches_per_epoch: Optional[int] = opt(
         None, "stop each epoch after this many batches (debugging, smoke tests)", AT_LEAST_1
     )
     resume_allow_changes: Tuple[str, ...] = opt(
         (), "keys (e.g. optim.weight_decay,scheduler.max_epochs) a resume may change; any other change that "
-        "alters the run is refused"
+        "alters the run is refused",
+        harmless=True,
     )
 
     def check(self) -> None:
@@ -185,25 +191,27 @@ class FakeDataConfig(Section):
 @dataclass(frozen=True)
 class DatasetConfig(Section):
     name: Literal["tinyimagenet"] = opt("tinyimagenet", "dataset")
-    root: str = opt("datasets/tiny-imagenet-200", "dataset folder (the archive's own layout)")
-    download: bool = opt(False, "fetch the official archive when root is missing")
-    archive: Optional[str] = opt(None, "unpack this local tiny-imagenet-200.zip when root is missing")
+    root: str = opt("datasets/tiny-imagenet-200", "dataset folder (the archive's own layout)", harmless=True)
+    download: bool = opt(False, "fetch the official archive when root is missing", harmless=True)
+    archive: Optional[str] = opt(None, "unpack this local tiny-imagenet-200.zip when root is missing", harmless=True)
     cache: Literal["none", "memory", "disk"] = opt(
         "none", "where decoded pixels live: none decodes the JPEGs every epoch; memory / disk decode once into "
-        "a uint8 array (disk: memory-mapped .npy, reused across runs)"
+        "a uint8 array (disk: memory-mapped .npy, reused across runs)",
+        harmless=True,
     )
     augment_on: Literal["auto", "workers", "device"] = opt(
         "auto", "where the batch augmentation runs: workers (DataLoader processes), device (the training device; "
-        "with a cache the decoded split is held there too), auto = device when training on CUDA"
+        "with a cache the decoded split is held there too), auto = device when training on CUDA",
+        harmless=True,
     )
-    cache_dir: Optional[str] = opt(None, "folder of the disk cache (.npy per split); null = <root>/cache")
-    skip_corrupt: bool = opt(False, "skip unreadable images with a warning instead of failing")
-    workers: int = opt(2, "DataLoader worker processes (0 loads in the main process)", NON_NEGATIVE)
-    persistent_workers: bool = opt(True, "keep workers alive between epochs")
-    pin_memory: bool = opt(True, "pin host memory (CUDA only)")
-    prefetch_factor: int = opt(2, "batches prefetched per worker", AT_LEAST_1)
+    cache_dir: Optional[str] = opt(None, "folder of the disk cache (.npy per split); null = <root>/cache", harmless=True)
+    skip_corrupt: bool = opt(False, "skip unreadable images with a warning instead of failing", harmless=True)
+    workers: int = opt(2, "DataLoader worker processes (0 loads in the main process)", NON_NEGATIVE, harmless=True)
+    persistent_workers: bool = opt(True, "keep workers alive between epochs", harmless=True)
+    pin_memory: bool = opt(True, "pin host memory (CUDA only)", harmless=True)
+    prefetch_factor: int = opt(2, "batches prefetched per worker", AT_LEAST_1, harmless=True)
     train_batch_size: int = opt(128, "batch size at the base crop size (per process)", BATCH)
-    val_batch_size: int = opt(256, "validation batch size (per process)", BATCH)
+    val_batch_size: int = opt(256, "validation batch size (per process)", BATCH, harmless=True)
     fake: FakeDataConfig = block(FakeDataConfig, "generated sample data")
 
 
@@ -311,7 +319,15 @@ class ModelConfig(Section):
     name: Literal["mobilevit", "resnet"] = opt("mobilevit", "model family")
     num_classes: Optional[int] = opt(None, "output classes; null = the dataset's", AT_LEAST_1)
     classifier_dropout: float = opt(0.1, "dropout before the classifier", RATE)
-    checkpoint: Optional[str] = opt(None, "weights to load (main_eval, export, fine-tuning)")
+    checkpoint: Optional[str] = opt(
+        None, "weights to load (main_eval, export, fine-tuning): a checkpoint of this tool, or a timm, "
+        "torchvision, ml-cvnets or Hugging Face weights file (recognised by its keys; another class "
+        "count re-initialises the classifier)", harmless=True
+    )
+    freeze: Literal["none", "backbone"] = opt(
+        "none", "backbone: train the classifier alone (linear probing); the stages keep their weights and "
+        "BatchNorm statistics and run in eval mode"
+    )
     mobilevit: MobileViTConfig = block(MobileViTConfig, "MobileViT settings")
     resnet: ResNetConfig = block(ResNetConfig, "ResNet settings")
     init: InitConfig = block(InitConfig, "weight initialisation")
@@ -463,6 +479,9 @@ class EvalConfig(Section):
     predictions_csv: Optional[str] = opt(None, "test split: where to write predictions (default beside the checkpoint)")
 
 
+MIN_ONNX_OPSET = 18  # the torch.export-based exporter writes opset 18 and newer only
+
+
 @dataclass(frozen=True)
 class ExportConfig(Section):
     format: Literal["torchscript", "onnx"] = opt("torchscript", "artifact: TorchScript (traced) or ONNX (needs the export extra)")
@@ -475,12 +494,15 @@ class ExportConfig(Section):
     tolerance: float = opt(
         1e-3, "allowed |logit difference| in the verify check (relative once |logits| exceed 1)", NON_NEGATIVE
     )
-    opset: int = opt(18, "ONNX opset (the torch.export-based exporter needs 18 or newer)", AT_LEAST_1)
+    opset: int = opt(MIN_ONNX_OPSET, "ONNX opset (the torch.export-based exporter needs 18 or newer)", AT_LEAST_1)
 
     def check(self) -> None:
         if self.dynamic_shape and self.format != "onnx":
             raise FieldError("dynamic_shape", f"true needs format: onnx (format is {self.format}); a traced "
                              "TorchScript model keeps the input size it was traced at")
+        if self.format == "onnx" and self.opset < MIN_ONNX_OPSET:
+            raise FieldError("opset", f"{self.opset} is older than {MIN_ONNX_OPSET}, the oldest opset the "
+                             f"torch.export-based ONNX exporter writes; use {MIN_ONNX_OPSET} or newer")
 
 
 @dataclass(frozen=True)
@@ -495,8 +517,8 @@ class Config:
     scheduler: SchedulerConfig = block(SchedulerConfig, "learning-rate schedule")
     ema: EMAConfig = block(EMAConfig, "weight EMA")
     stats: StatsConfig = block(StatsConfig, "checkpoint selection")
-    eval: EvalConfig = block(EvalConfig, "main_eval.py settings")
-    export: ExportConfig = block(ExportConfig, "main_export.py settings")
+    eval: EvalConfig = block(EvalConfig, "main_eval.py settings", harmless=True)
+    export: ExportConfig = block(ExportConfig, "main_export.py settings", harmless=True)
 
 
 # --------------------------------------------------------------------------- schema walking
@@ -526,6 +548,19 @@ def field_type(key: str) -> Any:
             raise KeyError(f"{key!r} is not a key of options/schema.py")
         cls = hints(cls)[part]
     return cls
+
+
+def harmless_on_resume(key: str) -> bool:
+    """Whether a resume may change `key` (a dotted leaf) without changing what the run computes."""
+    cls: Any = Config
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(cls) or part not in hints(cls):
+            return False
+        f = next(f for f in dataclasses.fields(cls) if f.name == part)
+        if f.metadata.get("harmless"):
+            return True
+        cls = hints(cls)[part]
+    return False
 
 
 def literal_choices(key: str) -> Tuple[Any, ...]:

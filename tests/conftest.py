@@ -10,6 +10,18 @@ from data.fake import make_fake_tinyimagenet
 FAKE_TREE = dict(classes=4, train_per_class=12, val_per_class=4, test_per_class=2, seed=0)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked cuda need a GPU: skipped, saying so, where torch sees none."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: run pytest -m cuda on a GPU machine")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def fake_root(tmp_path_factory) -> str:
     """Path of the shared fake tree. Treat it as read-only; use fake_copy to change files."""

@@ -1,27 +1,21 @@
-"""tools/benchmark.py `model` and `epoch`: argument handling and tiny runs (no timing assertions).
-The model fast paths these benchmarks measure are tested in test_models.py."""
-import argparse
+"""tools/benchmark.py and engine/timing.py: argument handling, tiny runs of every subcommand (no
+timing assertions: what they count, not how fast), peak memory and the run estimate. The model
+fast paths these benchmarks measure are tested in test_models.py, the GPU paths in test_cuda.py."""
 import json
 import os
+import re
 import sys
 
 import pytest
 import torch
 
 import tools.benchmark as benchmark
+from engine import timing
 from options.config import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XX_SMALL = os.path.join(REPO, "config", "mobilevit_xx_small.yaml")
 TINY = os.path.join(REPO, "config", "mobilevit_tiny.yaml")
-
-
-def parse(*argv):
-    parser = argparse.ArgumentParser()
-    sub = parser.add_subparsers(dest="command")
-    for add in benchmark.SUBCOMMANDS:
-        add(sub)
-    return parser.parse_args(argv)
 
 
 def run(capsys, *argv):
@@ -35,30 +29,41 @@ def run(capsys, *argv):
     return status, out, err
 
 
+# Small enough for a unit test: 32 px crops, batches of 8, no workers, 2 batches an epoch.
+TINY_RUN = ("--common.config-file", TINY, "--dataset.workers", "0", "--dataset.train-batch-size", "8",
+            "--sampler.crop-size", "32", "--image-augmentation.val", "[{name: resize, size: 36}, {name: center_crop}]",
+            "--device", "cpu", "--max-batches", "2")
+
+
+def table(out, first_header):
+    """The rows of the printed table whose header starts with `first_header`, as {header: cell}."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:1] == [first_header])
+    spans = [m.span() for m in re.finditer("-+", lines[start + 1])]  # the rule under the header
+    rows = []
+    for line in lines[start + 2:]:
+        if len(line) != len(lines[start + 1]):  # every row is as wide as the rule
+            break
+        rows.append({lines[start][a:b].strip(): line[a:b].strip() for a, b in spans})
+    return rows
+
+
 # ----------------------------------------------------------------------------- arguments
-def test_model_defaults():
-    args = parse("model")
-    assert (args.batch_size, args.device, args.dtype, args.memory_format) == (128, "auto", "fp32", None)
-    assert (args.warmup, args.repeats, args.steps, args.modes) == (2, 5, 3, ["train", "eval"])
-    assert not args.compile and not args.compare_timm and args.image_size is None
-
-
-def test_epoch_defaults():
-    args = parse("epoch", "--dataset-root", "x")
-    assert args.caches == ["none", "memory"] and args.repeats == 1 and args.max_batches is None
-
-
 @pytest.mark.parametrize("argv, message", [
     (("model", "--batch-size", "0"), "must be >= 1"),
     (("model", "--dtype", "fp8"), "invalid choice: 'fp8'"),
     (("model", "--memory-format", "nhwc"), "invalid choice: 'nhwc'"),
     (("model", "--modes", "train,test"), "choose from train, eval"),
-    (("epoch", "--dataset-root", "x", "--caches", "none,ram"), "choose from none, memory, disk, device"),
-    (("data", "--dataset-root", "x", "--model.name", "resnet"), "unrecognized arguments: --model.name"),
+    (("epoch", "--caches", "none,ram"), "choose from none, memory, disk, device"),
+    (("gpu", "--models", "resnet99.yaml"), "choose from mobilevit_xx_small.yaml"),
+    (("latency", "--model.name", "resnet"), "unrecognized arguments: --model.name"),
+    (("data", "--dataset.workrs", "2"), "did you mean"),
+    (("data", "--dataset.root", "/nonexistent/tiny"), "/nonexistent/tiny"),
+    (("gpu", "--dataset.root", "/nonexistent/tiny"), "--generate 100000"),
 ])
 def test_bad_arguments_exit_2_with_the_reason(capsys, argv, message):
     status, _, err = run(capsys, *argv)
-    assert status == 2 and message in err
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 def test_bad_config_override_is_one_line_error(capsys):
@@ -78,13 +83,11 @@ def test_tiny_model_run_prints_a_table(capsys, tmp_path):
                          "--warmup", "0", "--image-size", "32", "--device", "cpu", "--json", str(out_json),
                          "--model.mobilevit.dropout", "0")
     assert status == 0
-    lines = out.splitlines()
-    header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["model", "mode"])
-    rows = [line.split() for line in lines[header + 2:header + 4]]
-    assert [r[:2] for r in rows] == [["ours", "train"], ["ours", "eval"]]
-    assert all(float(r[2].replace(",", "")) > 0 for r in rows)
+    rows = table(out, "model")
+    assert [(r["model"], r["mode"], r["batch"]) for r in rows] == [("ours", "train", "2"), ("ours", "eval", "2")]
     saved = json.loads(out_json.read_text())
-    assert saved["command"] == "model" and saved["rows"][0]["params"] == 1_015_224
+    assert saved["command"] == "model" and saved["rows"][0]["params"] == 1_015_224  # the authors' count
+    assert [len(r["run_seconds"]) for r in saved["rows"]] == [1, 1]
 
 
 def test_compare_timm_without_timm_names_the_bench_extra(capsys, monkeypatch):
@@ -120,23 +123,77 @@ def test_timm_twin_is_identical_and_gets_our_dropouts(flags, twin):
         assert (block.attn.proj_drop.p, block.mlp.drop1.p, block.mlp.drop2.p) == (0.1, 0.0, 0.1)
 
 
-def test_tiny_epoch_run_compares_data_variants_and_says_where_device_runs(capsys, fake_root):
-    status, out, _ = run(capsys, "epoch", "--dataset-root", fake_root, "--config", TINY, "--caches", "none,device",
-                         "--max-batches", "1", "--device", "cpu", "--workers", "0",
-                         "--dataset.train-batch-size", "4", "--sampler.crop-size", "32",
-                         "--image-augmentation.val", "[{name: resize, size: 36}, {name: center_crop}]")
+def test_tiny_epoch_run_compares_data_variants_and_says_where_device_runs(capsys, fake_root, tmp_path):
+    out_json = tmp_path / "epoch.json"
+    status, out, _ = run(capsys, "epoch", "--dataset.root", fake_root, *TINY_RUN, "--caches", "none,device",
+                         "--json", str(out_json))
     assert status == 0
     assert "note: on the CPU the 'device' variant runs the batch augmentation in the training process" in out
-    lines = out.splitlines()
-    header = next(i for i, line in enumerate(lines) if "vs jpeg" in line)
-    rows = lines[header + 2:header + 4]
-    assert [line.split()[0] for line in rows] == ["none", "device"]
-    assert float(rows[0].split()[-1]) == 1.0  # the JPEG row is the reference
+    rows = table(out, "data")
+    assert [(r["data"], r["workers"], r["images/epoch"], r["vs jpeg"]) for r in rows][0] == ("none", "0", "16", "1.00")
+    assert rows[1]["data"] == "device"
+    saved = json.loads(out_json.read_text())["rows"]
+    for row in saved:  # the Trainer's own records of a real epoch: 2 batches of 8, the whole val split
+        (epoch,) = row["epochs"]
+        assert epoch["train_images"] == 16 and epoch["val_images"] == 16 and epoch["epoch"] == 1
 
 
-def test_peak_memory_is_a_size_or_unknown():
-    peak = benchmark.peak_memory_mib(lambda: torch.ones(1 << 20).sum(), torch.device("cpu"))
-    assert peak is None or peak >= 0
+def test_data_takes_the_config_file_and_dataset_root_like_every_command(capsys, fake_root, tmp_path):
+    status, out, _ = run(capsys, "data", "--common.config-file", TINY, "--dataset.root", fake_root,
+                         "--dataset.workers", "0", "--dataset.train-batch-size", "8", "--caches", "none,memory",
+                         "--batches", "3", "--repeats", "1", "--device", "cpu",
+                         "--dataset.cache-dir", str(tmp_path / "cache"))
+    assert status == 0
+    rows = table(out, "data")
+    assert [(r["data"], r["workers"], r["images"]) for r in rows] == [("none", "0", "24"), ("memory", "0", "24")]
+
+
+def test_estimate_scales_a_real_epoch_to_the_whole_run(capsys, fake_root, tmp_path):
+    out_json = tmp_path / "estimate.json"
+    status, out, _ = run(capsys, "estimate", "--dataset.root", fake_root, *TINY_RUN, "--json", str(out_json))
+    assert status == 0
+    (row,) = json.loads(out_json.read_text())["rows"]
+    assert row["config"] == "mobilevit_tiny" and row["epochs"] == 200  # config/mobilevit_tiny.yaml's run length
+    assert row["measured_train_images"] == 16
+    assert table(out, "config")[0]["minutes/run"] == f"{row['minutes']:,.1f}"
+
+
+def test_run_epoch_seconds_scales_training_and_the_rest_separately():
+    # 500 images/s over 100,000 images: 200 s; 3 s besides training for 20 validation images,
+    # scaled to 10,000: 1,500 s
+    metrics = {"images_per_second": 500.0, "train_seconds": 4.0, "epoch_seconds": 7.0, "val_images": 20}
+    assert timing.run_epoch_seconds(metrics) == pytest.approx(1700.0)
+    assert timing.run_epoch_seconds(metrics, train_images=1000, val_images=20) == pytest.approx(5.0)
+
+
+def test_gpu_runs_every_section_and_writes_one_json(capsys, tmp_path):
+    out_json = tmp_path / "gpu.json"
+    status, out, _ = run(capsys, "gpu", "--device", "cpu", "--generate", "16", "--models", "mobilevit_xx_small.yaml",
+                         "--epoch-config", "mobilevit_xx_small.yaml", "--estimate-configs", "--batch-sizes", "4",
+                         "--caches", "memory", "--steps", "1", "--repeats", "1", "--warmup", "0", "--epochs", "1",
+                         "--max-batches", "2", "--dataset.workers", "0", "--sampler.crop-size", "32",
+                         "--image-augmentation.val", "[{name: resize, size: 36}, {name: center_crop}]",
+                         "--json", str(out_json))
+    assert status == 0 and "wrote a 16-image tree" in out
+    saved = json.loads(out_json.read_text())
+    assert [(r["model"], r["mode"], r["batch"]) for r in saved["model"]] == [
+        ("mobilevit_xx_small", "train", 4), ("mobilevit_xx_small", "eval", 4)]
+    (epoch,) = saved["epoch"]
+    assert epoch["images"] == 2 * 4 and epoch["batch"] == 4  # --max-batches of the first --batch-sizes
+    train = saved["model"][0]["images_per_s"]
+    assert epoch["vs_model_only"] == pytest.approx(epoch["images_per_s"] / train)
+    (estimate,) = saved["estimate"]
+    assert estimate["config"] == "mobilevit_xx_small" and estimate["epochs"] == 200  # the MobileViT recipe's
+    assert saved["system"]["cpus"] == os.cpu_count()
+
+
+def test_cpu_peak_memory_is_the_growth_of_one_step():
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("peak resident memory is read from Linux's /proc")
+    cpu = torch.device("cpu")
+    big = timing.peak_memory_mib(lambda: (torch.ones(1 << 24) + 1).sum(), cpu)  # two 64 MiB tensors live
+    small = timing.peak_memory_mib(lambda: torch.ones(1 << 10).sum(), cpu)
+    assert 120 <= big <= 160 and small < 8
 
 
 def test_print_config_shows_the_resolved_config_with_its_overrides(capsys):

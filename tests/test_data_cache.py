@@ -15,7 +15,7 @@ from PIL import Image
 import data.cache
 from data.base import DatasetError, decode_image
 from data.tinyimagenet import TinyImageNet
-from options.files import DiskFullError
+from utils.files import DiskFullError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -242,6 +242,21 @@ def test_fake_tree_is_written_atomically(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_fake_tree_written_by_several_processes_is_one_tree_whatever_their_number(tmp_path):
+    trees = [make_fake_tinyimagenet(str(tmp_path / f"p{n}"), classes=5, train_per_class=3, val_per_class=2,
+                                    test_per_class=0, seed=4, processes=n) for n in (2, 3)]
+    for root in trees:
+        train = TinyImageNet(root, "train")
+        assert train.num_classes == 5 and len(train) == 15 and len(TinyImageNet(root, "val")) == 10
+        for path, label in zip(train.paths, train.labels):
+            assert path.split(os.sep)[-3] == train.wnids[label]
+    files = sorted(os.path.relpath(os.path.join(d, f), trees[0]) for d, _, fs in os.walk(trees[0]) for f in fs)
+    assert files == sorted(os.path.relpath(os.path.join(d, f), trees[1]) for d, _, fs in os.walk(trees[1]) for f in fs)
+    for name in files:
+        with open(os.path.join(trees[0], name), "rb") as a, open(os.path.join(trees[1], name), "rb") as b:
+            assert a.read() == b.read(), name
+
+
 def test_fake_images_are_learnable_by_a_small_cnn(fake_root, one_thread):
     """A tiny CNN on random resized crops + flips beats chance (25%) on val within a few epochs."""
     import numpy as np

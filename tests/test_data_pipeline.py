@@ -1,7 +1,6 @@
 """The batch pipeline and its two placements: workers and device give the same batches from the
-same seed (checked on CPU tensors, and on CUDA where there is one), for every arrangement of
+same seed (checked on CPU tensors, and on CUDA in the cases marked cuda), for every arrangement of
 dataset.cache and dataset.augment_on, with the determinism guarantees kept."""
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -18,7 +17,10 @@ from options.config import load_config
 pytestmark = pytest.mark.usefixtures("one_thread")  # small batches run fastest on one thread
 
 N_TRAIN = FAKE_TREE["classes"] * FAKE_TREE["train_per_class"]
-DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+DEVICES = [torch.device("cpu"), pytest.param(torch.device("cuda"), marks=pytest.mark.cuda)]
+# max |difference| of augmented pixels (about [0, 1]) and soft targets between placements: CPU
+# kernels agree to float rounding; CUDA's resampling may differ by up to a quarter uint8 level
+PLACEMENT_ATOL = {"cpu": 1e-6, "cuda": 1e-3}
 # every kind of draw: boxes + resampling (shrinking at crop 48), flips, noise drawn on the host,
 # per-sample order, torchvision's per-image op, occlusion, colour
 AUGMENT_TINY = (
@@ -104,37 +106,27 @@ def test_mixing_can_be_switched_off_per_batch():
     assert torch.equal(images, Augmentation([])(raw_batch())[0])
 
 
-@pytest.mark.parametrize("mean, std, mixup, message", [
-    ((0.5, 0.5, 0.5), (0.1, 0.0, 0.1), {}, "image_augmentation.mean/std: std values must be > 0"),
-    ((0.5, 0.5), (0.1, 0.1), {}, "image_augmentation.mean/std: mean and std need 3 values"),
-    (None, None, {"prob": 1.5}, "image_augmentation.mixup: prob and switch_prob must be in"),
-])
-def test_bad_mean_std_and_mixup_settings_name_their_key(mean, std, mixup, message):
-    """Values the schema refuses already; the components check them too (a config built in code)."""
-    mix = SimpleNamespace(**{"mixup_alpha": 1.0, "cutmix_alpha": 0.0, "prob": 1.0, "switch_prob": 0.5, **mixup})
-    cfg = SimpleNamespace(train=(), val=(), mean=mean, std=std, mixup=mix)
-    with pytest.raises(ValueError, match=message):
-        build_augmentation(cfg, 4, train=True)
-
-
 # ----------------------------------------------------------------------------- the loaders
+@pytest.mark.parametrize("device", DEVICES, ids=str)
 @pytest.mark.parametrize("cache, augment_on, workers, arrangement", [
     ("none", "workers", 0, "workers"), ("none", "device", 2, "device"), ("memory", "device", 0, "device"),
     ("disk", "device", 0, "device"), ("memory", "workers", 2, "workers"),
 ])
-def test_every_arrangement_gives_the_same_batches(fake_root, tmp_path, cache, augment_on, workers, arrangement):
+def test_every_arrangement_gives_the_same_batches(fake_root, tmp_path, cache, augment_on, workers, arrangement,
+                                                  device):
     flags = ("--sampler.name", "variable_batch_sampler", "--image-augmentation.train", AUGMENT_TINY,
              "--image-augmentation.mixup.mixup-alpha", "0.4")
     reference = build_loaders(config(fake_root, tmp_path, *flags))
     loaders = build_loaders(config(fake_root, tmp_path, *flags, "--dataset.cache", cache,
-                                   "--dataset.augment-on", augment_on, "--dataset.workers", str(workers)))
+                                   "--dataset.augment-on", augment_on, "--dataset.workers", str(workers)),
+                            device=device)
     assert loaders.train.placement == arrangement and loaders.val.placement == arrangement
     assert isinstance(loaders.train._batches, DeviceSplit) == (cache != "none" and augment_on == "device")
     first = epoch(loaders.train, 2)
     assert len(first) == len(loaders.train) == loaders.train.batch_sampler.epoch_length(2)
     assert len({images.shape[-1] for images, _ in first}) > 1  # variable batch sizes
-    same(epoch(reference.train, 2), first, atol=1e-6)
-    same(list(reference.val), list(loaders.val), atol=1e-6)
+    same(epoch(reference.train, 2), first, atol=PLACEMENT_ATOL[device.type])
+    same(list(reference.val), [(x.cpu(), t.cpu()) for x, t in loaders.val], atol=PLACEMENT_ATOL[device.type])
 
 
 def test_auto_placement_follows_the_device():

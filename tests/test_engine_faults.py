@@ -222,9 +222,9 @@ def test_a_full_disk_stops_in_one_line_and_keeps_the_last_checkpoint(fake_root, 
         used = sum(os.path.getsize(p) for p in glob.glob(str(results / "full" / "*")))
         resize(f"{used // 1024 + 512}k")  # no room for another checkpoint beside the old one
     else:
-        import options.files
+        import utils.files
 
-        monkeypatch.setattr(options.files, "free_bytes", lambda folder: 100_000)  # room for the small files only
+        monkeypatch.setattr(utils.files, "free_bytes", lambda folder: 100_000)  # room for the small files only
     assert train(args(2)) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: disk full: writing checkpoint_")
@@ -246,11 +246,11 @@ def test_eval_and_export_outputs_on_a_full_disk_fail_in_one_line_and_leave_nothi
     assert train(tiny_args(fake_root, tmp_path, "out", 1)) == 0
     best = str(tmp_path / "out" / "checkpoint_best.pt")
     if small_disk is None:
-        import options.files
+        import utils.files
 
         target = tmp_path / "full"
         target.mkdir()
-        monkeypatch.setattr(options.files, "free_bytes", lambda folder: 16)
+        monkeypatch.setattr(utils.files, "free_bytes", lambda folder: 16)
     else:
         target, resize = small_disk
         resize("64k")

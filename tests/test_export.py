@@ -13,13 +13,13 @@ from torch import nn
 
 import engine.export
 from cvnets import build_model
-from cvnets.export import MissingExtraError, check_settings, load_runner, make_any_size, require_onnx
+from cvnets.export import MissingExtraError, load_runner, make_any_size, require_onnx
 from cvnets.fuse import conv_bn_pairs, count_batchnorms, fold_batchnorm
 from cvnets.mobilevit import MobileViTBlock
 from data.tinyimagenet import read_classes
 from engine import checkpoint as ckpt
 from engine.commands import export
-from options.config import load_config, to_dict
+from options.config import ConfigError, load_config, to_dict
 from tools import benchmark
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small batches run fastest on one thread
@@ -123,17 +123,17 @@ def test_any_size_blocks_match_the_original_at_every_size(fusion):
             torch.testing.assert_close(wrapped(images), model(images), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("settings, message", [
-    (("tflite", 1, False, 18, 1e-3), "export.format: 'tflite' is not one of torchscript, onnx"),
-    (("onnx", 0, False, 18, 1e-3), "export.batch_size: 0 must be >= 1"),
-    (("onnx", 1, False, 18, -1.0), "export.tolerance: -1.0 must be >= 0"),
-    (("onnx", 1, False, 18, float("nan")), "export.tolerance: nan must be >= 0"),
-    (("torchscript", 1, True, 18, 1e-3), "export.dynamic_shape: true needs export.format: onnx"),
-    (("onnx", 1, False, 17, 1e-3), "export.opset: 17 is older than 18"),
+@pytest.mark.parametrize("flags, message", [
+    (["--export.format", "tflite"], "export.format: 'tflite' is not one of torchscript, onnx"),
+    (["--export.batch-size", "0"], "export.batch_size: 0 must be >= 1"),
+    (["--export.tolerance", "-1"], "export.tolerance: -1.0 must be >= 0"),
+    (["--export.tolerance", "nan"], "export.tolerance: 'nan' is not a finite number"),
+    (["--export.dynamic-shape", "true"], "export.dynamic_shape: true needs format: onnx"),
+    (["--export.format", "onnx", "--export.opset", "17"], "export.opset: 17 is older than 18"),
 ])
-def test_bad_export_settings_are_value_errors_naming_the_key(settings, message):
-    with pytest.raises(ValueError) as err:
-        check_settings(*settings)
+def test_bad_export_settings_are_config_errors_naming_the_key(flags, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(flags)
     assert str(err.value).startswith(message)
 
 

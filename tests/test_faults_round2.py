@@ -185,7 +185,7 @@ def umask():
 
 @pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o027, 0o640), (0o002, 0o664)])
 def test_atomic_writes_get_the_umask_mode(tmp_path, umask, mask, mode):
-    from options.files import atomic_write_text, current_umask, write_json
+    from utils.files import atomic_write_text, current_umask, write_json
 
     umask(mask)
     assert current_umask() == mask
@@ -450,7 +450,7 @@ def test_a_full_disk_while_unpacking_the_archive_is_one_line_and_leaves_nothing(
     import zipfile
 
     from data.archive import unpack_archive
-    from options.files import DiskFullError
+    from utils.files import DiskFullError
 
     archive = shutil.make_archive(str(tmp_path / "tiny"), "zip", os.path.dirname(fake_root),
                                   os.path.basename(fake_root))
@@ -473,7 +473,7 @@ def test_no_inode_left_for_the_decoded_cache_is_disk_full_not_make_it_writable(f
     import tempfile
 
     from data.tinyimagenet import TinyImageNet
-    from options.files import DiskFullError
+    from utils.files import DiskFullError
 
     def no_inodes(*args, **kwargs):
         raise _enospc()

@@ -1,5 +1,5 @@
-"""tools/launchers.py: restarts, signals and GPUs of the local launcher (with a stand-in trainer),
-the SLURM submission up to sbatch (a fake sbatch records the script), status listings, and
+"""engine/launchers.py: restarts, signals and GPUs of the local launcher (with a stand-in trainer),
+the SLURM submission up to sbatch (a fake sbatch records the script), the launcher options, and
 paper_tables' use of the launchers. No test here trains a model; tests/test_sweep.py does."""
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from typing import List
 
 import pytest
 
-from tools import launchers, paper_tables
-from tools.launchers import RunSpec
+from engine import experiments, launchers
+from engine.experiments import RunSpec
+from tools import paper_tables
 
 REPO = launchers.REPO
 
@@ -59,7 +60,7 @@ def fake_trainer(tmp_path, monkeypatch) -> Path:
 def spec(tmp_path: Path, label: str, codes: str) -> RunSpec:
     return RunSpec(str(tmp_path / "results" / label),
                    ("--starts", str(tmp_path / f"{label}.starts"), "--codes", codes,
-                    "--ready", str(tmp_path / "ready")))
+                    "--ready", str(tmp_path / "ready")), group="grid")
 
 
 def starts(tmp_path: Path, label: str) -> List[dict]:
@@ -68,15 +69,27 @@ def starts(tmp_path: Path, label: str) -> List[dict]:
 
 
 # ----------------------------------------------------------------------------- local launcher
-def test_main_train_is_found_beside_the_tools_package():
-    assert launchers.MAIN_TRAIN == os.path.join(os.path.dirname(os.path.dirname(launchers.__file__)), "main_train.py")
-    assert os.path.isfile(launchers.MAIN_TRAIN)
-    run = RunSpec("results/x", ("--common.config-file", "c.yaml"))
-    assert launchers.train_command(run) == [sys.executable, launchers.MAIN_TRAIN, "--common.config-file", "c.yaml"]
-    assert launchers.train_command(run, nproc=2)[:6] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                         "--nproc_per_node=2", launchers.MAIN_TRAIN]
+@pytest.mark.slow
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_runs_train_with_the_repositorys_main_train_from_any_working_directory(tmp_path, nproc):
+    # Started from a folder without main_train.py, alone and as two DDP workers under torchrun:
+    # each trainer resolves the run's config (--print-config prints it and exits).
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = RunSpec(str(tmp_path / "r"), ("--common.config-file", os.path.join(REPO, "config", "quickstart.yaml"),
+                                        "--common.seed", "7", "--print-config"))
+    code = ("import sys\nfrom engine import launchers\nfrom engine.experiments import RunSpec\n"
+            f"launcher = launchers.LocalLauncher(nproc_per_run={nproc}, gpus=[])\n"
+            f"sys.exit(launcher.launch([RunSpec({run.run_dir!r}, {run.args!r})]))\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    log = Path(experiments.log_path(run)).read_text()
+    assert log.count("seed: 7") == nproc, log[-3000:]
+    assert experiments.read_record(run)["state"] == "finished"
 
 
+@pytest.mark.slow
 def test_a_run_stopped_by_sigterm_is_resumed_and_failures_are_recorded(tmp_path, fake_trainer):
     lines: List[str] = []
     runs = [spec(tmp_path, "stopped", "143,0"), spec(tmp_path, "broken", "2"), spec(tmp_path, "ctrl_c", "130")]
@@ -85,23 +98,57 @@ def test_a_run_stopped_by_sigterm_is_resumed_and_failures_are_recorded(tmp_path,
     assert "stopped: stopped by SIGTERM, state saved; resuming (restart 1 of 3)" in lines
     assert len(starts(tmp_path, "broken")) == len(starts(tmp_path, "ctrl_c")) == 1  # neither is restarted
     assert "broken: exit status 2: error: dataset.root: /nowhere does not exist" in lines
-    record = launchers.read_record(runs[1])
+    record = experiments.read_record(runs[1])
     assert (record["state"], record["exit_code"], record["launcher"]) == ("failed", 2, "local")
-    state = launchers.run_state(runs[1])
+    assert (record["group"], record["label"]) == ("grid", "broken")  # what a tracker will be told
+    state = experiments.run_state(runs[1])
     assert state.state == "failed"
     assert state.text == "failed: exit status 2: error: dataset.root: /nowhere does not exist"
-    assert launchers.run_state(runs[2]).state == "interrupted"
-    log = Path(launchers.log_path(runs[0])).read_text()
+    assert experiments.run_state(runs[2]).state == "interrupted"
+    log = Path(experiments.log_path(runs[0])).read_text()
     assert log.count("=== ") == 2 and log.count("training ...") == 1  # both attempts' output, appended
 
 
+class EndedAttempt:
+    """What RestartPolicy reads of a trainer process that has ended."""
+
+    def __init__(self, returncode: int, last_line: str = "") -> None:
+        self.returncode, self._last = returncode, last_line
+
+    def last_line(self) -> str:
+        return self._last
+
+
+@pytest.mark.parametrize("code, restarts, told_to_stop, again, state, error", [
+    (0, 0, False, False, "finished", None),
+    (143, 0, False, True, "restarted", None),  # SIGTERM from outside: saved, resume
+    (138, 2, False, True, "restarted", None),  # SIGUSR1 (a time limit)
+    (-9, 0, False, True, "restarted", None),  # killed (the OOM killer)
+    (143, 3, False, False, "interrupted", "stopped by SIGTERM, state saved"),  # restarts used up
+    (143, 0, True, False, "interrupted", "stopped by SIGTERM, state saved"),  # the launcher was stopped too
+    (130, 0, False, False, "interrupted", "stopped by SIGINT, state saved"),  # a user's Ctrl-C
+    (2, 0, False, False, "failed", "exit status 2: error: dataset.root: /nowhere does not exist"),
+])
+def test_restart_policy(tmp_path, code, restarts, told_to_stop, again, state, error):
+    run = RunSpec(str(tmp_path / "r"), ())
+    lines: List[str] = []
+    attempt = EndedAttempt(code, "error: dataset.root: /nowhere does not exist")
+    assert launchers.RestartPolicy(max_restarts=3).after(run, attempt, restarts, told_to_stop, lines.append) is again
+    record = experiments.read_record(run)
+    assert (record["state"], record["exit_code"], record.get("error")) == (state, code, error)
+    if again:
+        assert record["restarts"] == restarts + 1 and lines[-1].endswith(f"(restart {restarts + 1} of 3)")
+
+
+@pytest.mark.slow
 def test_restarts_are_bounded(tmp_path, fake_trainer):
     run = spec(tmp_path, "flaky", "kill")  # killed every time (SIGKILL, e.g. the OOM killer)
-    code = launchers.LocalLauncher(max_restarts=2, log=lambda _: None).launch([run])
+    code = launchers.LocalLauncher(policy=launchers.RestartPolicy(max_restarts=2), log=lambda _: None).launch([run])
     assert code == 1
     assert len(starts(tmp_path, "flaky")) == 3
 
 
+@pytest.mark.slow
 def test_parallel_runs_get_one_gpu_each(tmp_path, fake_trainer):
     runs = [spec(tmp_path, f"r{i}", "0") for i in range(3)]
     lines: List[str] = []
@@ -111,6 +158,7 @@ def test_parallel_runs_get_one_gpu_each(tmp_path, fake_trainer):
     assert sum(line.endswith(": finished") for line in lines) == 3
 
 
+@pytest.mark.slow
 def test_parallel_cpu_runs_share_the_cores(tmp_path, fake_trainer, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
@@ -127,11 +175,12 @@ def test_visible_gpus_follow_cuda_visible_devices(monkeypatch):
     assert launchers.visible_gpus() == []
 
 
+@pytest.mark.slow
 def test_a_signal_to_the_launcher_is_passed_on_once_and_nothing_restarts(tmp_path, fake_trainer):
     run = spec(tmp_path, "long", "wait")
-    code = (f"import sys\nfrom tools import launchers\nlaunchers.MAIN_TRAIN = {str(fake_trainer)!r}\n"
-            f"run = launchers.RunSpec({run.run_dir!r}, {run.args!r})\n"
-            "sys.exit(launchers.LocalLauncher().launch([run, launchers.RunSpec(run.run_dir + '2', run.args)]))\n")
+    code = (f"import sys\nfrom engine import launchers\nfrom engine.experiments import RunSpec\n"
+            f"launchers.MAIN_TRAIN = {str(fake_trainer)!r}\nrun = RunSpec({run.run_dir!r}, {run.args!r})\n"
+            "sys.exit(launchers.LocalLauncher().launch([run, RunSpec(run.run_dir + '2', run.args)]))\n")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     deadline = time.monotonic() + 60
@@ -146,6 +195,7 @@ def test_a_signal_to_the_launcher_is_passed_on_once_and_nothing_restarts(tmp_pat
     assert "passed on to the running runs" in out
 
 
+@pytest.mark.slow
 def test_runs_that_are_finished_or_held_by_a_live_trainer_are_skipped(tmp_path):
     done, held, todo = (RunSpec(str(tmp_path / name), ()) for name in ("done", "held", "todo"))
     os.makedirs(done.run_dir)
@@ -157,10 +207,10 @@ def test_runs_that_are_finished_or_held_by_a_live_trainer_are_skipped(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "locked"
         lines: List[str] = []
-        assert launchers.pending_runs([done, held, todo], lines.append) == [todo]
+        assert experiments.pending_runs([done, held, todo], lines.append) == [todo]
         assert lines[0] == "done: finished, skipped"
         assert lines[1].startswith(f"held: running (pid {holder.pid} on ") and lines[1].endswith("skipped")
-        assert launchers.run_state(held).state == "running"
+        assert experiments.run_state(held).state == "running"
     finally:
         holder.kill()
         holder.wait()
@@ -190,6 +240,7 @@ def fake_slurm(tmp_path, monkeypatch) -> Path:
     return tmp_path / "sbatch_script.sh"
 
 
+@pytest.mark.slow
 def test_slurm_submission_script(tmp_path, fake_slurm):
     runs = [RunSpec(str(tmp_path / "results" / name), ("--common.config-file", f"/configs/{name}.yaml"),
                     f"[{i}] {name}") for i, name in enumerate(("a", "b"))]
@@ -213,26 +264,13 @@ def test_slurm_submission_script(tmp_path, fake_slurm):
     job = DelayedSubmission.load(folder / "123_1_submitted.pkl")
     assert isinstance(job.function, launchers.TrainJob)
     assert (job.function.spec, job.function.nproc, job._timeout_countdown) == (runs[1], 2, options.max_timeouts)
-    assert launchers.read_record(runs[1])["job_id"] == "123_1"
+    assert experiments.read_record(runs[1])["job_id"] == "123_1"
     # --status asks sacct; a queued or running job is not submitted twice.
-    status = launchers.status_lines(runs)
+    status = experiments.status_lines(runs)
     assert status[2].split() == ["[0]", "a", "starting", "slurm", "123_0", "(RUNNING)"]
     assert status[3].split() == ["[1]", "b", "queued", "slurm", "123_1", "(PENDING)"]
-    assert launchers.pending_runs(runs, lines.append) == []
+    assert experiments.pending_runs(runs, lines.append) == []
     assert lines[-1] == "[1] b: SLURM job 123_1 is pending, skipped"
-
-
-def test_status_of_a_preempted_and_requeued_run(tmp_path):
-    run = RunSpec(str(tmp_path / "r"), ())
-    os.makedirs(run.run_dir)
-    Path(run.run_dir, "summary.json").write_text(json.dumps(
-        {"state": "interrupted", "epochs_done": 7, "max_epochs": 200, "stopped_by": "SIGUSR1"}))
-    launchers.update_record(run, launcher="slurm", job_id="55_3", state="requeued", requeues=2)
-    assert launchers.status_lines([run])[2].split() == ["r", "preempted,", "requeued", "7/200", "(2x)", "slurm", "55_3"]
-    launchers.update_record(run, state="running")
-    Path(run.run_dir, "summary.json").write_text(json.dumps({"state": "failed", "epochs_done": 9, "max_epochs": 200,
-                                                             "error": "non-finite loss at epoch 10"}))
-    assert launchers.run_state(run).text == "failed 9/200: non-finite loss at epoch 10"
 
 
 def test_submitit_missing_names_the_extra(tmp_path, monkeypatch, capsys):
@@ -250,12 +288,39 @@ def test_slurm_time_formats(text, minutes):
     assert launchers.parse_minutes(text) == minutes
 
 
+def parsed(argv: List[str]):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    launchers.add_launch_arguments(parser)
+    args, rest = parser.parse_known_args(argv)
+    launchers.check_launch_arguments(parser, args, rest)
+    return launchers.launcher_from_args(args, log=lambda _: None)
+
+
+def test_launcher_options_are_the_fields_of_slurm_options_and_the_restart_policy():
+    default = parsed(["--launcher", "slurm"])
+    assert default.options == launchers.SlurmOptions() and default.policy == launchers.RestartPolicy()
+    chosen = parsed(["--launcher", "slurm", "--slurm.time", "1:30:00", "--slurm.mem", "512M", "--slurm.setup", "a",
+                     "--slurm.setup", "b", "--slurm.executor", "local", "--slurm.signal-delay", "60",
+                     "--max-restarts", "5"])
+    assert chosen.options == launchers.SlurmOptions(time_min=90, mem_gb=0.5, setup=("a", "b"), executor="local",
+                                                    signal_delay_s=60)
+    assert chosen.policy.max_restarts == 5
+    assert parsed(["--launcher", "slurm"]).options.setup == ()  # no list shared between parses
+    local = parsed(["--parallel", "2", "--gpus", "0,1", "--nproc-per-run", "2"])
+    assert (local.parallel, local.gpus, local.nproc, local.policy) == (2, ["0", "1"], 2, launchers.RestartPolicy())
+
+
 def test_bad_slurm_values_and_misplaced_options(capsys):
     with pytest.raises(Exception, match="not a SLURM time"):
         launchers.parse_minutes("4h")
     with pytest.raises(Exception, match="with a unit"):
         launchers.parse_mem_gb("32")
     assert launchers.parse_mem_gb("512M") == 0.5
+    with pytest.raises(SystemExit):
+        parsed(["--launcher", "slurm", "--slurm.time", "4h"])
+    assert "argument --slurm.time: '4h' is not a SLURM time" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         paper_tables.main(["--run", "--rows", "3.6", "--slurm.partition", "gpu"])
     assert "--slurm.partition need --launcher slurm" in capsys.readouterr().err
@@ -306,6 +371,7 @@ def test_paper_tables_status(tmp_path, capsys):
     assert lines[-1] == "1 finished, 2 pending"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["-m", "tools.paper_tables"], ["tools/paper_tables.py"], ["-m", "tools.sweep"],
                                      ["tools/sweep.py"]])
 def test_tools_run_as_modules_and_as_files(command, tmp_path):

@@ -137,6 +137,6 @@ def imported_modules(package: str) -> set:
 
 @pytest.mark.parametrize("package", ["optim", "loss_fn"])
 def test_package_depends_on_the_schema_not_on_the_config_loader(package):
-    # Layering (issue 13.1): library code raises ValueError; only the front door makes ConfigErrors.
+    # Layering: library code raises ValueError; only the front door makes ConfigErrors.
     modules = imported_modules(package)
     assert "options.schema" in modules and "options.config" not in modules

@@ -166,10 +166,10 @@ def test_bad_flags_name_the_key_and_the_fix(argv, fragments):
 
 
 # ----------------------------------------------------------------------------- bad values
-# One case per item of issue 13's list and per range the schema declares: (flags or a YAML
+# One case per kind of bad value a user met and per range the schema declares: (flags or a YAML
 # file's text, fragments the one-line message must hold: the key (or file) and the bad value).
 BAD = {
-    # issue 13's list
+    # bad values users met
     "log_freq renamed": (["--common.log-freq", "0"], ["--common.log-freq", "--common.log-every-batches"]),
     "log_every_batches 0": (["--common.log-every-batches", "0"], ["common.log_every_batches: 0", ">= 1"]),
     "accum_freq 0": (["--common.accum-freq", "0"], ["common.accum_freq: 0", ">= 1"]),
@@ -283,7 +283,7 @@ def test_print_config_refuses_the_same_values(case, tmp_path, capsys):
 
 
 def test_every_number_has_a_declared_range():
-    # A new numeric key must decide its valid values (issue 13: numbers are checked up front).
+    # A new numeric key must decide its valid values (numbers are checked up front).
     def numeric(tp):
         return any(a in (int, float) for a in [tp, *typing.get_args(tp)]) or any(
             numeric(a) for a in typing.get_args(tp) if typing.get_origin(a) is tuple)
@@ -340,7 +340,7 @@ def test_duplicate_keys_are_refused(tmp_path, content, fragments):
 
 
 def test_aliases_are_refused_before_anything_expands(tmp_path):
-    # The 669-byte bomb of issue 13: nine levels of nine aliases each under one transform.
+    # A 669-byte bomb: nine levels of nine aliases each under one transform.
     lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
     lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)]
     body = "\n".join("  " + line for line in lines)
@@ -492,7 +492,7 @@ def test_output_into_a_closed_pipe_exits_quietly(switch):
 
 
 def test_options_load_without_torch():
-    # Config errors must come back in well under the 5 s of issue 13: no torch behind options/.
+    # Config errors must come back in well under 5 s: no torch behind options/.
     code = "import sys, options, options.cli, options.config; assert 'torch' not in sys.modules, 'torch imported'"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

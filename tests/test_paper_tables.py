@@ -9,6 +9,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import pytest
 
+from engine import experiments
 from options.config import load_config
 from tools import paper_tables as pt
 
@@ -151,7 +152,7 @@ def test_recipe_changes_reach_the_resolved_configs():
 def test_row_model_has_expected_parameter_count(config):
     pytest.importorskip("torch")
     assert config in EXPECTED_PARAMS, f"add the parameter count of {config} to EXPECTED_PARAMS"
-    assert pt.count_params(os.path.join(pt.PAPER_CONFIGS, config)) == EXPECTED_PARAMS[config]
+    assert experiments.count_params(os.path.join(pt.PAPER_CONFIGS, config)) == EXPECTED_PARAMS[config]
 
 
 def test_select_rows_by_table_key_or_stem():
@@ -186,15 +187,15 @@ def test_best_epoch_is_the_highest_val_top1(tmp_path):
     make_run(tmp_path, "table3_no_vbs", [(40, 50, 70), (55, 58.5, 80), (60, 58.5, 81), (61, 57, 79)],
              finished=True, params=2_009_848)
     result = pt.collect(row("3.1"), str(tmp_path))
-    assert result == pt.Result("done", 2, 55.0, 58.5, 80.0, 2_009_848)  # ties go to the earlier epoch
+    assert result == experiments.Result("finished", 2, 58.5, 80.0, 55.0, 2_009_848)  # ties go to the earlier epoch
     # (nothing in the folder says which dataset it trained on)
     cells = table_line(pt.render_results([row("3.1")], {row("3.1"): result}), "3.1")
-    assert cells[2:] == ["done", "2", "55.00 / 58.69", "58.50 / 57.29", "80.00 / 80.49", "2,009,848 / –"]
+    assert cells[2:] == ["finished", "2", "55.00 / 58.69", "58.50 / 57.29", "80.00 / 80.49", "2,009,848 / –"]
 
 
-def test_unfinished_run_is_partial(tmp_path):
+def test_unfinished_run_is_interrupted_with_its_progress(tmp_path):
     make_run(tmp_path, "table2_resnet18", [(10, 12, 30), (20, 22, 45)], max_epochs=150)
-    assert pt.collect(row("A"), str(tmp_path)).status == "partial 2/150"
+    assert pt.collect(row("A"), str(tmp_path)).status == "interrupted 2/150"
 
 
 def test_torn_last_metrics_line_is_ignored(tmp_path):
@@ -208,7 +209,7 @@ def test_params_fall_back_to_the_runs_config(tmp_path, monkeypatch):
     run = make_run(tmp_path, "table2_resnet34", [(10, 12, 30)], params=None)
     (run / "config.yaml").write_text("model: {name: resnet, resnet: {depth: 34}}\n")
     seen = []
-    monkeypatch.setattr(pt, "count_params", lambda path, classes: seen.append((path, classes)) or 777)
+    monkeypatch.setattr(experiments, "count_params", lambda path, classes: seen.append((path, classes)) or 777)
     result = pt.collect(row("2.2"), str(tmp_path))
     assert (result.params, result.num_classes, result.generated_data) == (777, 200, False)
     assert seen == [(str(run / "config.yaml"), 200)]
@@ -239,7 +240,7 @@ def test_collect_prints_tables_and_writes_csv(tmp_path, capsys):
     assert "### Table 2. ResNet baselines" in text and "### Table 4. ResNet experiments" in text
     assert "### Table 1" not in text and "not the EMA" in text
     assert "1000-class" not in text
-    assert table_line(text, "F")[2:5] == ["done", "2", "54.00 / 54.61"]  # shares the Table 2 run
+    assert table_line(text, "F")[2:5] == ["finished", "2", "54.00 / 54.61"]  # shares the Table 2 run
     with open(out_csv, newline="") as f:
         lines = {line["row"]: line for line in csv.DictReader(f)}
     assert len(lines) == 15 and list(lines["2.1"]) == pt.CSV_FIELDS
@@ -283,13 +284,13 @@ def test_run_trains_each_config_once_then_tabulates(tmp_path, capsys):
     assert first[8:] == ["--scheduler.max-epochs", "1"]
     out = capsys.readouterr().out
     assert "table2_resnet34: finished, skipped" in out
-    assert table_line(out, "A")[2] == "done"
+    assert table_line(out, "A")[2] == "finished"
 
 
 def test_run_resumes_an_unfinished_run(tmp_path):
     make_run(tmp_path, "table3_remove_5", [(1, 2, 3)])
     launcher = FakeLauncher(tmp_path)
-    pt.run_rows([row("3.2")], str(tmp_path), [], launcher=launcher, log=lambda _: None)
+    experiments.launch(pt.run_specs([row("3.2")], str(tmp_path), []), launcher, log=lambda _: None)
     assert len(launcher.calls) == 1 and launcher.calls[0][launcher.calls[0].index("--common.resume") + 1] == "auto"
 
 
@@ -324,3 +325,35 @@ def test_print_config_prints_each_selected_run_with_the_overrides(capsys):
     out = capsys.readouterr().out
     assert out.count("# [") == 2 and "# [3.6] table3_remove_3_4_no_fusion" in out
     assert out.count("weight_decay: 0.001") == 2
+
+
+# ----------------------------------------------------------------------------- the tables file
+def test_a_table_is_added_by_adding_data(tmp_path):
+    data = json.loads(Path(pt.TABLES_FILE).read_text())
+    data["tables"].append({"table": 5, "title": "Table 5. Beyond the paper", "notes": ["A ladder of our own."],
+                           "rows": [{"key": "5.1", "experiment": "MobileViT-Tiny, 300 epochs",
+                                     "config": "table3_remove_3_4_no_fusion.yaml"}]})
+    path = tmp_path / "tables.json"
+    path.write_text(json.dumps(data))
+    rows, titles, notes, footnotes = pt.load_tables(str(path))
+    assert rows[:-1] == pt.ROWS and (titles[5], notes[5], footnotes) == ("Table 5. Beyond the paper",
+                                                                         ("A ladder of our own.",), pt.FOOTNOTES)
+    assert rows[-1] == pt.Row(5, "5.1", "MobileViT-Tiny, 300 epochs", "table3_remove_3_4_no_fusion.yaml")
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"tables": [], "tables": []}', "duplicate key 'tables'"),
+    ('{"tables": [{"table": 1, "title": "T", "rows": [{"key": "1.1", "experiment": "x", "config": "c.yaml", '
+     '"paper": {"top1": 1}}]}]}', "paper figures are train_top1, val_top1, val_top5, params"),
+    ('{"tables": [{"table": 1, "title": "T", "rows": [{"key": "1.1", "experiment": "x", "config": "c.yaml", '
+     '"verified": "maybe"}]}]}', "verified is one of log, config, paper, none"),
+    ('{"tables": [{"table": 1, "title": "T", "rows": [{"key": "1.1", "experiment": "x", "config": "c.yaml"}, '
+     '{"key": "1.1", "experiment": "y", "config": "d.yaml"}]}]}', "row keys are used twice: ['1.1']"),
+    ('{"tables": [{"table": 1, "rows": []}]}', "not a tables file"),
+])
+def test_a_bad_tables_file_is_one_line(tmp_path, text, message):
+    path = tmp_path / "tables.json"
+    path.write_text(text)
+    with pytest.raises(ValueError) as error:
+        pt.load_tables(str(path))
+    assert message in str(error.value) and "\n" not in str(error.value)

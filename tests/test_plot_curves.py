@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tools import launchers, plot_curves, sweep
+from engine import launchers
+from tools import plot_curves, sweep
 
 
 def make_run(folder: Path, epochs: int, ema: bool = False) -> Path:

@@ -109,7 +109,7 @@ def test_cosine_per_iteration_decays_from_the_end_of_warmup_to_the_last_step():
 @pytest.mark.parametrize("name, block", [("cosine", {"max_lr": 0.4, "min_lr": 2e-4}),
                                          ("polynomial", {"max_lr": 0.4, "min_lr": 2e-4, "power": 2.0})])
 def test_iteration_based_reaches_min_lr_on_the_last_step_of_variable_length_epochs(name, block):
-    # The variable batch sampler gives every epoch its own length (issue 14.2); the engine passes
+    # The variable batch sampler gives every epoch its own length; the engine passes
     # their sum, and the final value lands on the last step of the last epoch, not after it.
     epoch_lengths = [960, 945, 952, 961]
     total = sum(epoch_lengths)

@@ -16,13 +16,15 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import pytest
 
+from engine import experiments, launchers
 from engine.run_folder import read_lock_holder, read_metrics, read_summary
 from options.config import load_config
-from tools import launchers, sweep
+from tools import sweep
+from utils.files import TEST_FAULT_ENV
 
 REPO = launchers.REPO
 GRID = ["optim.weight_decay=0.01,0.001", "model.mobilevit.remove_layers=[3,4],[4,5]"]
@@ -56,21 +58,28 @@ def sweep_args(base, fake_root, results, name, *extra) -> List[str]:
             "--results", str(results), "--name", name, *extra]
 
 
-def start_sweep(args: List[str], out: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tools.sweep", *args], cwd=REPO, env=ENV,
+def start_sweep(args: List[str], out: Path, env: Optional[Dict[str, str]] = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "tools.sweep", *args], cwd=REPO, env=env or ENV,
                             stdout=out.open("w"), stderr=subprocess.STDOUT)
 
 
-def wait_for_first_epoch(folder: Path, timeout: float = 240) -> Path:
-    """The first run folder of the sweep whose trainer holds the lock and has logged an epoch."""
+def proc_status(pid: int) -> Dict[str, str]:
+    """/proc/<pid>/status as a mapping ({} once the process is gone)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return {}
+    return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+
+def wait_until(condition, what: str, timeout: float = 240):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for label in LABELS:
-            run = folder / label
-            if (run / "metrics.jsonl").exists() and read_metrics(str(run)) and launchers.is_locked(str(run)):
-                return run
+        value = condition()
+        if value:
+            return value
         time.sleep(0.01)
-    raise AssertionError(f"no trainer of {folder} reached its first epoch in {timeout} s")
+    raise AssertionError(f"{what}: not within {timeout} s")
 
 
 @pytest.fixture(scope="module")
@@ -125,6 +134,18 @@ def test_grid_file_nested_or_dotted(tmp_path):
     path.write_text("optim: {weight_decay: 0.01}\n")
     with pytest.raises(sweep.SweepError, match="needs a non-empty list"):
         sweep.read_grid_file(str(path))
+
+
+def test_grid_file_is_read_as_strictly_as_a_config(tmp_path, capsys):
+    path = tmp_path / "grid.yaml"
+    path.write_text("optim:\n  weight_decay: [0.01]\n  weight-decay: [0.1]\n")
+    base = tmp_path / "base.yaml"
+    base.write_text(BASE)
+    assert sweep.main(["--common.config-file", str(base), "--grid-file", str(path), "--dry-run",
+                       "--results", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {path}:3: duplicate key 'weight-decay' (first at line 2); keep one"]
+    assert not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("grid, message", [
@@ -243,6 +264,7 @@ def test_collect_needs_a_sweep_folder(tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- real sweeps
+@pytest.mark.slow
 def test_sequential_sweep_trains_every_point_and_tabulates(sequential):
     assert sequential.done.returncode == 0, sequential.done.stdout[-3000:] + sequential.done.stderr[-3000:]
     for label in LABELS:
@@ -260,6 +282,7 @@ def test_sequential_sweep_trains_every_point_and_tabulates(sequential):
     assert (sequential.work / "seq.csv").read_text().count("\n") == 5
 
 
+@pytest.mark.slow
 def test_second_run_skips_finished_points(sequential, capsys):
     assert sweep.main(sequential.args) == 0
     out = capsys.readouterr().out
@@ -271,51 +294,73 @@ def test_second_run_skips_finished_points(sequential, capsys):
         assert log.read_text().count("=== ") == 1
 
 
+@pytest.mark.slow
 def test_parallel_sweep_resumes_a_run_stopped_by_sigterm_to_the_same_metrics(sequential, fake_root, tmp_path):
+    # The trainer of one point sends itself SIGTERM while it writes its first checkpoint_last.pt
+    # (the engine's test-only fault hook), so the stop lands mid-run every time: it finishes that
+    # save, exits 143, and the launcher resumes it. The once-file keeps the resumed trainer from
+    # stopping again.
+    stopped = LABELS[1]
+    once = tmp_path / "sigterm-once"
+    once.touch()
+    env = {**ENV, TEST_FAULT_ENV: f"SIGTERM:*/par/{stopped}/checkpoint_last.pt:1:{once}"}
     out = tmp_path / "out.txt"
-    proc = start_sweep(sweep_args(sequential.base, fake_root, tmp_path, "par", "--parallel", "2"), out)
+    proc = start_sweep(sweep_args(sequential.base, fake_root, tmp_path, "par", "--parallel", "2"), out, env)
     try:
-        run = wait_for_first_epoch(tmp_path / "par")
-        os.kill(read_lock_holder(str(run))["pid"], signal.SIGTERM)
         code = proc.wait(timeout=600)
     finally:
         proc.kill()
     text = out.read_text()
     assert code == 0, text[-4000:]
-    assert f"{run.name}: stopped by SIGTERM, state saved; resuming (restart 1 of 3)" in text, \
-        "the SIGTERM did not interrupt the run (it may have finished first)\n" + text[-4000:]
-    assert launchers.read_record(launchers.RunSpec(str(run), ())).get("restarts") == 1
+    assert f"{stopped}: stopped by SIGTERM, state saved; resuming (restart 1 of 3)" in text, text[-4000:]
+    assert not once.exists()
+    assert experiments.read_record(experiments.RunSpec(str(tmp_path / "par" / stopped), ())).get("restarts") == 1
+    log = (tmp_path / "par" / "_launch" / "logs" / f"{stopped}.log").read_text()
+    assert log.count("=== ") == 2  # the first trainer and the resumed one
     for label in LABELS:
         assert rows_without_timings(tmp_path / "par" / label) == rows_without_timings(sequential.folder / label), label
 
 
+@pytest.mark.slow
 def test_submitit_local_executor_runs_the_grid_and_requeues_a_preempted_job(sequential, fake_root, tmp_path):
+    # The trainer of one point stops itself (SIGSTOP, the engine's test-only fault hook) just before
+    # its first checkpoint_last.pt lands, so the time-limit signal reaches its job mid-run every time.
     pytest.importorskip("submitit")
+    preempted = LABELS[0]
+    once = tmp_path / "sigstop-once"
+    once.touch()
+    env = {**ENV, TEST_FAULT_ENV: f"SIGSTOP:*/sub/{preempted}/checkpoint_last.pt:1:{once}"}
     out = tmp_path / "out.txt"
     args = sweep_args(sequential.base, fake_root, tmp_path, "sub", "--launcher", "slurm", "--slurm.executor", "local",
                       "--slurm.time", "30", "--wait")
-    proc = start_sweep(args, out)
+    proc = start_sweep(args, out, env)
     try:
-        run = wait_for_first_epoch(tmp_path / "sub")
-        trainer = read_lock_holder(str(run))["pid"]
-        job = int(Path(f"/proc/{trainer}/stat").read_text().rsplit(")", 1)[1].split()[1])  # its parent: the job
+        run = tmp_path / "sub" / preempted
+        trainer = wait_until(lambda: not once.exists() and (read_lock_holder(str(run)) or {}).get("pid"),
+                             "the trainer reached its first save")
+        wait_until(lambda: proc_status(trainer).get("State", "").startswith("T"), "the trainer stopped itself")
+        job = int(proc_status(trainer)["PPid"])  # the submitit job that runs the trainer
         os.kill(job, signal.SIGUSR1)  # what SLURM sends before the time limit (--signal=USR1@...)
+        usr1 = 1 << (signal.SIGUSR1 - 1)
+        wait_until(lambda: int(proc_status(trainer).get("SigPnd", "0"), 16) & usr1 or
+                   int(proc_status(trainer).get("ShdPnd", "0"), 16) & usr1, "the job passed the signal on")
+        os.kill(trainer, signal.SIGCONT)  # the save completes, then the trainer stops (138) for the requeue
         code = proc.wait(timeout=600)
     finally:
         proc.kill()
     text = out.read_text()
     assert code == 0, text[-4000:]
     folder = tmp_path / "sub"
-    records = {label: launchers.read_record(launchers.RunSpec(str(folder / label), ())) for label in LABELS}
+    records = {label: experiments.read_record(experiments.RunSpec(str(folder / label), ())) for label in LABELS}
     assert len({r["job_id"] for r in records.values()}) == 4  # one job (process) per point
-    assert records[run.name]["requeues"] == 1
+    assert records[preempted]["requeues"] == 1 and not once.exists()
     logs = "".join(p.read_text() for p in (folder / "_launch" / "submitit").glob("*_log.*"))
     assert "Requeued job" in logs
     for label in LABELS:
         assert rows_without_timings(folder / label) == rows_without_timings(sequential.folder / label), label
     status = subprocess.run([sys.executable, "-m", "tools.sweep", "--status", str(folder)], cwd=REPO, env=ENV,
                             capture_output=True, text=True, timeout=60).stdout
-    (line,) = [line for line in status.splitlines() if line.startswith(run.name + " ")]
+    (line,) = [line for line in status.splitlines() if line.startswith(preempted + " ")]
     assert "finished 3/3 (requeued 1x)" in line
     assert status.strip().splitlines()[-1] == "4 finished"
 

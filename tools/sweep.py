@@ -28,7 +28,6 @@ brackets: `model.mobilevit.remove_layers=[3,4],[4,5]` is two points.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import itertools
 import json
@@ -38,19 +37,18 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from engine.run_folder import best_epoch, read_metrics, read_summary
-from options.config import ConfigError, load_config, override, parse_flags, to_dict, to_yaml
-from options.files import atomic_open, atomic_write_text, write_json
+from engine import experiments, launchers
+from engine.experiments import PLACEMENT_KEYS, RunSpec
+from options.config import ConfigError, override, parse_flags, read_yaml, to_dict, to_yaml
 from options.schema import Config
-from tools import launchers
-from tools.launchers import RunSpec
+from utils.files import atomic_write_text, write_json
 
 DEFAULT_RESULTS = os.path.join("results", "sweeps")
 SWEEP_FILE = "sweep.json"
 CONFIGS = "configs"
-MISSING = "–"
-# The sweep decides these for every point: the run folder is <results>/<name>/<label>/.
-RESERVED = ("common.config_file", "common.results_loc", "common.run_label", "common.resume")
+# The keys the sweep sets for every point, refused in a grid and as flags (but the first, the base
+# config): each point's config file, and where its run goes, <results>/<name>/<label>/.
+RESERVED = ("common.config_file", *PLACEMENT_KEYS)
 MAX_LABEL = 120  # characters; longer labels are cut and end in a hash (file names stop at 255 bytes)
 
 
@@ -127,19 +125,9 @@ def _flag_text(value: Any) -> str:
 
 
 def read_grid_file(path: str) -> List[Axis]:
-    """Axes from a YAML mapping of keys (nested or dotted) to lists of values."""
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8-sig") as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise SweepError(f"cannot read grid file {path}: {e.strerror}") from None
-    except UnicodeDecodeError as e:
-        raise SweepError(f"{path}: byte {e.start} is not UTF-8 text; save the grid file as UTF-8") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise SweepError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML") from None
+    """Axes from a YAML mapping of keys (nested or dotted) to lists of values, read as strictly as
+    a config file (duplicate keys, anchors and aliases are refused: ConfigError)."""
+    data = read_yaml(path)
     if not isinstance(data, Mapping) or not data:
         raise SweepError(f"{path}: a grid file is a mapping of config keys to lists of values")
     axes: List[Axis] = []
@@ -218,8 +206,7 @@ def expand(axes: Sequence[Axis]) -> List[Point]:
 # ----------------------------------------------------------------------------- resolving and checking
 def point_argv(base_args: Sequence[str], point: Point, sweep_dir: str) -> List[str]:
     """The config flags of a point: the user's, then the point's values, then where the run goes."""
-    return [*base_args, *point.flags(), "--common.results-loc", os.path.abspath(sweep_dir),
-            "--common.run-label", point.label, "--common.resume", "auto"]
+    return [*base_args, *point.flags(), *experiments.placement_args(os.path.abspath(sweep_dir), point.label)]
 
 
 def check_keys(axes: Sequence[Axis], base_args: Sequence[str]) -> None:
@@ -235,23 +222,13 @@ def check_keys(axes: Sequence[Axis], base_args: Sequence[str]) -> None:
             raise SweepError(f"{flags[key][0]} is set by the sweep for every point (use --results and --name)")
 
 
-def resolve_points(base_args: Sequence[str], points: Sequence[Point], sweep_dir: str,
-                   check: bool = True) -> Tuple[Dict[str, Config], List[str]]:
-    """Each point's resolved config, and one line per point that does not load or does not pass
-    the component checks main_train runs (engine.build.check_config) before it touches data."""
-    checker = None
-    if check:
-        from engine.build import check_config as checker  # imports torch: only when about to train
-    configs, errors = {}, []
-    for point in points:
-        try:
-            cfg = load_config(point_argv(base_args, point, sweep_dir))
-            if checker is not None:
-                checker(cfg)
-        except ConfigError as e:
-            errors.append(f"point {point.label}: {e}")
-            continue
-        configs[point.label] = cfg
+def resolve_points(base_args: Sequence[str], points: Sequence[Point],
+                   sweep_dir: str) -> Tuple[Dict[str, Config], List[str]]:
+    """Each point's resolved config, and one line per point that does not pass the checks
+    main_train runs first (experiments.check_runs) or resolves to the same config as another."""
+    specs = [RunSpec(os.path.join(sweep_dir, p.label), tuple(point_argv(base_args, p, sweep_dir)), f"point {p.label}")
+             for p in points]
+    configs, errors = experiments.check_runs(specs)
     seen: Dict[str, str] = {}
     for label, cfg in configs.items():
         data = to_dict(cfg)
@@ -276,8 +253,13 @@ class Sweep:
     def config_path(self, point: Point) -> str:
         return os.path.join(os.path.abspath(self.folder), CONFIGS, f"{point.label}.yaml")
 
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.normpath(self.folder))
+
     def spec(self, point: Point) -> RunSpec:
-        return RunSpec(os.path.join(self.folder, point.label), ("--common.config-file", self.config_path(point)))
+        return RunSpec(os.path.join(self.folder, point.label), ("--common.config-file", self.config_path(point)),
+                       group=self.name)
 
     def specs(self) -> List[RunSpec]:
         return [self.spec(p) for p in self.points]
@@ -313,11 +295,10 @@ def write_sweep(sweep: Sweep, configs: Mapping[str, Config], base_args: Sequence
                              "choose another --name, or delete the folder")
     for point in sweep.points:
         target = sweep.config_path(point)
-        if os.path.isfile(target) and launchers.run_state(sweep.spec(point)).state == "finished":
+        if os.path.isfile(target) and experiments.run_state(sweep.spec(point)).state == "finished":
             continue
         cfg = override(configs[point.label], {"common.config_file": None})  # set to the file itself when loaded
-        atomic_write_text(target, f"# sweep {os.path.basename(os.path.normpath(sweep.folder))}, point {point.label}\n"
-                                  + to_yaml(cfg))
+        atomic_write_text(target, f"# sweep {sweep.name}, point {point.label}\n" + to_yaml(cfg))
     write_json(path, {
         "version": 1,
         "base_config": sweep.base_config,
@@ -328,65 +309,17 @@ def write_sweep(sweep: Sweep, configs: Mapping[str, Config], base_args: Sequence
 
 
 # ----------------------------------------------------------------------------- results
-@dataclass(frozen=True)
-class PointResult:
-    """The table row of one point; figures are None until its run has an epoch."""
-
-    status: str
-    best_epoch: Optional[int] = None
-    val_top1: Optional[float] = None
-    val_top5: Optional[float] = None
-    train_top1: Optional[float] = None
-    params: Optional[int] = None
-
-
-def collect(spec: RunSpec) -> PointResult:
-    """The best epoch by val top-1 (earliest on ties) of the point's metrics.jsonl, and its status."""
-    state = launchers.run_state(spec).short
-    best = best_epoch(read_metrics(spec.run_dir))
-    if best is None:
-        return PointResult(state)
-    return PointResult(state, best.get("epoch"), best.get("val_top1"), best.get("val_top5"), best.get("train_top1"),
-                       read_summary(spec.run_dir).get("params"))
-
-
-TABLE_FIELDS = ("status", "best epoch", "val top-1", "val top-5", "train top-1", "params")
-
-
-def _num(value: Optional[float]) -> str:
-    return MISSING if value is None else f"{value:.2f}"
-
-
-def render_table(sweep: Sweep, results: Mapping[str, PointResult]) -> List[str]:
-    """One line per point: the swept values (as typed), then the result columns."""
-    names = short_names([a.key for a in sweep.axes])
-    header = [names[a.key] for a in sweep.axes] + list(TABLE_FIELDS)
-    rows = []
-    for point in sweep.points:
-        r = results[point.label]
-        rows.append([v for _, v in point.values] + [
-            r.status, MISSING if r.best_epoch is None else str(r.best_epoch), _num(r.val_top1), _num(r.val_top5),
-            _num(r.train_top1), MISSING if r.params is None else f"{r.params:,}"])
-    return launchers.format_table(header, rows)
-
-
-def write_csv(path: str, sweep: Sweep, results: Mapping[str, PointResult]) -> None:
-    """The table as CSV (full dotted keys as the swept columns; blank = not measured yet), atomically."""
-    with atomic_open(path, "w") as f:
-        writer = csv.writer(f)
-        writer.writerow(["label", *(a.key for a in sweep.axes), "status", "best_epoch", "val_top1", "val_top5",
-                         "train_top1", "params"])
-        for point in sweep.points:
-            r = results[point.label]
-            writer.writerow([point.label, *(v for _, v in point.values), r.status, r.best_epoch, r.val_top1,
-                             r.val_top5, r.train_top1, r.params])
-
-
 def report(sweep: Sweep, csv_path: Optional[str]) -> None:
-    results = {p.label: collect(sweep.spec(p)) for p in sweep.points}
-    print("\n".join(render_table(sweep, results)))
+    """The table (one line per point: the swept values as typed, then the results) and, with
+    `csv_path`, the same as CSV with the full dotted keys as the swept columns."""
+    results = {p.label: experiments.collect(sweep.spec(p)) for p in sweep.points}
+    names = short_names([a.key for a in sweep.axes])
+    header = [names[a.key] for a in sweep.axes] + list(experiments.RESULT_COLUMNS)
+    rows = [[v for _, v in p.values] + results[p.label].cells() for p in sweep.points]
+    print("\n".join(experiments.format_table(header, rows)))
     if csv_path:
-        write_csv(csv_path, sweep, results)
+        experiments.write_csv(csv_path, ["label", *(a.key for a in sweep.axes), *experiments.RESULT_FIELDS],
+                              [[p.label, *(v for _, v in p.values), *results[p.label].values()] for p in sweep.points])
         print(f"wrote {csv_path}")
 
 
@@ -408,9 +341,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="check every point and write the configs; start nothing")
     parser.add_argument("--print-config", action="store_true",
                         help="check every point and print its resolved config; write and start nothing")
-    launchers.add_arguments(parser)
+    launchers.add_launch_arguments(parser)
     args, overrides = parser.parse_known_args(argv)
-    launchers.check_arguments(parser, args, overrides, running=not (args.collect or args.status))
+    launchers.check_launch_arguments(parser, args, overrides, running=not (args.collect or args.status))
     if args.collect or args.status:
         if overrides or args.grid or args.grid_file:
             parser.error("--collect and --status take only a sweep folder (and --csv)")
@@ -444,7 +377,7 @@ def plan(args: argparse.Namespace) -> Tuple[Sweep, Dict[str, Config]]:
     if os.path.exists(args.results) and not os.path.isdir(args.results):
         raise SweepError(f"--results {args.results} is a file; give a folder for the sweep folders")
     folder = os.path.abspath(os.path.join(args.results, args.name or _sweep_name(base_config, axes)))
-    configs, errors = resolve_points(args.overrides, points, folder, check=True)
+    configs, errors = resolve_points(args.overrides, points, folder)
     if errors:
         raise _PointErrors(errors)
     return Sweep(folder, base_config, tuple(axes), tuple(points)), configs
@@ -462,7 +395,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.collect or args.status:
             sweep = load_sweep(args.collect or args.status)
             if args.status:
-                print("\n".join(launchers.status_lines(sweep.specs())))
+                print("\n".join(experiments.status_lines(sweep.specs())))
             else:
                 report(sweep, args.csv)
             return 0
@@ -487,7 +420,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     launcher = launchers.launcher_from_args(args)
     try:
-        status = launcher.launch(launchers.pending_runs(sweep.specs()))
+        status = experiments.launch(sweep.specs(), launcher)
     except launchers.LaunchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,16 +5,17 @@ writers never share one), flushed and fsynced before an atomic rename; on any fa
 temporary file is removed and the destination is left as it was. A full disk raises
 DiskFullError, which names the folder and the bytes the write needed.
 
-This module sits in the lowest layer (options) because data/, engine/ and the tools all
-write files; it imports nothing of the config system.
+data/, engine/ and the tools all write files, so this module imports nothing of the project.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import fnmatch
 import json
 import os
 import shutil
+import signal
 import tempfile
 from typing import IO, Any, Iterator, Optional
 
@@ -127,6 +128,7 @@ def atomic_open(path: str, mode: str = "wb", expected_size: Optional[int] = None
             yield f
             f.flush()
             os.fsync(f.fileno())
+        _test_fault(path)
         os.replace(tmp, path)
     except BaseException as e:
         remove_quietly(tmp)
@@ -134,6 +136,39 @@ def atomic_open(path: str, mode: str = "wb", expected_size: Optional[int] = None
             raise DiskFullError(path, expected_size) from None
         raise
     _fsync_folder(folder)
+
+
+# Test-only fault injection, so that the fault tests hit the moment they claim to instead of racing
+# the writer: CVNETS_TEST_FAULT="SIGNAL:GLOB:N[:ONCE_FILE]" makes the N-th write of this process
+# whose destination path matches GLOB send SIGNAL (SIGKILL, SIGTERM, ...) to its own process once
+# the temporary file is complete, just before the rename. With ONCE_FILE, only the process that
+# deletes that file first does, so a run relaunched with the same environment does not repeat it.
+TEST_FAULT_ENV = "CVNETS_TEST_FAULT"
+_test_fault_writes = 0
+
+
+def _test_fault(path: str) -> None:
+    global _test_fault_writes
+    spec = os.environ.get(TEST_FAULT_ENV)
+    if not spec:
+        return
+    try:
+        name, pattern, nth, *once = spec.split(":", 3)
+        sig, nth = signal.Signals[name], int(nth)
+    except (KeyError, ValueError):
+        raise ValueError(f"{TEST_FAULT_ENV}={spec!r}: expected SIGNAL:GLOB:N[:ONCE_FILE], e.g. "
+                         "SIGKILL:*/checkpoint_last.pt:2") from None
+    if not fnmatch.fnmatch(os.path.abspath(path), pattern):
+        return
+    _test_fault_writes += 1
+    if _test_fault_writes != nth:
+        return
+    if once:
+        try:
+            os.remove(once[0])
+        except FileNotFoundError:
+            return
+    os.kill(os.getpid(), sig)
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:

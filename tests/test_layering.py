@@ -1,0 +1,57 @@
+"""The package layers and the one list of names: what imports what, and every table keyed by a
+config value holds exactly the schema's choices for it."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+from typing import Set
+
+import pytest
+
+from cvnets.mobilevit import VARIANTS
+from cvnets.resnet import DEPTHS, STEMS
+from data.samplers import BATCH_RULES
+from engine.export import EXTENSIONS
+from options.schema import literal_choices
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGES = ("cvnets", "data", "engine", "loss_fn", "optim", "options", "tools", "utils")
+
+
+def imported_packages(package: str) -> Set[str]:
+    """Top-level project packages that any module of `package` imports."""
+    found: Set[str] = set()
+    for path in (REPO / package).glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                found.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module.split(".")[0])
+    return found & set(PACKAGES) - {package}
+
+
+# What each layer may import; the models and the data pipeline are siblings.
+ALLOWED = {
+    "utils": set(),
+    "options": {"utils"},
+    "cvnets": {"options", "utils"},
+    "data": {"options", "utils"},
+    "loss_fn": {"options", "utils"},
+    "optim": {"options", "utils"},
+}
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_a_package_imports_only_the_layers_below_it(package):
+    assert imported_packages(package) <= ALLOWED[package]
+
+
+@pytest.mark.parametrize("table, key", [
+    (VARIANTS, "model.mobilevit.mode"),
+    (DEPTHS, "model.resnet.depth"),
+    (STEMS, "model.resnet.stem"),
+    (BATCH_RULES, "sampler.vbs.batch_rule"),
+    (EXTENSIONS, "export.format"),
+])
+def test_every_table_keyed_by_a_config_value_holds_exactly_its_choices(table, key):
+    assert sorted(map(str, table)) == sorted(map(str, literal_choices(key)))
