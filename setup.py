@@ -11,13 +11,15 @@ setup(
     install_requires=["torch>=2.1", "torchvision>=0.16", "pyyaml>=6", "numpy", "tqdm", "pillow"],
     extras_require={
         "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime", "timm", "tensorboard", "submitit",
-                 "transformers", "safetensors"],
+                 "transformers", "safetensors", "wandb", "mlflow"],
         "export": ["onnx", "onnxscript", "onnxruntime"],
         "plots": ["matplotlib"],
         "bench": ["timm"],
         "pretrained": ["safetensors"],
         "tensorboard": ["tensorboard"],
         "cluster": ["submitit"],
+        "wandb": ["wandb"],
+        "mlflow": ["mlflow"],
     },
     entry_points={
         "console_scripts": [

@@ -9,7 +9,6 @@ before data or models are touched (also by --print-config).
 """
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 from dataclasses import dataclass
@@ -56,12 +55,6 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(str(e)) from None
     if cfg.common.mixed_precision == "fp16" and cfg.common.device == "cpu":
         raise ConfigError("common.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
-    if cfg.common.tensorboard:
-        try:
-            importlib.import_module("torch.utils.tensorboard")
-        except ImportError:
-            raise ConfigError("common.tensorboard: true needs the tensorboard package: "
-                              "pip install -e '.[tensorboard]'") from None
 
 
 def check_fits_dataset(cfg: Config, train_images: int, classes: int, world_size: int) -> None:

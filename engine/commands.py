@@ -106,9 +106,16 @@ def _check(cfg: Config) -> None:
 
 
 # ----------------------------------------------------------------------------- train
+def _check_train(cfg: Config) -> None:
+    from engine.loggers import check_trackers
+
+    _check(cfg)
+    check_trackers(cfg)
+
+
 def train(argv: Optional[Sequence[str]] = None) -> int:
     """main_train.py / cvnets-train."""
-    cfg = parse_config(argv, "main_train.py", TRAIN_DOC, check=_check)
+    cfg = parse_config(argv, "main_train.py", TRAIN_DOC, check=_check_train)
     _setup_logging(int(os.environ.get("RANK", "0")), timestamps=True)
     return _run(lambda: _train(cfg))
 

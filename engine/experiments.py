@@ -74,8 +74,12 @@ class RunSpec:
 
 def placement(results_dir: str, label: str) -> Dict[str, str]:
     """The config keys the experiments core sets for every run it places: the run goes into
-    `<results_dir>/<label>/` and continues there. Tools refuse them from users (PLACEMENT_KEYS)."""
-    return {"common.results_loc": results_dir, "common.run_label": label, "common.resume": "auto"}
+    `<results_dir>/<label>/` and continues there, and an experiment tracker files it under the
+    folder's name (the sweep's, or the tables') as its group. Tools refuse them from users
+    (PLACEMENT_KEYS)."""
+    group = os.path.basename(os.path.normpath(results_dir)) if results_dir else ""
+    return {"common.results_loc": results_dir, "common.run_label": label, "common.resume": "auto",
+            "stats.wandb.group": group, "stats.mlflow.experiment": group}
 
 
 PLACEMENT_KEYS = tuple(placement("", ""))

@@ -1,10 +1,10 @@
 """The Trainer: runs epochs of train_one_epoch/evaluate and keeps the run folder truthful.
 
 At the end of every epoch, in this order: the best-weights checkpoints, checkpoint_last.pt
-(which carries the whole per-epoch history), then the metrics.jsonl row, TensorBoard and
-summary.json. A kill anywhere in between leaves a checkpoint that knows more than or as much as
-the records; resuming rebuilds the records from the checkpoint, so every epoch appears exactly
-once (engine/run_folder.py). Signals (SIGINT, SIGTERM, SIGUSR1) finish the current optimizer
+(which carries the whole per-epoch history), then the metrics.jsonl row, the experiment
+trackers (TensorBoard, W&B, MLflow: engine/loggers.py) and summary.json. A kill anywhere in
+between leaves a checkpoint that knows more than or as much as the records; resuming rebuilds
+the records from the checkpoint, so every epoch appears exactly once (engine/run_folder.py). Signals (SIGINT, SIGTERM, SIGUSR1) finish the current optimizer
 step, save and stop; the process exits 128 + the signal number.
 """
 from __future__ import annotations
@@ -25,11 +25,12 @@ from tqdm import tqdm
 
 from engine import checkpoint as ckpt
 from engine.ema import ModelEMA
-from engine.loops import LoopOptions, NonFiniteLossError, Progress, evaluate, train_one_epoch
+from engine.loggers import RunInfo, Trackers, build_loggers, git_commit
+from engine.loops import LoopOptions, NonFiniteLossError, Progress, evaluate, optimizer_steps, train_one_epoch
 from engine.run_folder import (RESTART, RunFolder, append_metrics, discard_records, resume_path, write_metrics,
                                write_summary)
 from engine.signals import STOP_SIGNALS, handling
-from engine.utils import DistInfo
+from engine.utils import DistInfo, flatten
 from options.config import ConfigError, save_config, to_dict
 from options.schema import Config, harmless_on_resume
 
@@ -81,7 +82,9 @@ class Trainer:
         self.resumes = 0
         self._signal: Optional[int] = None
         self._saving = False
-        self._tb = None
+        self.trackers = Trackers()  # rank 0 fills it when the run starts
+        self._closing: Dict[str, Any] = {}  # the last summary written: what the trackers get at the end
+        self._changes: Dict[str, Any] = {}  # keys a resume changed, for the trackers
 
     # ------------------------------------------------------------------ main loop
     def run(self, folder: RunFolder, stop_after_epoch: Optional[int] = None) -> Dict[str, Any]:
@@ -109,6 +112,7 @@ class Trainer:
                     self._run_epoch()
                     if self._signal is not None:  # saved (mid-epoch or at its end): stop here
                         raise TrainingInterrupted(self._signal, folder.last_checkpoint)
+            summary = self._summary("finished" if self.progress.epoch >= max_epochs else "interrupted")
         except _StopNow:
             self._write_summary("interrupted", stopped_by=signal.Signals(self._signal).name)
             raise TrainingInterrupted(self._signal, folder.last_checkpoint, saved=False) from None
@@ -126,7 +130,7 @@ class Trainer:
             raise
         finally:
             self._close_records()
-        return self._summary("finished" if self.progress.epoch >= max_epochs else "interrupted")
+        return summary
 
     def _run_epoch(self) -> None:
         epoch, parts = self.progress.epoch, self.parts
@@ -196,7 +200,7 @@ class Trainer:
             self._save_weights("checkpoint_ema_best.pt", self.parts.ema.module.state_dict(), row, ema=True)
         self._save_last()
         append_metrics(self.folder.path, row)
-        self._add_scalars(row)
+        self.trackers.log_epoch(row, self.progress.iteration)
         self._write_summary("running")
 
     def _start_records(self) -> None:
@@ -206,12 +210,13 @@ class Trainer:
         if write_metrics(self.folder.path, self.history):
             logger.info("metrics.jsonl rebuilt from the checkpoint (%d epochs)", len(self.history))
         save_config(self.cfg, self.folder.file("config.yaml"))
-        self._open_tensorboard()
+        self._start_trackers()
         self._write_summary("running")
 
     def _summary(self, state: str, already: bool = False) -> Dict[str, Any]:
         summary = self._summary_data(state)
         if self.dist.is_main and not already:
+            self._closing = dict(summary)
             write_summary(self.folder.path, summary)
         summary["already_finished"] = already
         return summary
@@ -219,8 +224,9 @@ class Trainer:
     def _write_summary(self, state: str, **extra: Any) -> None:
         if not self.dist.is_main or self.folder is None:
             return
+        self._closing = {**self._summary_data(state), **extra}
         try:
-            write_summary(self.folder.path, {**self._summary_data(state), **extra})
+            write_summary(self.folder.path, self._closing)
         except Exception as e:  # e.g. the disk is full: the error that got us here matters more
             logger.warning("could not update summary.json: %s", e)
 
@@ -328,35 +334,28 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         if self.progress.epoch >= self.cfg.scheduler.max_epochs:
             return  # a finished run: the closing summary says so
+        self._changes = {key: value for key, _, value in changes}
         what = "; changed: " + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in changes) if changes else ""
         logger.info("resumed from %s at epoch %d, batch %d (optimizer step %d)%s", os.path.abspath(path),
                     self.progress.epoch + 1, self.progress.batch_in_epoch, self.progress.iteration, what)
 
     # ------------------------------------------------------------------ records
-    def _open_tensorboard(self) -> None:
-        if not self.cfg.common.tensorboard:
-            return
-        from torch.utils.tensorboard import SummaryWriter  # the front door checked that it imports
-
-        # purge_step drops what an interrupted run wrote beyond the checkpoint; the last row
-        # the checkpoint vouches for is written again, so every epoch appears once.
-        done = len(self.history)
-        self._tb = SummaryWriter(self.folder.file("tensorboard"), purge_step=done if done else None)
-        if self.history:
-            self._add_scalars(self.history[-1])
-
-    def _add_scalars(self, row: Dict[str, Any]) -> None:
-        if self._tb is None:
-            return
-        for key, value in row.items():
-            if key != "epoch":
-                self._tb.add_scalar(key, value, row["epoch"])
-        self._tb.flush()
+    def _start_trackers(self) -> None:
+        """Rank 0: start the configured trackers, which add the checkpoint's epochs they lack."""
+        steps, total = [], 0
+        for epoch in range(len(self.history)):
+            total += optimizer_steps(self.parts.epoch_batches(epoch), self.opts.accum_freq)
+            steps.append(total)
+        self.trackers = Trackers(build_loggers(self.cfg))
+        if self.trackers.active:
+            self.trackers.start(RunInfo(
+                run_dir=self.folder.path, name=os.path.basename(os.path.abspath(self.folder.path)),
+                config=to_dict(self.cfg), params=self.params, git_commit=git_commit(), history=list(self.history),
+                epoch_steps=steps, resume_changes=self._changes))
 
     def _close_records(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        best = [self.folder.file(name) for name in ("checkpoint_best.pt", "checkpoint_ema_best.pt")]
+        self.trackers.finish(self._closing, [path for path in best if os.path.isfile(path)])
 
     # ------------------------------------------------------------------ progress display
     def _progress_bar(self, epoch: int, epoch_batches: int):
@@ -381,6 +380,7 @@ class Trainer:
 
     def _log_step(self, epoch: int, epoch_batches: int, first_batch: int, stats: Dict[str, float], started: float,
                   bar) -> None:
+        self.trackers.log_step(self.progress.iteration, stats)
         eta = self.run_eta(epoch_batches, first_batch, started)
         eta_text = format_duration(eta) if eta is not None else "?"
         if bar is not None:
@@ -430,23 +430,13 @@ class Trainer:
 
 def config_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[Tuple[str, Any, Any]]:
     """(dotted key, old value, new value) of every leaf that differs and would change the run."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if a.get(k) != b.get(k) and not harmless_on_resume(k)]
 
 
 def _allowed(key: str, prefixes: Sequence[str]) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
-
-
-def _flatten(data: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    flat: Dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def format_duration(seconds: float) -> str:

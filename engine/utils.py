@@ -100,3 +100,14 @@ class Meter:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sums.copy_(state["sums"])
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """A nested mapping as one level of dotted keys: {"optim": {"name": "sgd"}} -> {"optim.name": "sgd"}."""
+    flat: Dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

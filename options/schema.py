@@ -465,9 +465,38 @@ class EMAConfig(Section):
 
 
 @dataclass(frozen=True)
+class WandbConfig(Section):
+    enable: bool = opt(False, "also log to Weights & Biases (needs the wandb extra); rank 0 only")
+    project: str = opt("cvnets-tiny", "W&B project")
+    entity: Optional[str] = opt(None, "W&B entity (user or team); null = the account's default")
+    group: Optional[str] = opt(None, "W&B group; a sweep sets it to the sweep's name")
+    tags: Tuple[str, ...] = opt((), "W&B tags of the run")
+    mode: Literal["online", "offline"] = opt(
+        "online", "offline writes the W&B run under <run folder>/wandb (or $WANDB_DIR) for a later `wandb sync`"
+    )
+    log_checkpoint: bool = opt(False, "upload the best checkpoint(s) as a model artifact when the run finishes")
+
+
+@dataclass(frozen=True)
+class MLflowConfig(Section):
+    enable: bool = opt(False, "also log to MLflow (needs the mlflow extra); rank 0 only")
+    tracking_uri: Optional[str] = opt(
+        None, "MLflow tracking URI (http://host:5000, sqlite:///mlflow.db, ...); null = $MLFLOW_TRACKING_URI or "
+        "MLflow's default"
+    )
+    experiment: Optional[str] = opt(
+        None, "MLflow experiment name, created when missing; a sweep sets it to the sweep's name; null = "
+        "$MLFLOW_EXPERIMENT_NAME or MLflow's Default experiment"
+    )
+    log_checkpoint: bool = opt(False, "upload the best checkpoint(s) as run artifacts when the run finishes")
+
+
+@dataclass(frozen=True)
 class StatsConfig(Section):
     checkpoint_metric: Literal["top1", "top5", "loss"] = opt("top1", "val metric that picks checkpoint_best.pt")
     checkpoint_metric_max: bool = opt(True, "larger is better for checkpoint_metric")
+    wandb: WandbConfig = block(WandbConfig, "Weights & Biases experiment tracking", harmless=True)
+    mlflow: MLflowConfig = block(MLflowConfig, "MLflow experiment tracking", harmless=True)
 
 
 @dataclass(frozen=True)
@@ -516,7 +545,7 @@ class Config:
     optim: OptimConfig = block(OptimConfig, "optimizer")
     scheduler: SchedulerConfig = block(SchedulerConfig, "learning-rate schedule")
     ema: EMAConfig = block(EMAConfig, "weight EMA")
-    stats: StatsConfig = block(StatsConfig, "checkpoint selection")
+    stats: StatsConfig = block(StatsConfig, "checkpoint selection and experiment trackers")
     eval: EvalConfig = block(EvalConfig, "main_eval.py settings", harmless=True)
     export: ExportConfig = block(ExportConfig, "main_export.py settings", harmless=True)
 

@@ -104,3 +104,11 @@ def test_check_runs_resolves_every_run_and_names_each_bad_one(tmp_path):
     (error,) = errors
     assert error.startswith("point bad: model.mobilevit.remove_layers") and "7" in error
     assert good.config_file == str(base) and RunSpec("x", ()).config_file is None
+
+
+def test_a_placed_run_is_filed_under_its_folder_in_the_trackers(tmp_path):
+    from options.config import load_config
+
+    cfg = load_config(experiments.placement_args(str(tmp_path / "sweeps" / "wd-sweep"), "weight_decay=0.01"))
+    assert (cfg.common.results_loc, cfg.common.run_label) == (str(tmp_path / "sweeps" / "wd-sweep"), "weight_decay=0.01")
+    assert cfg.stats.wandb.group == cfg.stats.mlflow.experiment == "wd-sweep"

@@ -279,9 +279,10 @@ def test_run_trains_each_config_once_then_tabulates(tmp_path, capsys):
     calls = launcher.calls
     assert [a[a.index("--common.run-label") + 1] for a in calls] == ["table2_resnet50", "table2_resnet18"]
     first = calls[0]
-    assert first[:8] == ["--common.config-file", pt.config_path(row("2.1")), "--common.results-loc", str(results),
-                         "--common.run-label", "table2_resnet50", "--common.resume", "auto"]
-    assert first[8:] == ["--scheduler.max-epochs", "1"]
+    assert first == ["--common.config-file", pt.config_path(row("2.1")), "--common.results-loc", str(results),
+                     "--common.run-label", "table2_resnet50", "--common.resume", "auto",
+                     "--stats.wandb.group", "results", "--stats.mlflow.experiment", "results",
+                     "--scheduler.max-epochs", "1"]
     out = capsys.readouterr().out
     assert "table2_resnet34: finished, skipped" in out
     assert table_line(out, "A")[2] == "finished"
