@@ -560,3 +560,39 @@ def test_sweep_results_that_is_a_file_is_one_line(tmp_path):
     done = _sweep("--grid", "optim.weight_decay=0.1,0.2", "--results", str(tmp_path / "sweeps"))
     assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr[-1500:]
     assert f"--results {tmp_path / 'sweeps'} is a file" in done.stderr
+
+
+# ----------------------------------------------------------------------------- DDP resume
+@pytest.mark.slow
+def test_a_ddp_run_stopped_on_one_rank_resumes_exactly(fake_root, tmp_path):
+    """Rank 0 alone gets SIGTERM while it writes its first best checkpoint: both ranks stop after
+    epoch 1 with 143, and the resumed run's records (train_loss, ema_val_*) and weights equal an
+    uninterrupted DDP run's: each rank resumes its own EMA BatchNorm statistics and RNG."""
+    import subprocess
+    import sys
+
+    from engine_helpers import REPO, assert_same_weights, free_port, last_state
+
+    def torchrun(label, *extra, env=()):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), os.path.join(REPO, "main_train.py"),
+               *tiny_args(fake_root, tmp_path, label, 2, "--common.log-every-batches", "1", "--dataset.train-batch-size",
+                          "4", "--common.resume", "auto", *extra)]
+        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **dict(env)})
+
+    done = torchrun("whole")
+    assert done.returncode == 0, done.stderr[-3000:]
+    stopped = torchrun("split", env={"CVNETS_TEST_FAULT": "SIGTERM:*/checkpoint_best.pt:1"})
+    # rank 0 stops after saving with 143 (torchrun reports it as a failure and may end rank 1,
+    # which has nothing to save, before it exits on its own)
+    assert "rank      : 0 (local_rank: 0)\n  exitcode  : 143" in stopped.stderr, stopped.stderr[-3000:]
+    state = last_state(tmp_path / "split")
+    assert state["progress"] == {"epoch": 1, "iteration": 6, "batch_in_epoch": 0, "meter": None}
+    assert len(state["ranks"]) == 2
+    done = torchrun("split")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert read_rows(tmp_path / "split") == read_rows(tmp_path / "whole")
+    whole, split = last_state(tmp_path / "whole"), last_state(tmp_path / "split")
+    assert_same_weights(whole["model"], split["model"])
+    assert_same_weights(whole["ema"]["module"], split["ema"]["module"])
