@@ -120,6 +120,7 @@ class BatchSpec:
     indices: Tuple[int, ...]  # dataset indices
     crop_size: int
     seed: int
+    epoch: int = 0  # the training epoch it belongs to (mixup's off_epochs reads it)
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -108,7 +108,7 @@ class ShardedBatchSampler(Sampler[BatchSpec]):
             if number >= self.start_batch:
                 # indices past the end wrap around (training) or are never asked for (evaluation)
                 picked = shard[np.arange(start, start + size) % len(shard)]
-                yield BatchSpec(tuple(picked.tolist()), crop, int(seed))
+                yield BatchSpec(tuple(picked.tolist()), crop, int(seed), self.epoch)
             start += size
 
     def _rng(self, epoch: int, stream: int, *extra: int) -> np.random.Generator:

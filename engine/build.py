@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from cvnets.fuse import fold_batchnorm
 from engine import checkpoint as ckpt
 from engine.ema import ModelEMA
 from engine.loops import AUTOCAST_DTYPES, LoopOptions, optimizer_steps
+from engine.teacher import check_teacher_path, load_teacher
 from engine.trainer import Components, Trainer
 from engine.utils import DistInfo, init_distributed, resolve_device, seed_everything
 from options.config import ConfigError
@@ -41,8 +42,10 @@ class Process:
     dist: DistInfo
 
 
-def check_config(cfg: Config) -> None:
-    """Every check that needs a component's knowledge, as ConfigError (one line, exit status 2)."""
+def check_config(cfg: Config, training: bool = True) -> None:
+    """Every check that needs a component's knowledge, as ConfigError (one line, exit status 2).
+
+    training=False (main_eval, main_export) skips what only training reads: the teacher file."""
     checks: tuple[Callable[[], None], ...] = (
         lambda: cvnets.check_config(cfg.model),
         lambda: data.check_config(cfg),
@@ -55,6 +58,8 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(str(e)) from None
     if cfg.common.mixed_precision == "fp16" and cfg.common.device == "cpu":
         raise ConfigError("common.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
+    if training:
+        check_teacher_path(cfg)
 
 
 def check_fits_dataset(cfg: Config, train_images: int, classes: int, world_size: int) -> None:
@@ -92,6 +97,19 @@ def run_dir_for(cfg: Config) -> str:
     if label is None:
         label = os.path.splitext(os.path.basename(cfg.common.config_file))[0] if cfg.common.config_file else "run"
     return os.path.join(cfg.common.results_loc, label)
+
+
+def build_criterion(cfg: Config, wnids: Sequence[str],
+                    device: torch.device) -> Tuple[nn.Module, Optional[Dict[str, str]]]:
+    """(the training loss, the teacher's {"path", "sha256"} or None). Distillation's teacher is
+    loaded here, once the dataset is known: its class list must be the teacher's."""
+    if cfg.loss.name != "distillation":
+        return loss_fn.build_loss(cfg.loss), None
+    teacher, identity = load_teacher(cfg, wnids, device)
+    logger.info("distilling from %s (%s, %s parameters, weights sha256 %s)", identity["path"],
+                type(teacher.model).__name__, f"{sum(p.numel() for p in teacher.parameters()):,}",
+                identity["sha256"][:12])
+    return loss_fn.build_loss(cfg.loss, teacher), identity
 
 
 def build_trainer(cfg: Config, process: Process) -> Trainer:
@@ -137,12 +155,13 @@ def build_trainer(cfg: Config, process: Process) -> Trainer:
         scheduler = optim.build_scheduler(cfg.scheduler, total_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    criterion, teacher = build_criterion(cfg, loaders.wnids, device)
     parts = Components(
         model=model,
         train_model=train_model,
         train_loader=loaders.train,
         val_loader=loaders.val,
-        criterion=loss_fn.build_loss(cfg.loss),
+        criterion=criterion,
         optimizer=optim.build_optimizer(model, cfg.optim),
         scheduler=scheduler,
         num_classes=loaders.num_classes,
@@ -152,6 +171,7 @@ def build_trainer(cfg: Config, process: Process) -> Trainer:
         scaler=torch.amp.GradScaler("cuda") if common.mixed_precision == "fp16" else None,
         ema=ModelEMA(model, cfg.ema.momentum, cfg.ema.warmup) if cfg.ema.enable else None,
         eval_copy=lambda module: fold_batchnorm(module)[0],  # evaluation without BatchNorm passes
+        teacher=teacher,
     )
     opts = LoopOptions(device=device, channels_last=common.channels_last,
                        autocast_dtype=AUTOCAST_DTYPES[common.mixed_precision], accum_freq=common.accum_freq,

@@ -22,6 +22,7 @@ fine-tuning (`load_pretrained`) also reads foreign weights files directly, throu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import os
 import pickle
@@ -178,6 +179,17 @@ def weights(state: Mapping[str, Any], use_ema: bool, path: str, flag: str = "--e
     if state.get("ema") is not None:
         return state["ema"]["module"]
     raise CheckpointError(f"{path} holds no EMA weights; drop {flag} or use checkpoint_ema_best.pt / checkpoint_last.pt")
+
+
+def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and values: the identity of a set of weights,
+    whichever file holds them."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous().reshape(-1)  # 0-d tensors cannot be viewed as bytes
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)

@@ -99,13 +99,22 @@ def _setup_logging(rank: int, timestamps: bool) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s" if timestamps else "%(message)s", "%H:%M:%S"))
 
 
-def _check(cfg: Config) -> None:
+def _check(cfg: Config, training: bool = True) -> None:
     from engine.build import check_config
 
-    check_config(cfg)
+    check_config(cfg, training)
 
 
 # ----------------------------------------------------------------------------- train
+def _train_doc() -> str:
+    """TRAIN_DOC and every transform image_augmentation.train / .val may list, with its settings."""
+    from data.transforms import describe_transforms
+
+    entries = "\n".join(f"    {line}" for line in describe_transforms())
+    return (f"{TRAIN_DOC}\n\nTransforms of image_augmentation.train and .val (a list of entries, applied in "
+            f"order; the settings and their defaults):\n{entries}")
+
+
 def _check_train(cfg: Config) -> None:
     from engine.loggers import check_trackers
 
@@ -115,7 +124,7 @@ def _check_train(cfg: Config) -> None:
 
 def train(argv: Optional[Sequence[str]] = None) -> int:
     """main_train.py / cvnets-train."""
-    cfg = parse_config(argv, "main_train.py", TRAIN_DOC, check=_check_train)
+    cfg = parse_config(argv, "main_train.py", _train_doc(), check=_check_train)
     _setup_logging(int(os.environ.get("RANK", "0")), timestamps=True)
     return _run(lambda: _train(cfg))
 
@@ -192,7 +201,7 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> int:
     def check(cfg: Config) -> None:
         from engine.evaluation import check_same_model
 
-        _check(cfg)
+        _check(cfg, training=False)
         check_same_model(cfg, loaded["state"]["config"])
         _output_file("eval.output_json", cfg.eval.output_json)
         _output_file("eval.predictions_csv", cfg.eval.predictions_csv)
@@ -221,7 +230,7 @@ def export(argv: Optional[Sequence[str]] = None) -> int:
     def check(cfg: Config) -> None:
         from engine.evaluation import check_same_model
 
-        _check(cfg)
+        _check(cfg, training=False)
         check_same_model(cfg, loaded["state"]["config"])
 
     cfg = parse_config(argv, "main_export.py", EXPORT_DOC, check=check, base=_checkpoint_config("main_export", loaded))

@@ -30,6 +30,7 @@ from engine.loops import LoopOptions, NonFiniteLossError, Progress, evaluate, op
 from engine.run_folder import (RESTART, RunFolder, append_metrics, discard_records, resume_path, write_metrics,
                                write_summary)
 from engine.signals import STOP_SIGNALS, handling
+from engine.teacher import KEY as TEACHER_KEY, teacher_change
 from engine.utils import DistInfo, flatten
 from options.config import ConfigError, save_config, to_dict
 from options.schema import Config, harmless_on_resume
@@ -69,6 +70,7 @@ class Components:
     scaler: Optional[torch.amp.GradScaler] = None
     ema: Optional[ModelEMA] = None
     eval_copy: Callable[[nn.Module], nn.Module] = lambda module: module  # e.g. a BatchNorm-folded copy
+    teacher: Optional[Dict[str, str]] = None  # distillation: the teacher's {"path", "sha256"}
 
 
 class Trainer:
@@ -260,7 +262,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _common_state(self) -> Dict[str, Any]:
         return {"config": to_dict(self.cfg), "num_classes": self.parts.num_classes, "wnids": list(self.parts.wnids),
-                "class_names": list(self.parts.class_names), "params": self.params}
+                "class_names": list(self.parts.class_names), "params": self.params, "teacher": self.parts.teacher}
 
     def _save(self, state: Dict[str, Any], name: str) -> None:
         self._saving = True
@@ -323,6 +325,11 @@ class Trainer:
             raise ConfigError(f"resuming {path} would change the run: {listing}; resume with the original "
                               f"settings, allow them with --common.resume-allow-changes {keys}, or start a new run "
                               "with --common.run-label NAME")
+        teacher = teacher_change(state.get("teacher"), self.parts.teacher)
+        if teacher is not None and not _allowed(TEACHER_KEY, self.cfg.common.resume_allow_changes):
+            raise ConfigError(f"resuming {path} would change the distillation teacher: {teacher}; resume with the "
+                              f"original teacher, allow it with --common.resume-allow-changes {TEACHER_KEY}, or "
+                              "start a new run with --common.run-label NAME")
         parts = self.parts
         other = ckpt.class_list_difference(state.get("wnids"), parts.wnids)
         if other:

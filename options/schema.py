@@ -222,6 +222,15 @@ class MixupConfig(Section):
     cutmix_alpha: float = opt(0.0, "cutmix Beta(alpha, alpha); 0 disables cutmix", NON_NEGATIVE)
     prob: float = opt(1.0, "probability of mixing a batch", PROBABILITY)
     switch_prob: float = opt(0.5, "probability of cutmix instead of mixup when both are on", PROBABILITY)
+    off_epochs: int = opt(
+        0, "no mixup / cutmix in the last this many epochs of the run (the images and targets are left as "
+        "they are; a fine-tuning phase on clean images)", NON_NEGATIVE
+    )
+
+    def check(self) -> None:
+        if self.off_epochs and self.mixup_alpha == 0 and self.cutmix_alpha == 0:
+            raise FieldError("off_epochs", f"{self.off_epochs}, but mixup_alpha and cutmix_alpha are 0: there is no "
+                             "mixing to switch off; set it to 0")
 
 
 @dataclass(frozen=True)
@@ -233,7 +242,8 @@ class AugmentationConfig(Section):
                 {"name": "random_horizontal_flip"},
             )
         ),
-        "training transforms, applied in order: a list of {name: ..., <its settings>}",
+        "training transforms, applied in order: a list of {name: ..., <its settings>} (main_train.py --help "
+        "lists every transform and its settings)",
     )
     val: Tuple[Dict[str, Any], ...] = opt(
         freeze(({"name": "resize", "size": 72}, {"name": "center_crop", "size": 64})),
@@ -335,9 +345,35 @@ class ModelConfig(Section):
 
 # --------------------------------------------------------------------------- loss
 @dataclass(frozen=True)
+class DistillationConfig(Section):
+    teacher: Optional[str] = opt(
+        None, "checkpoint of this tool to distil from (checkpoint_best.pt of a finished run); its model is rebuilt "
+        "from the config inside it and must have been trained on the same class list. A resume compares the "
+        "weights' SHA-256, not the path, so the file may move", harmless=True
+    )
+    kind: Literal["soft", "hard"] = opt(
+        "soft", "soft: KL divergence to the teacher's softened probabilities (x temperature^2); hard: cross entropy "
+        "to the teacher's top class (DeiT's hard-label distillation)"
+    )
+    temperature: float = opt(1.0, "softmax temperature of both logits in the soft term (kind soft only)", POSITIVE)
+    alpha: float = opt(
+        0.5, "weight of the distillation term; the label cross entropy (with label_smoothing and mixup targets) "
+        "gets 1 - alpha, so 0 is plain training", PROBABILITY
+    )
+
+
+@dataclass(frozen=True)
 class LossConfig(Section):
-    name: Literal["cross_entropy"] = opt("cross_entropy", "classification loss")
+    name: Literal["cross_entropy", "distillation"] = opt(
+        "cross_entropy", "classification loss (distillation: cross entropy blended with a teacher's predictions)"
+    )
     label_smoothing: float = opt(0.1, "label smoothing (training only; validation loss is plain)", RATE)
+    distillation: DistillationConfig = block(DistillationConfig, "knowledge distillation settings")
+
+    def check(self) -> None:
+        if self.name == "distillation" and self.distillation.teacher is None:
+            raise FieldError("distillation.teacher", "null, but loss.name is distillation: give the teacher's "
+                             "checkpoint (e.g. results/beyond/teacher_resnet18_cifar/checkpoint_best.pt)")
 
 
 # --------------------------------------------------------------------------- optimizer

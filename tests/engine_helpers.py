@@ -68,3 +68,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def fake_wnids(root):
+    """The class list of a fake (or real) tree, as the dataset orders it."""
+    from data.tinyimagenet import read_classes
+
+    return list(read_classes(str(root)).wnids)
+
+
+def write_teacher(path, wnids, seed=0, *flags):
+    """A weights checkpoint of an untrained model (MobileViT-XXS unless flags say otherwise) for
+    the class list `wnids`, in exactly the format the Trainer writes: a teacher for tests that
+    must not train one."""
+    import cvnets
+    from options.config import load_config, to_dict
+
+    cfg = load_config(["--common.config-file", os.path.join(REPO, "config", "mobilevit_xx_small.yaml"), *flags])
+    torch.manual_seed(seed)
+    model = cvnets.build_model(cfg.model, len(wnids))
+    ckpt.save({"config": to_dict(cfg), "num_classes": len(wnids), "wnids": list(wnids),
+               "class_names": list(wnids), "params": sum(p.numel() for p in model.parameters()),
+               "kind": ckpt.WEIGHTS, "model": model.state_dict(), "is_ema": False, "epoch": 1, "metrics": {}},
+              str(path))
+    return str(path)
