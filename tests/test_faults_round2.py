@@ -596,3 +596,41 @@ def test_a_ddp_run_stopped_on_one_rank_resumes_exactly(fake_root, tmp_path):
     whole, split = last_state(tmp_path / "whole"), last_state(tmp_path / "split")
     assert_same_weights(whole["model"], split["model"])
     assert_same_weights(whole["ema"]["module"], split["ema"]["module"])
+
+
+@pytest.mark.slow
+def test_a_ddp_run_stopped_mid_epoch_by_sigterm_to_the_group_resumes_exactly(fake_root, tmp_path):
+    """SIGTERM to torchrun's whole process group in the middle of epoch 1: both ranks save (each
+    rank's meter sums too), and the resumed run's records equal an uninterrupted DDP run's."""
+    import subprocess
+    import sys
+
+    from engine_helpers import REPO, free_port, last_state
+
+    def torchrun(label, stop_at=None):
+        args = tiny_args(fake_root, tmp_path, label, 2, "--common.log-every-batches", "1",
+                         "--dataset.train-batch-size", "2", "--common.resume", "auto")
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(free_port()), os.path.join(REPO, "main_train.py"), *args]
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if stop_at and stop_at in line:
+                os.killpg(proc.pid, signal.SIGTERM)
+                stop_at = None
+        proc.wait(timeout=600)
+        return proc.returncode, "".join(lines)
+
+    status, out = torchrun("whole")
+    assert status == 0, out[-3000:]
+    _, out = torchrun("split", stop_at="epoch 1/2 batch 4/12")
+    assert out.count("stopped by SIGTERM; state saved to") == 2, out[-3000:]  # both ranks, no traceback of theirs
+    state = last_state(tmp_path / "split")
+    assert state["progress"]["epoch"] == 0 and 4 <= state["progress"]["batch_in_epoch"] < 12, state["progress"]
+    status, out = torchrun("split")
+    assert status == 0, out[-3000:]
+    assert read_rows(tmp_path / "split") == read_rows(tmp_path / "whole")
+    assert all(rank["meter"] is not None for rank in state["ranks"])
