@@ -21,10 +21,9 @@ from typing import Callable, Iterable, Iterator, List, Optional, Tuple, TypeVar,
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 from data.augment import Augmentation, Batch, build_augmentation
-from data.base import DATASETS, IMAGE_SIZE, RawBatch, logger, on_device, worker_init
+from data.base import DATASETS, IMAGE_SIZE, RawBatch, WorkerDataLoader, logger, on_device, worker_init
 from data.samplers import SAMPLERS, ShardedBatchSampler, batch_sampler, vbs_schedule
 from data.tinyimagenet import TinyImageNet, prepare_root
 from options.schema import Config
@@ -195,10 +194,10 @@ def _keep(batch: RawBatch) -> RawBatch:
 
 
 def _data_loader(cfg: Config, dataset: TinyImageNet, sampler: ShardedBatchSampler,
-                 collate: Callable[[RawBatch], object], device: torch.device) -> DataLoader:
+                 collate: Callable[[RawBatch], object], device: torch.device) -> WorkerDataLoader:
     data_cfg = cfg.dataset
     workers = data_cfg.workers
-    return DataLoader(
+    return WorkerDataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=collate,

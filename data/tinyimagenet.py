@@ -107,9 +107,12 @@ def read_split(root: str, split: str, wnids: Sequence[str]) -> SplitFiles:
 
 
 def _lines(path: str) -> List[str]:
-    """The lines of a text file of the layout; one that is not UTF-8 is a DatasetError."""
+    """The lines of a text file of the layout; one that is not UTF-8 is a DatasetError.
+
+    A byte-order mark (what Windows editors write) is dropped and CRLF line ends are accepted:
+    otherwise the invisible mark would become part of the first wnid or file name."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return f.read().splitlines()
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path} is not UTF-8 text (byte {e.start}); {_REFETCH}") from None
@@ -130,10 +133,10 @@ def _train_files(root: str, index: Dict[str, int]) -> SplitFiles:
     for wnid, label in index.items():
         folder = os.path.join(root, "train", wnid, "images")
         if not os.path.isdir(folder):
-            raise DatasetError(f"{folder} is missing but wnids.txt lists {wnid}; {_REFETCH}")
+            raise DatasetError(f"{folder!r} is missing but wnids.txt lists {wnid!r}; {_REFETCH}")
         names = _image_names(folder)
         if not names:  # a class without images would train as if it did not exist
-            raise DatasetError(f"{folder} holds no images but wnids.txt lists {wnid}; {_REFETCH}")
+            raise DatasetError(f"{folder} holds no images but wnids.txt lists {wnid!r}; {_REFETCH}")
         paths += [os.path.join(folder, n) for n in names]
         labels += [label] * len(names)
     return SplitFiles(paths, np.asarray(labels, np.int64))
@@ -155,9 +158,9 @@ def _val_files(root: str, index: Dict[str, int]) -> SplitFiles:
             raise DatasetError(f"{where}: expected '<file>\\t<wnid>\\t...', got {line.strip()!r}; {_REFETCH}")
         name, wnid = fields[0].strip(), fields[1].strip()
         if wnid not in index:
-            raise DatasetError(f"{where}: wnid {wnid} is not in wnids.txt; {_REFETCH}")
-        if name not in present:
-            raise DatasetError(f"{where}: {os.path.join(folder, name)} does not exist; {_REFETCH}")
+            raise DatasetError(f"{where}: wnid {wnid!r} is not in wnids.txt; {_REFETCH}")
+        if name not in present:  # repr: an invisible character in the name shows
+            raise DatasetError(f"{where}: {os.path.join(folder, name)!r} does not exist; {_REFETCH}")
         paths.append(os.path.join(folder, name))
         labels.append(index[wnid])
     return SplitFiles(paths, np.asarray(labels, np.int64))

@@ -82,6 +82,22 @@ def check_startable(cfg: Config) -> None:
         resolve_device("cuda")  # its ConfigError says what to use instead
 
 
+def check_fits_dataset(cfg: Config, train_images: int, classes: int, world_size: int) -> None:
+    """ConfigError when the batch or the classifier cannot fit the dataset: a batch larger than a
+    process's share of the training images would repeat images within the batch, and fewer
+    outputs than classes would fail at the first label beyond them."""
+    share = train_images // world_size
+    batch = cfg.dataset.train_batch_size
+    if batch > share:
+        per = f" shared by {world_size} processes ({share:,} each)" if world_size > 1 else ""
+        raise ConfigError(f"dataset.train_batch_size: {batch:,} is larger than the dataset's {train_images:,} "
+                          f"training images{per}; set it to at most {share:,}")
+    wanted = cfg.model.num_classes
+    if wanted is not None and wanted < classes:
+        raise ConfigError(f"model.num_classes: {wanted} is smaller than the dataset's {classes} classes; set it to "
+                          f"at least {classes}, or null to take the dataset's")
+
+
 def setup_process(cfg: Config) -> Process:
     """Once per process: device, process group (under torchrun), seeds and backend flags."""
     device = resolve_device(cfg.common.device, int(os.environ.get("LOCAL_RANK", "0")))
@@ -145,11 +161,15 @@ def build_trainer(cfg: Config, process: Process) -> Trainer:
     """Build every component the config names and return a Trainer (no global state changes)."""
     common, device, dist_info = cfg.common, process.device, process.dist
     loaders = data.build_loaders(cfg, rank=dist_info.rank, world_size=dist_info.world_size, device=device)
+    check_fits_dataset(cfg, len(loaders.train.dataset), loaders.num_classes, dist_info.world_size)
     model = seeded_model(cfg, loaders.num_classes)
     if cfg.model.checkpoint is not None:
         loaded = ckpt.load_pretrained(model, cfg.model.checkpoint, cfg.model)
         logger.info(loaded.describe(cfg.model.checkpoint, loaders.num_classes if cfg.model.num_classes is None
                                     else cfg.model.num_classes))
+        other = ckpt.class_list_difference(loaded.wnids, loaders.wnids)
+        if other:  # fine-tuning onto other classes is what --model.checkpoint is for; say it
+            logger.info("fine-tuning %s on another class list (%s)", cfg.model.checkpoint, other)
     if cfg.model.freeze == "backbone":
         model.freeze_backbone()
         logger.info("backbone frozen: training the classifier alone (%d parameters)",

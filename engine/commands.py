@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 from options.cli import parse_config
 from options.config import ConfigError, help_text
 from options.schema import Config, literal_choices
-from utils.files import DiskFullError
+from utils.files import DiskFullError, file_in_the_way
 
 logger = logging.getLogger("cvnets")
 
@@ -214,8 +214,13 @@ def _checkpoint_config(prog: str, loaded: Dict[str, Any]) -> Callable[[Mapping[s
 
 
 def _output_file(key: str, path: Optional[str]) -> None:
-    if path and os.path.isdir(path):
+    if not path:
+        return
+    if os.path.isdir(path):
         raise ConfigError(f"{key}: {path} is a folder; give a file path inside it")
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        raise ConfigError(f"{key}: {blocker} is a file, so {path} cannot be written; give a path in a folder")
 
 
 def evaluate(argv: Optional[Sequence[str]] = None) -> int:

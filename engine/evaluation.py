@@ -47,7 +47,14 @@ def _compare(given: Mapping[str, Any], stored: Mapping[str, Any], prefix: str) -
 def trained_model(cfg: Config, state: Mapping[str, Any], use_ema: bool, flag: str) -> torch.nn.Module:
     """The checkpoint's model (or EMA) weights in the architecture its config describes, in eval mode."""
     model = cvnets.build_model(cfg.model, state["num_classes"])
-    model.load_state_dict(ckpt.weights(state, use_ema, cfg.model.checkpoint, flag))
+    try:
+        model.load_state_dict(ckpt.weights(state, use_ema, cfg.model.checkpoint, flag))
+    except RuntimeError as e:  # missing or unexpected keys, other shapes: the file was edited or mixed up
+        first = str(e).strip().splitlines()[0]
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), "")
+        raise ckpt.CheckpointError(f"{cfg.model.checkpoint}: its weights do not fit the model its config describes "
+                                   f"({first} {detail[:200]}); use a checkpoint written by main_train.py as it is"
+                                   ) from None
     return model.eval()
 
 
@@ -66,6 +73,11 @@ def evaluate_checkpoint(cfg: Config, state: Mapping[str, Any]) -> Dict[str, Any]
     device = resolve_device(cfg.common.device)
     cfg = at_image_size(cfg)
     loader, dataset = data.build_eval_loader(cfg, cfg.eval.split, device=device)
+    other = ckpt.class_list_difference(state.get("wnids"), dataset.wnids)
+    if other and cfg.eval.split != "test":  # test predictions are named by the checkpoint's own wnids
+        raise ckpt.CheckpointError(f"{cfg.model.checkpoint} was trained on another class list than "
+                                   f"{cfg.dataset.root} ({other}): its labels would be wrong; evaluate it on "
+                                   "the dataset it was trained on (--dataset.root)")
     model = trained_model(cfg, state, cfg.eval.ema, "--eval.ema")
     params = sum(p.numel() for p in model.parameters())
     fmt = torch.channels_last if cfg.common.channels_last else torch.contiguous_format

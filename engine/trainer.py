@@ -29,7 +29,8 @@ from engine import checkpoint as ckpt
 from engine.ema import ModelEMA
 from engine.loggers import RunInfo, Trackers, build_loggers, git_commit
 from engine.loops import LoopOptions, NonFiniteLossError, Progress, evaluate, optimizer_steps, train_one_epoch
-from engine.run_folder import RunFolder, append_metrics, resume_path, write_metrics, write_summary
+from engine.run_folder import (RESTART, RunFolder, append_metrics, discard_records, resume_path, write_metrics,
+                               write_summary)
 from engine.signals import STOP_SIGNALS, handling
 from engine.teacher import KEY as TEACHER_KEY, teacher_change
 from engine.utils import DistInfo, flatten, seed_everything
@@ -85,6 +86,7 @@ class Trainer:
         self.folder: Optional[RunFolder] = None
         self.resumes = 0
         self._signal: Optional[int] = None
+        self._ranks: Optional[List[Dict[str, Any]]] = None  # per-rank states for checkpoint_last.pt (DDP)
         self._saving = False
         self._announced = False
         self.trackers = Trackers()  # rank 0 fills it when the run starts
@@ -101,6 +103,9 @@ class Trainer:
         adopted = False
         if self.folder is None:  # the first call; later ones (stop_after_epoch) continue in memory
             start = resume_path(folder.path, self.cfg.common.resume)
+            if self.cfg.common.resume == RESTART and self.dist.is_main:
+                discard_records(folder.path)
+                logger.info("common.resume restart: discarded the earlier run's records and checkpoints")
             if start is not None:
                 self.resume(start)
                 source = os.path.dirname(os.path.abspath(start))
@@ -126,8 +131,9 @@ class Trainer:
             with self._catch_signals():
                 while self.progress.epoch < until:
                     self._run_epoch()
-                    if self._signal is not None:  # saved (mid-epoch or at its end): stop here
-                        self._announce_signal()
+                    # saved (mid-epoch or at its end): stop here; every rank agrees, also when the
+                    # signal reached one rank only while it saved the epoch's checkpoints
+                    if self._stop_requested():
                         raise TrainingInterrupted(self._signal, folder.last_checkpoint)
             summary = self._summary("finished" if self.progress.epoch >= max_epochs else "interrupted")
         except _StopNow:
@@ -166,6 +172,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         if self.progress.stop_requested:
+            self._ranks = self._rank_states()
             self._save_last()
             return
 
@@ -210,6 +217,7 @@ class Trainer:
                 new_best.append(kind)
         self.history.append(row)
         self._log_epoch(row)
+        self._ranks = self._rank_states()
         if not self.dist.is_main:
             return
         if "model" in new_best:
@@ -304,7 +312,22 @@ class Trainer:
             "history": self.history,
             "resumes": self.resumes,
             "rng": ckpt.rng_state(),
+            "ranks": self._ranks,
         }, "checkpoint_last.pt")
+
+    def _rank_states(self) -> Optional[List[Dict[str, Any]]]:
+        """Under DDP, what differs between ranks, gathered from every rank (a collective: all
+        ranks call it at the same point): the meter sums of an epoch stopped mid-way, the EMA's
+        buffers (BatchNorm statistics follow each rank's own batches) and the RNG state. Saved
+        beside rank 0's state, so that each rank resumes as itself."""
+        if not self.dist.enabled:
+            return None
+        own: Dict[str, Any] = {"meter": self.progress.meter_state, "rng": ckpt.rng_state()}
+        if self.parts.ema is not None:
+            own["ema_buffers"] = {k: v.detach().cpu() for k, v in self.parts.ema.module.named_buffers()}
+        ranks: List[Any] = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(ranks, own)
+        return ranks
 
     def resume(self, path: str) -> None:
         """Restore everything checkpoint_last.pt holds, so training continues exactly.
@@ -327,6 +350,11 @@ class Trainer:
                               f"original teacher, allow it with --common.resume-allow-changes {TEACHER_KEY}, or "
                               "start a new run with --common.run-label NAME")
         parts = self.parts
+        other = ckpt.class_list_difference(state.get("wnids"), parts.wnids)
+        if other:
+            raise ConfigError(f"resuming {path} onto another class list ({other}); resume with the dataset the run "
+                              "was started with (dataset.root), or fine-tune on this one with --model.checkpoint "
+                              f"{path} and a new --common.run-label")
         try:
             parts.model.load_state_dict(state["model"])
         except RuntimeError as e:
@@ -350,6 +378,13 @@ class Trainer:
         self.best, self.history = state["best"], list(state["history"])
         self.resumes = int(state.get("resumes", 0)) + 1
         ckpt.set_rng_state(state["rng"])
+        ranks = state.get("ranks")
+        if self.dist.enabled and ranks and len(ranks) == self.dist.world_size:
+            mine = ranks[self.dist.rank]
+            self.progress.meter_state = mine["meter"]
+            ckpt.set_rng_state(mine["rng"])
+            if parts.ema is not None and mine.get("ema_buffers") is not None:
+                parts.ema.module.load_state_dict(mine["ema_buffers"], strict=False)
         if self.progress.epoch >= self.cfg.scheduler.max_epochs:
             return  # a finished run: the closing summary says so
         self._changes = {key: value for key, _, value in changes}

@@ -63,7 +63,7 @@ def parse_config(
     listings = dict(listings or {})
     known = SWITCHES + tuple(listings)
     try:
-        flags, switches = parse_flags(argv)
+        flags, switches = parse_flags(argv, once=True)
         for switch in switches:
             if switch not in known:
                 raise ConfigError(

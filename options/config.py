@@ -439,12 +439,16 @@ def find_config_file(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- command line
-def parse_flags(argv: Sequence[str]) -> Tuple[Dict[str, Tuple[str, str]], List[str]]:
+def parse_flags(argv: Sequence[str], once: bool = False) -> Tuple[Dict[str, Tuple[str, str]], List[str]]:
     """Split argv into {dotted_key: (typed flag, raw value)} and bare switches (help, print-config).
 
     Accepts `--a.b-c value` and `--a.b-c=value`; dashes and underscores are equivalent. A
     following `--x` is never taken as a value: `--common.run-label --common.seed=3` would name
     the run folder after the seed flag (a value starting with -- needs the `=` form).
+
+    once: a key given twice (in any spelling) is a ConfigError, as a duplicate YAML key is: for
+    the command line a person typed. Otherwise the last value wins, so that library callers can
+    append overrides to a list of flags.
     """
     flags: Dict[str, Tuple[str, str]] = {}
     switches: List[str] = []
@@ -474,9 +478,16 @@ def parse_flags(argv: Sequence[str]) -> Tuple[Dict[str, Tuple[str, str]], List[s
                                   f"(or --{name}=VALUE for a value starting with --)")
             value = following
             i += 1
-        flags[name.replace("-", "_")] = (f"--{name}", value)
+        key = name.replace("-", "_")
+        if once and key in flags:  # keeping either value silently would hide the other
+            first, hint = flags[key], _TWICE_HINTS.get(key, "give it once")
+            raise ConfigError(f"{first[0]} is given twice ({first[1]!r} and {value!r}); {hint}")
+        flags[key] = (f"--{name}", value)
         i += 1
     return flags, switches
+
+
+_TWICE_HINTS = {"common.config_file": "give one config file; it can merge others through its `base:` list"}
 
 
 def _check_flag_key(dotted: str, typed: str, leaves: Mapping[str, Any]) -> Any:

@@ -69,6 +69,11 @@ PROBABILITY = Range(0, 1)
 RATE = Range(0, 1, high_open=True)  # dropout, label smoothing, momentum, betas: 1 would erase the signal
 FACTOR = Range(0, 1, low_open=True)  # LR multipliers and the EMA momentum: 0 would stop all change
 SEED = Range(0, 2**32 - 1)  # numpy's legacy seeding takes 32-bit seeds
+# Upper bounds on what a run can mean: beyond them a value is a typo, and acting on it would hang
+# (epochs: the schedule's totals are computed up front) or allocate gigabytes before the first line.
+EPOCHS = Range(1, 10_000)
+BATCH = Range(1, 65_536)  # per process
+SCALES = Range(1, 256)
 
 
 def opt(default: Any, help: str, valid: Optional[Range] = None, **metadata: Any):
@@ -145,7 +150,10 @@ class CommonConfig(Section):
     seed: int = opt(0, "random seed for python, numpy and torch", SEED)
     results_loc: str = opt("results", "folder that holds run folders", harmless=True)
     run_label: Optional[str] = opt(None, "run folder name; default: the config file's stem", harmless=True)
-    resume: Optional[str] = opt(None, "'auto' (continue checkpoint_last.pt of the run folder) or a checkpoint path", harmless=True)
+    resume: Optional[str] = opt(
+        None, "'auto' (continue checkpoint_last.pt of the run folder), a checkpoint path, or 'restart' (discard "
+        "the run folder's earlier records and checkpoints and train from scratch)", harmless=True
+    )
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train; auto picks cuda when available", harmless=True)
     mixed_precision: Literal["none", "bf16", "fp16"] = opt("none", "autocast dtype on CUDA (fp16 adds a grad scaler)")
     channels_last: bool = opt(True, "channels_last memory format for model and inputs", harmless=True)
@@ -205,8 +213,8 @@ class DatasetConfig(Section):
     persistent_workers: bool = opt(True, "keep workers alive between epochs", harmless=True)
     pin_memory: bool = opt(True, "pin host memory (CUDA only)", harmless=True)
     prefetch_factor: int = opt(2, "batches prefetched per worker", AT_LEAST_1, harmless=True)
-    train_batch_size: int = opt(128, "batch size at the base crop size (per process)", AT_LEAST_1)
-    val_batch_size: int = opt(256, "validation batch size (per process)", AT_LEAST_1, harmless=True)
+    train_batch_size: int = opt(128, "batch size at the base crop size (per process)", BATCH)
+    val_batch_size: int = opt(256, "validation batch size (per process)", BATCH, harmless=True)
     fake: FakeDataConfig = block(FakeDataConfig, "generated sample data")
 
 
@@ -268,7 +276,7 @@ class AugmentationConfig(Section):
 class VBSConfig(Section):
     min_crop_size: int = opt(58, "smallest candidate crop size", AT_LEAST_1)
     max_crop_size: int = opt(82, "largest candidate crop size", AT_LEAST_1)
-    max_n_scales: int = opt(5, "number of sizes drawn from linspace(min, max)", AT_LEAST_1)
+    max_n_scales: int = opt(5, "number of sizes drawn from linspace(min, max)", SCALES)
     check_scale: int = opt(6, "crop sizes are rounded to a multiple of this", AT_LEAST_1)
     batch_rule: Literal["at_least_base", "constant_pixels"] = opt(
         "at_least_base", "batch size per crop size: at_least_base = max(B0, B0*64^2/(h*w)), the paper's cvnets v0.1 "
@@ -474,7 +482,7 @@ class FixedConfig(Section):
 @dataclass(frozen=True)
 class SchedulerConfig(Section):
     name: Literal["cosine", "cyclic", "div_by_ten", "plateau", "polynomial", "fixed"] = opt("cosine", "LR schedule")
-    max_epochs: int = opt(200, "training epochs", AT_LEAST_1)
+    max_epochs: int = opt(200, "training epochs", EPOCHS)
     warmup_iterations: int = opt(3000, "linear warmup iterations (0 disables warmup)", NON_NEGATIVE)
     warmup_init_lr: float = opt(0.0002, "learning rate at iteration 0 of the warmup", NON_NEGATIVE)
     is_iteration_based: bool = opt(False, "cosine/polynomial progress per iteration, from the end of warmup to the run's last step, instead of per epoch (cyclic and div_by_ten count epochs either way)")

@@ -12,8 +12,9 @@ TIMING_KEYS = {"images_per_second", "epoch_seconds", "train_seconds"}
 
 
 def tiny_args(root, results, label="run", epochs=2, *extra):
-    """A MobileViT-Tiny run small enough for a unit test: 32 px crops, batches of 8, no workers."""
-    return [
+    """A MobileViT-Tiny run small enough for a unit test: 32 px crops, batches of 8, no workers.
+    A flag of `extra` replaces the same flag of these defaults (the front door refuses repeats)."""
+    return _merged([
         "--common.config-file", os.path.join(REPO, "config", "mobilevit_tiny.yaml"),
         "--dataset.root", str(root),
         "--dataset.workers", "0",
@@ -28,8 +29,23 @@ def tiny_args(root, results, label="run", epochs=2, *extra):
         "--common.results-loc", str(results),
         "--common.run-label", label,
         "--common.log-every-batches", "2",
-        *extra,
-    ]
+    ], extra)
+
+
+def _merged(defaults, extra):
+    """`defaults` (flag, value pairs) with the flags of `extra` replacing theirs, in order."""
+    pairs = dict(zip(defaults[::2], defaults[1::2]))
+    rest = []
+    i = 0
+    while i < len(extra):
+        flag = extra[i]
+        if "=" not in flag and i + 1 < len(extra) and flag in pairs:
+            pairs[flag] = extra[i + 1]
+            i += 2
+            continue
+        rest.append(flag)
+        i += 1
+    return [item for pair in pairs.items() for item in pair] + rest
 
 
 def read_rows(run_dir):

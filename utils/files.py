@@ -50,11 +50,51 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 def temp_path_for(path: str) -> str:
-    """A new, unique temporary file beside `path` (created empty): `.<name>.<pid>.<random>.tmp`."""
+    """A new, unique temporary file beside `path` (created empty): `.<name>.<pid>.<random>.tmp`.
+
+    mkstemp creates it private (0600); it gets the mode open() would have given a new file
+    under the umask (0644 under umask 022), so that a renamed-into-place run folder stays
+    readable by the colleagues the umask allows."""
     folder, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=folder)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     return tmp
+
+
+def temp_dir_for(path: str, tag: str) -> str:
+    """A new, unique folder beside `path` (`.<name>.<tag>-<random>`) to build a tree in and rename
+    into place; with the mode a new folder gets under the umask, not mkdtemp's private 0700."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = tempfile.mkdtemp(prefix=f".{name}.{tag}-", dir=folder)
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (setting it to read
+    it back would briefly apply to files other threads create)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_in_the_way(path: str) -> Optional[str]:
+    """The nearest existing ancestor folder of `path` when it is a file (so that `path` can never
+    be written), else None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # folders that atomic_open would create
+        folder = os.path.dirname(folder)
+    return None if os.path.isdir(folder) else folder
 
 
 def remove_quietly(path: str) -> None:
@@ -77,7 +117,12 @@ def atomic_open(path: str, mode: str = "wb", expected_size: Optional[int] = None
         free = free_bytes(folder)
         if free is not None and free < expected_size:
             raise DiskFullError(path, expected_size, free)
-    tmp = temp_path_for(path)
+    try:
+        tmp = temp_path_for(path)
+    except OSError as e:  # no inode left for the temporary file
+        if is_disk_full(e):
+            raise DiskFullError(path, expected_size) from None
+        raise
     try:
         encoding = None if "b" in mode else "utf-8"
         with open(tmp, mode, encoding=encoding, newline=None if "b" in mode else "") as f:
