@@ -25,6 +25,7 @@ from cvnets.fuse import fold_batchnorm
 from engine import checkpoint as ckpt
 from engine.ema import ModelEMA
 from engine.loops import AUTOCAST_DTYPES, LoopOptions, optimizer_steps
+from engine.run_folder import RESTART
 from engine.teacher import check_teacher_path, load_teacher
 from engine.trainer import Components, Trainer
 from engine.utils import DistInfo, init_distributed, resolve_device, seed_everything
@@ -75,7 +76,7 @@ def check_startable(cfg: Config) -> None:
     """What training needs from the machine and the disk, checked before the run folder is
     made: the checkpoint files it names exist, and the device it asks for is there."""
     for key, path in (("model.checkpoint", cfg.model.checkpoint), ("common.resume", cfg.common.resume)):
-        if path is not None and path != "auto" and not os.path.isfile(path):
+        if path not in (None, "auto", RESTART) and not os.path.isfile(path):
             raise ConfigError(f"{key}: {path} does not exist; give the path of a checkpoint_*.pt file"
                               + (" (or auto: continue this run folder's own)" if key == "common.resume" else ""))
     if cfg.common.device == "cuda" and not torch.cuda.is_available():
