@@ -7,7 +7,10 @@ setup(
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=["cvnets", "data", "loss_fn", "optim", "engine", "options", "tools", "utils"],
+    packages=["cvnets", "data", "loss_fn", "optim", "engine", "options", "tools", "utils", "config"],
+    # The configs travel with the code (site-packages/config beside options/), so an installed
+    # package finds `--common.config-file mobilevit_tiny` the same way a checkout does.
+    package_data={"config": ["*.yaml", "*.json", "**/*.yaml", "**/*.json"]},
     install_requires=["torch>=2.1", "torchvision>=0.16", "pyyaml>=6", "numpy", "tqdm", "pillow"],
     extras_require={
         "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime", "timm", "tensorboard", "submitit",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zipfile
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from data.base import DatasetError, logger, progress_bar
-from utils.files import atomic_open, is_disk_full
+from utils.files import DiskFullError, atomic_open, is_disk_full, temp_dir_for
 
 
 @dataclass(frozen=True)
@@ -87,7 +86,12 @@ def unpack_archive(archive: str, root: str, progress: bool = True) -> None:
     root = os.path.abspath(root)
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.unpack-", dir=parent)
+    try:
+        tmp = temp_dir_for(root, "unpack")
+    except OSError as e:
+        if is_disk_full(e):
+            raise DiskFullError(root, None) from None
+        raise
     logger.info("unpacking %s into %s", archive, root)
     try:
         _extract(archive, tmp, progress)
@@ -98,8 +102,20 @@ def unpack_archive(archive: str, root: str, progress: bool = True) -> None:
                 f"check dataset.archive ({where_to_get_it(root)})"
             )
         os.rename(top, root)
+    except OSError as e:
+        if is_disk_full(e):  # bytes or inodes: what was unpacked so far goes with the temporary folder
+            raise DiskFullError(root, _unpacked_size(archive)) from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unpacked_size(archive: str) -> Optional[int]:
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            return sum(member.file_size for member in zf.infolist())
+    except (OSError, zipfile.BadZipFile):
+        return None
 
 
 def _extract(archive: str, out: str, progress: bool) -> None:

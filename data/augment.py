@@ -46,21 +46,27 @@ class MixupCutmix:
     With probability prob a batch is mixed: by cutmix with probability switch_prob when both
     alphas are > 0, otherwise by whichever is on. The mixing weight is drawn from
     Beta(alpha, alpha); for cutmix it is then set to the exact share of pixels kept.
+    Batches of epochs >= off_from_epoch (counted from 0; None: never) are not mixed: their
+    targets are the one-hot labels, as those of a batch the prob draw left alone.
     """
 
     def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0,
-                 prob: float = 1.0, switch_prob: float = 0.5) -> None:
+                 prob: float = 1.0, switch_prob: float = 0.5, off_from_epoch: Optional[int] = None) -> None:
         self.num_classes, self.mixup_alpha, self.cutmix_alpha = num_classes, mixup_alpha, cutmix_alpha
         self.prob, self.switch_prob = prob, switch_prob
+        self.off_from_epoch = off_from_epoch
 
     @property
     def enabled(self) -> bool:
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
-    def __call__(self, images: Tensor, labels: Tensor, rng: np.random.Generator) -> Tuple[Tensor, Tensor]:
-        """images float [B, 3, H, W], labels int64 [B] -> (mixed images, targets float [B, C])."""
+    def __call__(self, images: Tensor, labels: Tensor, rng: np.random.Generator,
+                 epoch: int = 0) -> Tuple[Tensor, Tensor]:
+        """images float [B, 3, H, W], labels int64 [B] of a batch of `epoch` -> (mixed images,
+        targets float [B, C])."""
         targets = torch.nn.functional.one_hot(labels, self.num_classes).float()
-        if not self.enabled or rng.random() >= self.prob:
+        off = self.off_from_epoch is not None and epoch >= self.off_from_epoch
+        if off or not self.enabled or rng.random() >= self.prob:
             return images, targets
         use_cutmix = self.cutmix_alpha > 0 and (self.mixup_alpha <= 0 or rng.random() < self.switch_prob)
         partner = images.flip(0)  # a copy: flip never returns a view
@@ -104,20 +110,28 @@ class Augmentation:
             images = transform(images, spec.crop_size, np.random.default_rng((spec.seed, _TRANSFORMS, i)))
         targets = batch.labels
         if self.mix is not None:
-            images, targets = self.mix(images, targets, np.random.default_rng((spec.seed, _MIXING)))
+            images, targets = self.mix(images, targets, np.random.default_rng((spec.seed, _MIXING)), spec.epoch)
         if self.normalize is not None:
             images = self.normalize(images)
         return images.contiguous(), targets
 
 
-def build_augmentation(cfg: AugmentationConfig, num_classes: int, train: bool) -> Augmentation:
+def build_augmentation(cfg: AugmentationConfig, num_classes: int, train: bool,
+                       max_epochs: Optional[int] = None) -> Augmentation:
     """The training (image_augmentation.train, mixing allowed) or evaluation (.val) pipeline.
 
+    max_epochs: the run's length, which mixup.off_epochs counts back from (needed when it is set).
     A bad setting is a ValueError whose message starts with its config key.
     """
     where = "image_augmentation.train" if train else "image_augmentation.val"
     transforms = build_transforms(cfg.train if train else cfg.val, where)
     normalize = Normalize(cfg.mean, cfg.std) if cfg.mean is not None else None
     m = cfg.mixup
-    mix = MixupCutmix(num_classes, m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob) if train else None
+    if not train:
+        return Augmentation(transforms, normalize, None)
+    if m.off_epochs and max_epochs is None:
+        raise ValueError("image_augmentation.mixup.off_epochs counts back from the run's end: "
+                         "build_augmentation needs max_epochs")
+    off_from = max_epochs - m.off_epochs if m.off_epochs else None
+    mix = MixupCutmix(num_classes, m.mixup_alpha, m.cutmix_alpha, m.prob, m.switch_prob, off_from)
     return Augmentation(transforms, normalize, mix)

@@ -14,6 +14,7 @@ from typing import Any, Callable, NamedTuple, Optional, Tuple
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from options.registry import Registry
@@ -61,18 +62,47 @@ def _original_line(message: str, type_name: str) -> str:
 def decode_image(path: str, size: int = IMAGE_SIZE) -> np.ndarray:
     """Decode an image file into a writable uint8 array [size, size, 3] (RGB).
 
-    Grayscale, palette and CMYK files become RGB. An image of another size is resized
-    (bilinear) so that the JPEG path and the decoded cache always agree pixel for pixel.
+    Every colour mode becomes 8-bit RGB by its meaning, not by PIL's clipping convert("RGB"):
+    16-bit grayscale (I;16*, and I holding 0..65535) is scaled by 255/65535; an image with
+    transparency (RGBA, LA, PA, or a transparent colour in a palette, grayscale or RGB PNG) is composited over black, so
+    whatever colour hides under alpha 0 never reaches training; grayscale, palette, bilevel,
+    CMYK, YCbCr and HSV convert as PIL defines them. Float pixels (F) have no agreed range and
+    Lab needs a colour profile: such files are refused, naming the file. An image of another
+    size is resized (bilinear) so that the JPEG path and the decoded cache agree pixel for pixel.
     """
     try:
         with Image.open(path) as img:
-            rgb = img.convert("RGB")
+            img.load()
+            rgb = _to_rgb(img, path)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         # PIL reports truncated and garbled files as OSError/SyntaxError; keep its reason.
         raise CorruptImageError.for_file(path, str(e) or type(e).__name__) from None
     if rgb.size != (size, size):
         rgb = rgb.resize((size, size), Image.BILINEAR)
     return np.array(rgb)  # a copy: np.asarray of a PIL image is read-only
+
+
+_PLAIN_MODES = ("RGB", "RGBX", "L", "1", "P", "CMYK", "YCbCr", "HSV")  # PIL's convert("RGB") is right for these
+_ALPHA_MODES = ("RGBA", "LA", "PA")
+_UNSUPPORTED_MODE = "mode {mode} ({what}) is not supported; save it as 8-bit RGB, grayscale or palette"
+
+
+def _to_rgb(img: Image.Image, path: str) -> Image.Image:
+    mode = img.mode
+    if mode.startswith("I;16") or mode == "I":
+        values = np.asarray(img, dtype=np.int64)  # I;16B and friends arrive in native order
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(_UNSUPPORTED_MODE.format(mode=mode, what="32-bit integers beyond 16 bits"))
+        gray = ((values * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
+        return Image.fromarray(gray, "L").convert("RGB")
+    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB", "1") and "transparency" in img.info):
+        rgba = np.asarray(img.convert("RGBA"), dtype=np.uint32)
+        over_black = (rgba[..., :3] * rgba[..., 3:] + 127) // 255  # round(c * a / 255)
+        return Image.fromarray(over_black.astype(np.uint8), "RGB")
+    if mode in _PLAIN_MODES:
+        return img.convert("RGB")
+    what = {"F": "32-bit float pixels have no agreed range", "LAB": "Lab colour needs a colour profile"}
+    raise ValueError(_UNSUPPORTED_MODE.format(mode=mode, what=what.get(mode, "an unusual pixel format")))
 
 
 def progress_bar(enabled: bool, iterable: Any = None, **kwargs: Any) -> tqdm:
@@ -90,6 +120,7 @@ class BatchSpec:
     indices: Tuple[int, ...]  # dataset indices
     crop_size: int
     seed: int
+    epoch: int = 0  # the training epoch it belongs to (mixup's off_epochs reads it)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -120,20 +151,44 @@ def on_device(values: Any, device: torch.device, dtype: Optional[torch.dtype] = 
 
 # ----------------------------------------------------------------------------- workers
 def worker_init(parent_pid: int) -> Callable[[int], None]:
-    """A DataLoader worker_init_fn that leaves SIGINT, SIGTERM and SIGUSR1 to the main process
+    """A DataLoader worker_init_fn that leaves SIGINT, SIGTERM, SIGUSR1 and SIGHUP to the main process
     (`parent_pid`, the process building the DataLoader).
 
     timeout, SLURM and Ctrl-C signal every process of the job; a worker that died of it would
-    break the main process's iteration before it could save and exit. SIGINT and SIGUSR1 are
-    ignored. SIGTERM is ignored too, except from the main process itself: multiprocessing
-    ends workers that way (terminate() at interpreter exit, or when they fail to join), and a
-    worker deaf to it would keep the main process waiting for ever.
+    break the main process's iteration before it could save and exit (a closed terminal sends
+    SIGHUP to all of them). SIGINT, SIGUSR1 and SIGHUP are ignored. SIGTERM is ignored too,
+    except from the main process itself: multiprocessing ends workers that way (terminate() at
+    interpreter exit, or when they fail to join), and a worker deaf to it would keep the main
+    process waiting for ever.
     """
     return functools.partial(_leave_signals, parent_pid)
 
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+
+
+class WorkerDataLoader(DataLoader):
+    """A DataLoader whose workers never meet a stop signal before worker_init has set them up.
+
+    A worker is a fork of the main process and runs its signal handlers until worker_init
+    replaces them; a signal to the process group in that window could kill the worker (and
+    with it the main process's iteration) instead of letting the main process save. So the
+    stop signals are blocked in the calling thread while the iterator forks its workers: the
+    workers inherit the block and worker_init takes it from there; the main process gets its
+    pending signal the moment the block is lifted."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0 or threading.current_thread() is not threading.main_thread():
+            return super()._get_iterator()
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return super()._get_iterator()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def _leave_signals(parent_pid: int, worker_id: int) -> None:
-    for sig in (signal.SIGINT, signal.SIGUSR1):
+    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     # Blocked in this thread and so in every thread it starts: a SIGTERM stays pending until the
     # watcher takes it, with its sender.

@@ -18,13 +18,13 @@ import colorsys
 import multiprocessing
 import os
 import shutil
-import tempfile
 from typing import List, Optional, Sequence
 
 import numpy as np
 from PIL import Image
 
 from data.base import IMAGE_SIZE
+from utils.files import temp_dir_for
 
 _GRAY_EVERY = 8  # image k of a class is grayscale when k % _GRAY_EVERY == _GRAY_EVERY - 1
 _EXTRA_WORDS = 3  # words.txt also lists wnids that are not classes, like the real one
@@ -52,7 +52,7 @@ def make_fake_tinyimagenet(
         raise FileExistsError(f"{root} already exists; remove it or pick another folder")
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.partial-", dir=parent)
+    tmp = temp_dir_for(root, "partial")
     try:
         _write_tree(tmp, classes, train_per_class, val_per_class, test_per_class, np.random.default_rng(seed),
                     processes)

@@ -21,10 +21,9 @@ from typing import Callable, Iterable, Iterator, List, Optional, Tuple, TypeVar,
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader
 
 from data.augment import Augmentation, Batch, build_augmentation
-from data.base import DATASETS, IMAGE_SIZE, RawBatch, logger, on_device, worker_init
+from data.base import DATASETS, IMAGE_SIZE, RawBatch, WorkerDataLoader, logger, on_device, worker_init
 from data.samplers import SAMPLERS, ShardedBatchSampler, batch_sampler, vbs_schedule
 from data.tinyimagenet import TinyImageNet, prepare_root
 from options.schema import Config
@@ -100,7 +99,12 @@ def check_config(cfg: Config) -> None:
     (their settings validated), the normalisation and mixing, and the sampler's schedule.
     Any cache and placement combination works; none is refused.
     """
-    train = build_augmentation(cfg.image_augmentation, num_classes=1, train=True)
+    train = build_augmentation(cfg.image_augmentation, num_classes=1, train=True,
+                               max_epochs=cfg.scheduler.max_epochs)
+    off, epochs = cfg.image_augmentation.mixup.off_epochs, cfg.scheduler.max_epochs
+    if off >= epochs:
+        raise ValueError(f"image_augmentation.mixup.off_epochs: {off} would switch mixing off for the whole run "
+                         f"(scheduler.max_epochs is {epochs}); give fewer epochs than that")
     build_augmentation(cfg.image_augmentation, num_classes=1, train=False)
     sampler = cfg.sampler
     if sampler.name == "variable_batch_sampler":
@@ -132,7 +136,8 @@ def build_loaders(cfg: Config, rank: int = 0, world_size: int = 1,
         len(train_set), cfg.sampler, cfg.dataset.train_batch_size,
         shuffle=True, seed=cfg.common.seed, rank=rank, world_size=world_size, training=True,
     )
-    train_augment = build_augmentation(cfg.image_augmentation, train_set.num_classes, train=True)
+    train_augment = build_augmentation(cfg.image_augmentation, train_set.num_classes, train=True,
+                                       max_epochs=cfg.scheduler.max_epochs)
     val_augment = build_augmentation(cfg.image_augmentation, train_set.num_classes, train=False)
     return Loaders(
         train=_loader(cfg, train_set, train_sampler, train_augment, device),
@@ -189,10 +194,10 @@ def _keep(batch: RawBatch) -> RawBatch:
 
 
 def _data_loader(cfg: Config, dataset: TinyImageNet, sampler: ShardedBatchSampler,
-                 collate: Callable[[RawBatch], object], device: torch.device) -> DataLoader:
+                 collate: Callable[[RawBatch], object], device: torch.device) -> WorkerDataLoader:
     data_cfg = cfg.dataset
     workers = data_cfg.workers
-    return DataLoader(
+    return WorkerDataLoader(
         dataset,
         batch_sampler=sampler,
         collate_fn=collate,

@@ -91,6 +91,8 @@ class ShardedBatchSampler(Sampler[BatchSpec]):
 
     def epoch_length(self, epoch: int) -> int:
         """Batches of epoch `epoch` (a pure function of seed, epoch, rank and world size)."""
+        if len(self.schedule) == 1:  # one batch size: no draws needed, the run's totals stay O(1) per epoch
+            return math.ceil(self._shard_length() / self.schedule[0][1])
         return len(self._plan(epoch))
 
     def __len__(self) -> int:
@@ -106,7 +108,7 @@ class ShardedBatchSampler(Sampler[BatchSpec]):
             if number >= self.start_batch:
                 # indices past the end wrap around (training) or are never asked for (evaluation)
                 picked = shard[np.arange(start, start + size) % len(shard)]
-                yield BatchSpec(tuple(picked.tolist()), crop, int(seed))
+                yield BatchSpec(tuple(picked.tolist()), crop, int(seed), self.epoch)
             start += size
 
     def _rng(self, epoch: int, stream: int, *extra: int) -> np.random.Generator:

@@ -21,6 +21,7 @@ from data.archive import OFFICIAL, download_archive, unpack_archive, where_to_ge
 from data.base import DATASETS, IMAGE_SIZE, BatchSpec, CorruptImageError, DatasetError, RawBatch, decode_image, logger
 from data.fake import make_fake_tinyimagenet
 from options.schema import DatasetConfig
+from utils.files import waiting_lock
 
 SPLITS = ("train", "val", "test")
 _IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
@@ -45,6 +46,24 @@ def prepare_root(cfg: DatasetConfig, progress: bool = True) -> str:
     root = cfg.root
     if os.path.isdir(root):
         return root
+    # Two runs started together (a sweep with --parallel) must not both write the root: the
+    # second waits for the first and adopts what it wrote.
+    where = os.path.abspath(root)
+    with waiting_lock(root_lock_path(root), lambda: logger.info("waiting for another process preparing %s", where)):
+        if os.path.isdir(root):
+            return root
+        _prepare_missing_root(cfg, progress)
+    return root
+
+
+def root_lock_path(root: str) -> str:
+    """The lock file beside a dataset root that its writers take: `<parent>/.<name>.lock`."""
+    parent, name = os.path.split(os.path.abspath(root))
+    return os.path.join(parent, f".{name}.lock")
+
+
+def _prepare_missing_root(cfg: DatasetConfig, progress: bool) -> None:
+    root = cfg.root
     if cfg.fake.enable:
         f = cfg.fake
         logger.info("writing a generated sample dataset (%d classes) to %s", f.classes, os.path.abspath(root))
@@ -56,7 +75,6 @@ def prepare_root(cfg: DatasetConfig, progress: bool = True) -> str:
         unpack_archive(download_archive(zip_path, root, OFFICIAL, progress), root, progress)
     else:
         raise DatasetError(f"dataset.root: {root} does not exist; {where_to_get_it(root)}")
-    return root
 
 
 # ----------------------------------------------------------------------------- reading the layout
@@ -89,9 +107,12 @@ def read_split(root: str, split: str, wnids: Sequence[str]) -> SplitFiles:
 
 
 def _lines(path: str) -> List[str]:
-    """The lines of a text file of the layout; one that is not UTF-8 is a DatasetError."""
+    """The lines of a text file of the layout; one that is not UTF-8 is a DatasetError.
+
+    A byte-order mark (what Windows editors write) is dropped and CRLF line ends are accepted:
+    otherwise the invisible mark would become part of the first wnid or file name."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return f.read().splitlines()
     except UnicodeDecodeError as e:
         raise DatasetError(f"{path} is not UTF-8 text (byte {e.start}); {_REFETCH}") from None
@@ -112,10 +133,10 @@ def _train_files(root: str, index: Dict[str, int]) -> SplitFiles:
     for wnid, label in index.items():
         folder = os.path.join(root, "train", wnid, "images")
         if not os.path.isdir(folder):
-            raise DatasetError(f"{folder} is missing but wnids.txt lists {wnid}; {_REFETCH}")
+            raise DatasetError(f"{folder!r} is missing but wnids.txt lists {wnid!r}; {_REFETCH}")
         names = _image_names(folder)
         if not names:  # a class without images would train as if it did not exist
-            raise DatasetError(f"{folder} holds no images but wnids.txt lists {wnid}; {_REFETCH}")
+            raise DatasetError(f"{folder} holds no images but wnids.txt lists {wnid!r}; {_REFETCH}")
         paths += [os.path.join(folder, n) for n in names]
         labels += [label] * len(names)
     return SplitFiles(paths, np.asarray(labels, np.int64))
@@ -137,9 +158,9 @@ def _val_files(root: str, index: Dict[str, int]) -> SplitFiles:
             raise DatasetError(f"{where}: expected '<file>\\t<wnid>\\t...', got {line.strip()!r}; {_REFETCH}")
         name, wnid = fields[0].strip(), fields[1].strip()
         if wnid not in index:
-            raise DatasetError(f"{where}: wnid {wnid} is not in wnids.txt; {_REFETCH}")
-        if name not in present:
-            raise DatasetError(f"{where}: {os.path.join(folder, name)} does not exist; {_REFETCH}")
+            raise DatasetError(f"{where}: wnid {wnid!r} is not in wnids.txt; {_REFETCH}")
+        if name not in present:  # repr: an invisible character in the name shows
+            raise DatasetError(f"{where}: {os.path.join(folder, name)!r} does not exist; {_REFETCH}")
         paths.append(os.path.join(folder, name))
         labels.append(index[wnid])
     return SplitFiles(paths, np.asarray(labels, np.int64))

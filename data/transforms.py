@@ -76,6 +76,23 @@ def build_transforms(entries: Sequence[Mapping[str, Any]], where: str) -> List[T
     return [build_transform(entry, f"{where}[{i}]") for i, entry in enumerate(entries)]
 
 
+def describe_transforms() -> List[str]:
+    """One line per registered transform: its name and its settings with their defaults (--help)."""
+    lines = []
+    for name in TRANSFORMS.names():
+        params = inspect.signature(TRANSFORMS.get(name).__init__).parameters.values()
+        settings = ", ".join(f"{p.name}: {_plain(p.default)}" for p in params
+                             if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        lines.append(f"{{name: {name}{', ' + settings if settings else ''}}}")
+    return lines
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_plain(v) for v in value) + "]"
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def build_transform(entry: Mapping[str, Any], where: str) -> Transform:
     """One transform from `{name: ..., settings}`; every problem is a ValueError naming `where`."""
     name = entry.get("name")
@@ -168,15 +185,17 @@ def _per_sample(values: Tensor) -> Tensor:
 
 
 def _sample_boxes(rng: np.random.Generator, batch: int, height: int, width: int, scale: Tuple[float, float],
-                  ratio: Tuple[float, float], attempts: int = 10) -> Tuple[np.ndarray, np.ndarray]:
+                  ratio: Tuple[float, float], attempts: int = 10,
+                  strict: bool = False) -> Tuple[np.ndarray, np.ndarray]:
     """(boxes float [B, 4] as top, left, h, w; found bool [B]) of random boxes with an area
     fraction in `scale` and an aspect ratio w/h in `ratio`: per sample the first of `attempts`
-    draws that fits in the image (found is False where none did)."""
+    draws that fits in the image (found is False where none did). strict: a box must also be
+    smaller than the image on both sides (torchvision's RandomErasing rule)."""
     s, r, u, v = rng.random((4, batch, attempts))
     area = height * width * (scale[0] + (scale[1] - scale[0]) * s)
     aspect = np.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * r)
     w, h = np.round(np.sqrt(area * aspect)), np.round(np.sqrt(area / aspect))
-    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    fits = (w > 0) & (w <= width - strict) & (h > 0) & (h <= height - strict)
     first = fits.argmax(axis=1)[:, None]  # argmax returns the first of equal maxima
     h, w, u, v = (np.take_along_axis(a, first, axis=1)[:, 0] for a in (h, w, u, v))
     top, left = np.floor(u * (height - h + 1)), np.floor(v * (width - w + 1))
@@ -428,6 +447,8 @@ class _Flip(Transform):
 
 @TRANSFORMS.register("random_horizontal_flip")
 class RandomHorizontalFlip(_Flip):
+    """With probability p, mirror left to right."""
+
     def __init__(self, p: float = 0.5) -> None:
         self.p = _probability(p)
 
@@ -437,6 +458,8 @@ class RandomHorizontalFlip(_Flip):
 
 @TRANSFORMS.register("random_vertical_flip")
 class RandomVerticalFlip(_Flip):
+    """With probability p, flip upside down."""
+
     def __init__(self, p: float = 0.5) -> None:
         self.p = _probability(p)
 
@@ -522,7 +545,13 @@ class Cutout(Transform):
 
 @TRANSFORMS.register("random_erasing")
 class RandomErasing(Transform):
-    """With probability p, fill one random box (area fraction in scale, aspect in ratio) with value."""
+    """torchvision's RandomErasing: with probability p, fill one random box with value; the box
+    has an area fraction in scale and an aspect ratio h/w in ratio (log-uniform), is smaller
+    than the image on both sides, and is the first of 10 draws that fits (none: no erasing).
+
+    value is a pixel value in [0, 1] before normalisation (the pipeline normalises last), so
+    0 erases to black; torchvision's reference recipe erases after normalising, to the mean
+    colour: give value the mean (e.g. 0.45) for that."""
 
     def __init__(self, p: float = 0.5, scale: Tuple[float, ...] = (0.02, 0.33),
                  ratio: Tuple[float, ...] = (0.3, 3.3), value: float = 0.0) -> None:
@@ -531,7 +560,9 @@ class RandomErasing(Transform):
         self.value = _pixel("value", value)
 
     def draw(self, rng: np.random.Generator, batch: int, height: int, width: int, crop_size: int) -> Params:
-        boxes, found = _sample_boxes(rng, batch, height, width, self.scale, self.ratio)
+        # h/w log-uniform in ratio is w/h log-uniform in (1 / ratio[1], 1 / ratio[0])
+        boxes, found = _sample_boxes(rng, batch, height, width, self.scale, (1 / self.ratio[1], 1 / self.ratio[0]),
+                                     strict=True)
         return {"boxes": boxes[:, None], "active": (_chance(rng, batch, self.p) & found)[:, None]}
 
     def apply(self, images: Tensor, params: Params) -> Tensor:
@@ -724,7 +755,12 @@ class ColorJitter(_Torchvision):
 
 @TRANSFORMS.register("rand_augment")
 class RandAugment(_Torchvision):
-    """torchvision RandAugment."""
+    """torchvision's RandAugment (Cubuk et al. 2020): num_ops ops per image, each drawn from the
+    paper's 14 (identity, shear x/y, translate x/y, rotate, brightness, color, contrast,
+    sharpness, posterize, solarize, autocontrast, equalize) at bin `magnitude` of
+    num_magnitude_bins, signed ops negated half the time. Geometric ops fill with 0 (black).
+    It runs on the pipeline's float images (after the crop), not on uint8 ones: posterize
+    floors at float levels and equalize bins to 256 levels, as torchvision does for floats."""
 
     def __init__(self, num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 31,
                  interpolation: Interpolation = "nearest") -> None:
@@ -735,7 +771,10 @@ class RandAugment(_Torchvision):
 
 @TRANSFORMS.register("trivial_augment")
 class TrivialAugment(_Torchvision):
-    """torchvision TrivialAugmentWide."""
+    """torchvision's TrivialAugmentWide (Mueller & Hutter 2021): one of RandAugment's 14 ops
+    per image at a magnitude bin drawn uniformly, over the paper's wide ranges (shear 0.99,
+    translate 32 px whatever the image size, rotate 135 degrees, enhance 0.99). Float images,
+    as rand_augment."""
 
     def __init__(self, num_magnitude_bins: int = 31, interpolation: Interpolation = "nearest") -> None:
         super().__init__(v2.TrivialAugmentWide(_positive("num_magnitude_bins", num_magnitude_bins),
@@ -781,3 +820,4 @@ def select(params: Any, chosen: np.ndarray) -> Any:
     if isinstance(params, list):
         return [select(value, chosen) for value in params]
     return params[torch.as_tensor(chosen)] if isinstance(params, Tensor) else params[chosen]
+

@@ -10,22 +10,26 @@ anything else is refused with one line. Two kinds:
 - weights (`checkpoint_best.pt`, `checkpoint_ema_best.pt`): the model (or EMA) weights of one
   epoch with its metrics and the config, for evaluation, export and fine-tuning.
 
-Every checkpoint also holds the class list (wnids and names) and the parameter count. Weights
-imported from another library (tools/import_weights.py) are a weights checkpoint too, with an
-empty class list and a `source` record (path, layout, SHA-256); fine-tuning (`load_pretrained`)
-also reads foreign weights files directly, through cvnets.pretrained.
+Every checkpoint also holds the class list (wnids and names), which resume and evaluation
+compare with the dataset's, the parameter count, and a CRC-32 of everything it stores, which
+`load` verifies: a flipped bit in the tensor data is a one-line error, not silently wrong weights.
+Weights imported from another library (tools/import_weights.py) are a weights checkpoint too, with
+an empty class list (unknown: never compared) and a `source` record (path, layout, SHA-256);
+fine-tuning (`load_pretrained`) also reads foreign weights files directly, through cvnets.pretrained.
 
     python -m engine.checkpoint --upgrade PATH   # convert a format-1 checkpoint you trust
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import os
 import pickle
 import sys
+import zlib
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -34,6 +38,7 @@ from utils.files import atomic_write_bytes
 
 VERSION = 2  # 1: cvnets-tiny 0.1 (pickled numpy/python RNG states); 2: tensors and plain data only
 TRAINING, WEIGHTS = "training", "weights"
+CHECKSUM = "checksum"  # key of the CRC-32 over everything else the checkpoint holds
 CLASSIFIER_WEIGHT = "classifier.1.weight"  # both families' linear layer
 
 
@@ -45,9 +50,38 @@ class CheckpointError(Exception):
 def save(state: Mapping[str, Any], path: str) -> None:
     """Write `state` (plus the format version) atomically: serialised in memory first, so the
     free space is checked against the exact size and a full disk leaves the old file as it was."""
+    state = {**state, "version": VERSION}
+    state[CHECKSUM] = checksum(state)
     buffer = io.BytesIO()
-    torch.save({**state, "version": VERSION}, buffer)
+    torch.save(state, buffer)
     atomic_write_bytes(path, buffer.getbuffer().tobytes())
+
+
+def checksum(state: Mapping[str, Any]) -> str:
+    """CRC-32 of every value in `state` but the checksum itself: tensors by dtype, shape and raw
+    bytes, plain data by type and repr, in a fixed order (about 0.5 s per GB of tensors)."""
+    crc = 0
+    for path, value in _leaves({k: v for k, v in state.items() if k != CHECKSUM}):
+        crc = zlib.crc32(path.encode(), crc)
+        if isinstance(value, torch.Tensor):
+            tensor = value.detach().cpu().contiguous()
+            crc = zlib.crc32(f"{tensor.dtype}{tuple(tensor.shape)}".encode(), crc)
+            if tensor.numel():
+                crc = zlib.crc32(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), crc)
+        else:
+            crc = zlib.crc32(f"{type(value).__name__}:{value!r}".encode(), crc)
+    return f"crc32:{crc:08x}"
+
+
+def _leaves(value: Any, path: str = "") -> Iterator[Tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        for key in sorted(value, key=lambda k: (type(k).__name__, str(k))):
+            yield from _leaves(value[key], f"{path}/{key!r}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _leaves(item, f"{path}[{i}]")
+    else:
+        yield path, value
 
 
 def rng_state() -> Dict[str, Any]:
@@ -90,9 +124,18 @@ def _is_ours(state: Any) -> bool:
 def _checked(state: Any, path: str, kind: Optional[str] = None) -> Dict[str, Any]:
     if not _is_ours(state):
         raise CheckpointError(f"{path} is not a checkpoint of this tool (no model weights and config inside)")
+    for key in ("model", "config"):
+        if not isinstance(state[key], dict):
+            raise CheckpointError(f"{path} is not a checkpoint of this tool (its {key} is a "
+                                  f"{type(state[key]).__name__}, not a mapping)")
     version = state.get("version")
     if version != VERSION:
         raise CheckpointError(_version_advice(path, version))
+    # Checkpoints written before the checksum existed carry none: nothing to verify.
+    if CHECKSUM in state and checksum(state) != state[CHECKSUM]:
+        raise CheckpointError(f"{path} is damaged: what it holds no longer matches the checksum written with it "
+                              "(a flipped bit on disk or in a copy); use another copy of the file, or another "
+                              "checkpoint of the run")
     if kind == TRAINING and state.get("kind") != TRAINING:
         raise CheckpointError(f"{path} holds weights only, not a training state; resume from checkpoint_last.pt")
     return state
@@ -118,6 +161,17 @@ def _version_advice(path: str, version: Any) -> str:
             f"If you trust the file, convert it once with: python -m engine.checkpoint --upgrade {path}")
 
 
+def class_list_difference(stored: Optional[Sequence[str]], current: Sequence[str]) -> Optional[str]:
+    """None when a checkpoint's class list matches the dataset's (or it has none), else
+    a short description of the first difference."""
+    if not stored or list(stored) == list(current):  # none or empty (imported weights): unknown
+        return None
+    if len(stored) != len(current):
+        return f"{len(stored)} classes, the dataset has {len(current)}"
+    i = next(i for i, (a, b) in enumerate(zip(stored, current)) if a != b)
+    return f"class {i} is {stored[i]} in the checkpoint but {current[i]} in the dataset"
+
+
 def weights(state: Mapping[str, Any], use_ema: bool, path: str, flag: str = "--eval.ema") -> Dict[str, Any]:
     """The model (or, with use_ema, the EMA) weights a checkpoint holds."""
     if not use_ema or state.get("is_ema"):
@@ -125,6 +179,17 @@ def weights(state: Mapping[str, Any], use_ema: bool, path: str, flag: str = "--e
     if state.get("ema") is not None:
         return state["ema"]["module"]
     raise CheckpointError(f"{path} holds no EMA weights; drop {flag} or use checkpoint_ema_best.pt / checkpoint_last.pt")
+
+
+def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names, dtypes, shapes and values: the identity of a set of weights,
+    whichever file holds them."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous().reshape(-1)  # 0-d tensors cannot be viewed as bytes
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -136,6 +201,7 @@ class Pretrained:
     total: int
     fresh: Tuple[str, ...]
     file_classes: Optional[int]
+    wnids: Tuple[str, ...] = ()  # the class list of a checkpoint of this tool; () when unknown
 
     def describe(self, path: str, num_classes: int) -> str:
         """The one log line of a fine-tuning start."""
@@ -171,6 +237,7 @@ def load_pretrained(model: nn.Module, path: str, model_cfg: Any) -> Pretrained:
                                       f"{tuple(given[bad].shape)}, the model's {tuple(own[bad].shape)}")
             weights = {k: v for k, v in given.items() if k not in wrong}
             file_classes = int(given[CLASSIFIER_WEIGHT].shape[0])
+            wnids = tuple(state.get("wnids") or ())
         else:
             state = pretrained.unwrap(state, path)
             fmt, family = pretrained.detect_format(state)
@@ -181,11 +248,12 @@ def load_pretrained(model: nn.Module, path: str, model_cfg: Any) -> Pretrained:
             weights, _ = pretrained.to_project(fmt, model_cfg, own, state, classifier_may_differ=True)
             head = pretrained.places(fmt, model_cfg, own)["classifier.1"][0] + ".weight"
             file_classes = int(state[head].shape[0])
+            wnids = ()
     except pretrained.WeightMappingError as e:
         raise CheckpointError(f"model.checkpoint {path}: {e}") from None
     model.load_state_dict({**own, **weights})
     fresh = tuple(k for k in own if k.startswith(pretrained.CLASSIFIER) and k not in weights)
-    return Pretrained(layout, len(weights), len(own), fresh, file_classes)
+    return Pretrained(layout, len(weights), len(own), fresh, file_classes, wnids)
 
 
 def imported_state(cfg_dict: Mapping[str, Any], weights: Mapping[str, Any], params: int,
@@ -204,7 +272,13 @@ def upgrade(path: str) -> None:
     Format 1 pickled numpy and Python RNG states, which weights-only loading refuses; this is
     the one place that unpickles, and only on the user's explicit request.
     """
-    old = torch.load(path, map_location="cpu", weights_only=False)  # the user vouched for this file
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}; check the path")
+    try:
+        old = torch.load(path, map_location="cpu", weights_only=False)  # the user vouched for this file
+    except Exception as e:  # a text file, a truncated one, ...
+        raise CheckpointError(f"cannot read {path} as a checkpoint ({type(e).__name__}); give a format-1 "
+                              "checkpoint of cvnets-tiny 0.1") from None
     if not isinstance(old, dict) or old.get("version") != 1:
         raise CheckpointError(f"{path} is not a format-1 checkpoint of this tool; nothing to upgrade")
     new = {k: v for k, v in old.items() if k not in ("rng", "version", "progress")}

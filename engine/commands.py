@@ -2,7 +2,7 @@
 
 Exit status: 0 done; 1 the run failed (non-finite loss, full disk, run folder in use, a failed
 parity check); 2 bad input (config, flags, dataset, checkpoint: one line naming the problem and
-the fix); 128 + N stopped by signal N after saving (130 SIGINT, 143 SIGTERM, 138 SIGUSR1).
+the fix); 128 + N stopped by signal N after saving (130 SIGINT, 143 SIGTERM, 138 SIGUSR1, 129 SIGHUP).
 main_train.py, main_eval.py, main_export.py and the console scripts cvnets-train, cvnets-eval
 and cvnets-export call these functions and exit with what they return.
 """
@@ -10,21 +10,24 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import signal
 import sys
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 from options.cli import parse_config
-from options.config import ConfigError
-from utils.files import DiskFullError
+from options.config import ConfigError, help_text
 from options.schema import Config, literal_choices
+from utils.files import DiskFullError, file_in_the_way
 
 logger = logging.getLogger("cvnets")
 
 TRAIN_DOC = """Train a model from a YAML config.
 
     python main_train.py --common.config-file config/mobilevit_tiny.yaml [--section.key value ...]
-    torchrun --nproc_per_node 2 main_train.py --common.config-file ...    (DDP)"""
+    torchrun --nproc_per_node 2 main_train.py --common.config-file ...    (DDP)
+
+--list-transforms lists the transforms image_augmentation.train and .val can name, with their settings."""
 
 EVAL_DOC = """Evaluate a checkpoint written by main_train.py.
 
@@ -99,13 +102,29 @@ def _setup_logging(rank: int, timestamps: bool) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s" if timestamps else "%(message)s", "%H:%M:%S"))
 
 
-def _check(cfg: Config) -> None:
+def _transforms() -> str:
+    from data.transforms import describe_transforms
+
+    return "Transforms of image_augmentation.train and .val, with their settings and defaults:\n" + "\n".join(
+        f"  {line}" for line in describe_transforms())
+
+
+def _check(cfg: Config, training: bool = True) -> None:
     from engine.build import check_config
 
-    check_config(cfg)
+    check_config(cfg, training)
 
 
 # ----------------------------------------------------------------------------- train
+def _train_doc() -> str:
+    """TRAIN_DOC and every transform image_augmentation.train / .val may list, with its settings."""
+    from data.transforms import describe_transforms
+
+    entries = "\n".join(f"    {line}" for line in describe_transforms())
+    return (f"{TRAIN_DOC}\n\nTransforms of image_augmentation.train and .val (a list of entries, applied in "
+            f"order; the settings and their defaults):\n{entries}")
+
+
 def _check_train(cfg: Config) -> None:
     from engine.loggers import check_trackers
 
@@ -115,25 +134,44 @@ def _check_train(cfg: Config) -> None:
 
 def train(argv: Optional[Sequence[str]] = None) -> int:
     """main_train.py / cvnets-train."""
-    cfg = parse_config(argv, "main_train.py", TRAIN_DOC, check=_check_train)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # training the defaults into results/run/ is never what a bare command meant
+        print(f"{help_text('main_train.py').splitlines()[0]}\n\n{_train_doc()}\n\n--help lists every key.",
+              file=sys.stderr)
+        return 2
+    cfg = parse_config(argv, "main_train.py", _train_doc(), check=_check_train,
+                       listings={"list-transforms": _transforms})
     _setup_logging(int(os.environ.get("RANK", "0")), timestamps=True)
-    return _run(lambda: _train(cfg))
+    command = shlex.join([sys.argv[0] if sys.argv and sys.argv[0] else "main_train.py", *argv])
+    return _run(lambda: _train(cfg, command))
 
 
-def _train(cfg: Config) -> int:
-    from engine.build import build_trainer, run_dir_for, setup_process
+def _train(cfg: Config, command: str = "") -> int:
+    from engine.build import (build_trainer, check_startable, describe_process, run_dir_for, setup_process,
+                              with_absolute_paths)
     from engine.run_folder import RunFolder, resume_path
-    from engine.trainer import closing_block
+    from engine.trainer import TrainingInterrupted, closing_block
 
     run_dir = run_dir_for(cfg)
     resume_path(run_dir, cfg.common.resume)  # refuses to overwrite a run before any work
+    check_startable(cfg)  # what can fail at once fails before the run folder exists
+    cfg = with_absolute_paths(cfg)
     # The lock first: a second trainer on this folder stops before anything else happens.
     folder = RunFolder(run_dir, writer=int(os.environ.get("RANK", "0")) == 0)
     try:
         folder.open(logger)
-        process = setup_process(cfg)
-        logger.info("run folder: %s", os.path.abspath(run_dir))
-        summary = build_trainer(cfg, process).run(folder)
+        try:
+            process = setup_process(cfg)
+            logger.info("run folder: %s", os.path.abspath(run_dir))
+            logger.info("command line: %s", command)
+            logger.info("%s", describe_process(process))
+            summary = build_trainer(cfg, process).run(folder)
+        except TrainingInterrupted:
+            raise
+        except Exception as e:
+            folder.record_failure(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
+                                  cfg.scheduler.max_epochs)
+            raise
         for line in closing_block(summary):
             logger.info(line)
         _barrier()  # no rank tears the process group down while rank 0 still writes
@@ -176,8 +214,13 @@ def _checkpoint_config(prog: str, loaded: Dict[str, Any]) -> Callable[[Mapping[s
 
 
 def _output_file(key: str, path: Optional[str]) -> None:
-    if path and os.path.isdir(path):
+    if not path:
+        return
+    if os.path.isdir(path):
         raise ConfigError(f"{key}: {path} is a folder; give a file path inside it")
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        raise ConfigError(f"{key}: {blocker} is a file, so {path} cannot be written; give a path in a folder")
 
 
 def evaluate(argv: Optional[Sequence[str]] = None) -> int:
@@ -187,7 +230,7 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> int:
     def check(cfg: Config) -> None:
         from engine.evaluation import check_same_model
 
-        _check(cfg)
+        _check(cfg, training=False)
         check_same_model(cfg, loaded["state"]["config"])
         _output_file("eval.output_json", cfg.eval.output_json)
         _output_file("eval.predictions_csv", cfg.eval.predictions_csv)
@@ -216,7 +259,7 @@ def export(argv: Optional[Sequence[str]] = None) -> int:
     def check(cfg: Config) -> None:
         from engine.evaluation import check_same_model
 
-        _check(cfg)
+        _check(cfg, training=False)
         check_same_model(cfg, loaded["state"]["config"])
 
     cfg = parse_config(argv, "main_export.py", EXPORT_DOC, check=check, base=_checkpoint_config("main_export", loaded))

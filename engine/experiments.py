@@ -110,7 +110,10 @@ def read_record(spec: RunSpec) -> Dict[str, Any]:
 
 
 def update_record(spec: RunSpec, **fields: Any) -> None:
-    """Merge `fields` into the run's record (one writer at a time: the launcher, then its job)."""
+    """Merge `fields` into the run's record (one writer at a time: the launcher, then its job).
+    A run that starts again or finishes drops the error of an earlier attempt."""
+    if fields.get("state") in ("running", "finished"):
+        fields.setdefault("error", None)
     write_json(record_path(spec), {**read_record(spec), **fields, "updated": time.time()})
 
 

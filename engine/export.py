@@ -40,7 +40,7 @@ from data.augment import Normalize
 from data.tinyimagenet import read_classes
 from engine.evaluation import trained_model
 from options.config import ConfigError, override, to_dict
-from utils.files import atomic_write_bytes, write_json
+from utils.files import atomic_write_bytes, file_in_the_way, write_json
 from options.schema import Config
 
 EXTENSIONS = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -145,6 +145,9 @@ def output_path(cfg: Config, checkpoint: Dict[str, Any]) -> str:
         raise ConfigError(f"export.output: {output} is the checkpoint itself; choose another path")
     if os.path.isdir(output):
         raise ConfigError(f"export.output: {output} is a folder; give a file path (e.g. {os.path.join(output, 'model' + EXTENSIONS[e.format])})")
+    blocker = file_in_the_way(output)
+    if blocker is not None:
+        raise ConfigError(f"export.output: {blocker} is a file, so {output} cannot be written; give a path in a folder")
     return output
 
 

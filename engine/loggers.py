@@ -191,13 +191,23 @@ def _summary_fields(summary: Mapping[str, Any]) -> Dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- TensorBoard
+def tensorboard_tag(key: str) -> str:
+    """A metrics row key as a TensorBoard tag grouped by what it measures: train_loss ->
+    train/loss, val_top1 -> val/top1, ema_val_top5 -> ema_val/top5, lr -> epoch/lr."""
+    for group in ("ema_val", "train", "val"):
+        if key.startswith(group + "_"):
+            return f"{group}/{key[len(group) + 1:]}"
+    return f"epoch/{key}"
+
+
 class TensorBoardLogger(Logger):
-    """Epoch rows as scalars under <run folder>/tensorboard, one point per epoch."""
+    """Epoch rows as grouped scalars under <run folder>/tensorboard, one point per epoch; the
+    log-interval scalars (train_step/loss, lr, ...) in tensorboard/steps, on the optimizer-step axis."""
 
     name = "TensorBoard"
 
     def __init__(self) -> None:
-        self.writer = None
+        self.writer = self.steps = None
 
     def start(self, run: RunInfo) -> None:
         from torch.utils.tensorboard import SummaryWriter  # check_trackers found the package
@@ -206,19 +216,30 @@ class TensorBoardLogger(Logger):
         # the checkpoint vouches for is written again, so every epoch appears once.
         done = len(run.history)
         self.writer = SummaryWriter(os.path.join(run.run_dir, "tensorboard"), purge_step=done if done else None)
+        # The step scalars are a run of their own: a purge applies to every tag of a run, and
+        # these count optimizer steps, not epochs. What followed the last finished epoch goes.
+        last = run.epoch_steps[-1] if run.epoch_steps else 0
+        self.steps = SummaryWriter(os.path.join(run.run_dir, "tensorboard", "steps"),
+                                   purge_step=last + 1 if last else None)
         if run.history:
-            self.log_epoch(run.history[-1], run.epoch_steps[-1] if run.epoch_steps else 0)
+            self.log_epoch(run.history[-1], last)
+
+    def log_step(self, step: int, scalars: Mapping[str, float]) -> None:
+        for key, value in scalars.items():
+            self.steps.add_scalar(f"train_step/{key}", value, step)
+        self.steps.flush()
 
     def log_epoch(self, row: Mapping[str, Any], step: int) -> None:
         for key, value in _numbers(row).items():
             if key != "epoch":
-                self.writer.add_scalar(key, value, row["epoch"])
+                self.writer.add_scalar(tensorboard_tag(key), value, row["epoch"])
         self.writer.flush()
 
     def finish(self, summary: Mapping[str, Any], checkpoints: Sequence[str]) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        for writer in (self.writer, self.steps):
+            if writer is not None:
+                writer.close()
+        self.writer = self.steps = None
 
 
 # ----------------------------------------------------------------------------- Weights & Biases

@@ -99,8 +99,9 @@ def train_one_epoch(
     """Train the batches progress.batch_in_epoch .. epoch_batches - 1 of the epoch (`loader`
     yields them, already skipping the ones trained before a resume).
 
-    Gradients of opts.accum_freq micro-batches are summed into one optimizer step, each loss
-    scaled by the size of its group (the last group of an epoch may be shorter). Updates
+    The loss is `criterion(logits, targets, images)` (loss_fn/registry.py). Gradients of
+    opts.accum_freq micro-batches are summed into one optimizer step, each loss scaled by the
+    size of its group (the last group of an epoch may be shorter). Updates
     `progress` in place. Returns loss/top1/top5 over the epoch's batches and
     images_per_second. Stops early, after a step, with progress.stop_requested set, when
     `should_stop()` turns true.
@@ -125,7 +126,7 @@ def train_one_epoch(
         with sync:
             with autocast(opts):
                 logits = model(images)
-                loss = criterion(logits, targets)
+                loss = criterion(logits, targets, images)
             scaled = loss / group_size(batch, epoch_batches, opts.accum_freq)
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         nonfinite |= ~torch.isfinite(loss.detach())

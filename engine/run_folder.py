@@ -18,15 +18,19 @@ import fcntl
 import json
 import logging
 import os
+import shutil
 import socket
 import time
 from typing import Any, Dict, List, Optional
 
 from options.config import ConfigError
-from utils.files import atomic_write_text, remove_stale_temp_files, write_json
+from utils.files import (DiskFullError, atomic_write_text, is_disk_full, remove_quietly, remove_stale_temp_files,
+                         write_json)
 
 METRICS, SUMMARY, LOCK = "metrics.jsonl", "summary.json", ".lock"
 LAST_CHECKPOINT = "checkpoint_last.pt"
+BEST_CHECKPOINTS = ("checkpoint_best.pt", "checkpoint_ema_best.pt")
+RESTART = "restart"  # common.resume value: discard the folder's earlier run and train from scratch
 
 
 class RunFolderBusy(Exception):
@@ -46,8 +50,17 @@ class RunLock:
         self._fd: Optional[int] = None
 
     def acquire(self) -> None:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        run_dir = os.path.dirname(self.path)
+        try:
+            os.makedirs(run_dir, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            if is_disk_full(e):
+                raise DiskFullError(self.path, None) from None
+            # A read-only file system, a results-loc that is a file, no permission: the fix is
+            # another place for the run, so it is bad input.
+            raise ConfigError(f"cannot create the run folder {run_dir} ({e.strerror or e}); set --common.results-loc "
+                              "to a writable folder") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -60,8 +73,14 @@ class RunLock:
                 f"{os.path.dirname(self.path)} is in use by {who}, which is training this run; wait for it "
                 "to end (or stop it), or start another run with --common.run-label NAME"
             ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode())
+        except OSError as e:
+            os.close(fd)
+            if is_disk_full(e):
+                raise DiskFullError(self.path, None) from None
+            raise
         self._fd = fd
 
     def release(self) -> None:
@@ -124,11 +143,25 @@ def best_epoch(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
 
 
 def append_metrics(run_dir: str, row: Dict[str, Any]) -> None:
-    """Append one epoch's row (flushed and synced: the row is on disk when this returns)."""
-    with open(os.path.join(run_dir, METRICS), "a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Append one epoch's row (synced: the row is on disk when this returns). A full disk is a
+    DiskFullError with the file cut back to its earlier rows, not a torn last line."""
+    path = os.path.join(run_dir, METRICS)
+    data = (json.dumps(row) + "\n").encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            os.fsync(fd)
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            os.ftruncate(fd, size)
+            raise DiskFullError(path, len(data)) from None
+    finally:
+        os.close(fd)
 
 
 def write_metrics(run_dir: str, rows: List[Dict[str, Any]]) -> bool:
@@ -200,6 +233,18 @@ class RunFolder:
             raise
         return self
 
+    def record_failure(self, message: str, max_epochs: int) -> None:
+        """Put an error that ended the run (outside the training loop, which records its own) into
+        train.log, and into summary.json when the folder has none yet: a folder whose earlier run
+        was stopped keeps saying so (a refused resume does not fail that run)."""
+        if not self.writer or self._handler is None:
+            return
+        record = logging.LogRecord("cvnets", logging.ERROR, __file__, 0, "error: %s", (message,), None)
+        self._handler.handle(record)
+        if not os.path.isfile(self.file(SUMMARY)):
+            write_summary(self.path, {"state": "failed", "finished": False, "epochs_done": 0, "max_epochs": max_epochs,
+                                      "error": message, "run_dir": os.path.abspath(self.path), "pid": os.getpid()})
+
     def close(self, logger: logging.Logger) -> None:
         if self._handler is not None:
             logger.removeHandler(self._handler)
@@ -211,14 +256,43 @@ class RunFolder:
 def resume_path(run_dir: str, resume: Optional[str]) -> Optional[str]:
     """The checkpoint a run continues from (None: a fresh start), per common.resume.
 
-    Without common.resume, an existing checkpoint_last.pt is never overwritten: that is a
-    ConfigError telling the user how to continue it or start another run."""
+    Without common.resume, an existing checkpoint_last.pt is never overwritten; and a folder
+    holding records of a run (metrics.jsonl rows, best checkpoints) but no checkpoint_last.pt
+    is never silently retrained, with or without `auto`: both are a ConfigError telling the
+    user how to continue, start another run, or (`restart`) discard the records on purpose."""
+    for folder, key in ((os.path.dirname(run_dir) or ".", "--common.results-loc"), (run_dir, "--common.run-label")):
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise ConfigError(f"{folder} is a file, not a folder for runs; change {key}")
     last = os.path.join(run_dir, LAST_CHECKPOINT)
-    if resume == "auto":
-        return last if os.path.isfile(last) else None
-    if resume is not None:
+    if resume == RESTART:
+        return None
+    if resume not in ("auto", None):
         return resume
     if os.path.isfile(last):
-        raise ConfigError(f"{run_dir} already holds a run; continue it with --common.resume auto "
-                         "or start another with --common.run-label NAME")
+        if resume == "auto":
+            return last
+        raise ConfigError(f"{run_dir} already holds a run; continue it with --common.resume auto, start another "
+                          f"with --common.run-label NAME, or discard it with --common.resume {RESTART}")
+    records = existing_records(run_dir)
+    if records:
+        raise ConfigError(f"{run_dir} holds records of a run ({', '.join(records)}) but no {LAST_CHECKPOINT} to "
+                          f"continue from; start another run with --common.run-label NAME, or discard these "
+                          f"records and train from scratch with --common.resume {RESTART}")
     return None
+
+
+def existing_records(run_dir: str) -> List[str]:
+    """What a run left in `run_dir` that a fresh start would overwrite (besides checkpoint_last.pt)."""
+    found = []
+    rows = len(read_metrics(run_dir))
+    if rows:
+        found.append(f"{METRICS} with {rows} epoch(s)")
+    found += [name for name in BEST_CHECKPOINTS if os.path.isfile(os.path.join(run_dir, name))]
+    return found
+
+
+def discard_records(run_dir: str) -> None:
+    """Remove an earlier run's records and checkpoints (common.resume: restart)."""
+    for name in (METRICS, LAST_CHECKPOINT) + BEST_CHECKPOINTS:
+        remove_quietly(os.path.join(run_dir, name))
+    shutil.rmtree(os.path.join(run_dir, "tensorboard"), ignore_errors=True)

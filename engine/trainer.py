@@ -4,7 +4,7 @@ At the end of every epoch, in this order: the best-weights checkpoints, checkpoi
 (which carries the whole per-epoch history), then the metrics.jsonl row, the experiment
 trackers (TensorBoard, W&B, MLflow: engine/loggers.py) and summary.json. A kill anywhere in
 between leaves a checkpoint that knows more than or as much as the records; resuming rebuilds
-the records from the checkpoint, so every epoch appears exactly once (engine/run_folder.py). Signals (SIGINT, SIGTERM, SIGUSR1) finish the current optimizer
+the records from the checkpoint, so every epoch appears exactly once (engine/run_folder.py). Signals (SIGINT, SIGTERM, SIGUSR1, SIGHUP) finish the current optimizer
 step, save and stop; the process exits 128 + the signal number.
 """
 from __future__ import annotations
@@ -12,6 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shlex
+import shutil
 import signal
 import sys
 import time
@@ -27,11 +29,14 @@ from engine import checkpoint as ckpt
 from engine.ema import ModelEMA
 from engine.loggers import RunInfo, Trackers, build_loggers, git_commit
 from engine.loops import LoopOptions, NonFiniteLossError, Progress, evaluate, optimizer_steps, train_one_epoch
-from engine.run_folder import RunFolder, append_metrics, resume_path, write_metrics, write_summary
+from engine.run_folder import (RESTART, RunFolder, append_metrics, discard_records, resume_path, write_metrics,
+                               write_summary)
 from engine.signals import STOP_SIGNALS, handling
-from engine.utils import DistInfo, flatten
+from engine.teacher import KEY as TEACHER_KEY, teacher_change
+from engine.utils import DistInfo, flatten, seed_everything
 from options.config import ConfigError, save_config, to_dict
 from options.schema import Config, harmless_on_resume
+from utils.files import atomic_open
 
 logger = logging.getLogger("cvnets")
 
@@ -68,6 +73,7 @@ class Components:
     scaler: Optional[torch.amp.GradScaler] = None
     ema: Optional[ModelEMA] = None
     eval_copy: Callable[[nn.Module], nn.Module] = lambda module: module  # e.g. a BatchNorm-folded copy
+    teacher: Optional[Dict[str, str]] = None  # distillation: the teacher's {"path", "sha256"}
 
 
 class Trainer:
@@ -80,7 +86,9 @@ class Trainer:
         self.folder: Optional[RunFolder] = None
         self.resumes = 0
         self._signal: Optional[int] = None
+        self._ranks: Optional[List[Dict[str, Any]]] = None  # per-rank states for checkpoint_last.pt (DDP)
         self._saving = False
+        self._announced = False
         self.trackers = Trackers()  # rank 0 fills it when the run starts
         self._closing: Dict[str, Any] = {}  # the last summary written: what the trackers get at the end
         self._changes: Dict[str, Any] = {}  # keys a resume changed, for the trackers
@@ -92,24 +100,44 @@ class Trainer:
         Continues from the checkpoint common.resume names; returns the summary (also in
         summary.json), whose "state" says how the run ended.
         """
+        adopted = False
         if self.folder is None:  # the first call; later ones (stop_after_epoch) continue in memory
             start = resume_path(folder.path, self.cfg.common.resume)
+            if self.cfg.common.resume == RESTART and self.dist.is_main:
+                discard_records(folder.path)
+                logger.info("common.resume restart: discarded the earlier run's records and checkpoints")
             if start is not None:
                 self.resume(start)
+                source = os.path.dirname(os.path.abspath(start))
+                adopted = source != os.path.abspath(folder.path)
+                if adopted and self.dist.is_main:
+                    self._adopt_best_checkpoints(source, folder)
+            else:
+                # What data setup drew from the global generators (a cache build, say) must
+                # not shift the training draws (dropout): a fresh run starts them from the
+                # seed, as a resume restores them from its checkpoint.
+                seed_everything(self.cfg.common.seed)
         self.folder = folder
         max_epochs = self.cfg.scheduler.max_epochs
         until = max_epochs if stop_after_epoch is None else min(stop_after_epoch, max_epochs)
-        if self.progress.epoch >= max_epochs:
+        if self.progress.epoch >= max_epochs and not adopted:
             return self._summary("finished", already=True)
         self._start_records()
+        if self.progress.epoch >= max_epochs:  # another run's finished checkpoint: this folder gets its records
+            self._save_last()
+            self._close_records()
+            return self._summary("finished")
         try:
             with self._catch_signals():
                 while self.progress.epoch < until:
                     self._run_epoch()
-                    if self._signal is not None:  # saved (mid-epoch or at its end): stop here
+                    # saved (mid-epoch or at its end): stop here; every rank agrees, also when the
+                    # signal reached one rank only while it saved the epoch's checkpoints
+                    if self._stop_requested():
                         raise TrainingInterrupted(self._signal, folder.last_checkpoint)
             summary = self._summary("finished" if self.progress.epoch >= max_epochs else "interrupted")
         except _StopNow:
+            self._announce_signal()
             self._write_summary("interrupted", stopped_by=signal.Signals(self._signal).name)
             raise TrainingInterrupted(self._signal, folder.last_checkpoint, saved=False) from None
         except TrainingInterrupted:
@@ -144,6 +172,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         if self.progress.stop_requested:
+            self._ranks = self._rank_states()
             self._save_last()
             return
 
@@ -188,6 +217,7 @@ class Trainer:
                 new_best.append(kind)
         self.history.append(row)
         self._log_epoch(row)
+        self._ranks = self._rank_states()
         if not self.dist.is_main:
             return
         if "model" in new_best:
@@ -251,7 +281,7 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints
     def _common_state(self) -> Dict[str, Any]:
         return {"config": to_dict(self.cfg), "num_classes": self.parts.num_classes, "wnids": list(self.parts.wnids),
-                "class_names": list(self.parts.class_names), "params": self.params}
+                "class_names": list(self.parts.class_names), "params": self.params, "teacher": self.parts.teacher}
 
     def _save(self, state: Dict[str, Any], name: str) -> None:
         self._saving = True
@@ -282,7 +312,22 @@ class Trainer:
             "history": self.history,
             "resumes": self.resumes,
             "rng": ckpt.rng_state(),
+            "ranks": self._ranks,
         }, "checkpoint_last.pt")
+
+    def _rank_states(self) -> Optional[List[Dict[str, Any]]]:
+        """Under DDP, what differs between ranks, gathered from every rank (a collective: all
+        ranks call it at the same point): the meter sums of an epoch stopped mid-way, the EMA's
+        buffers (BatchNorm statistics follow each rank's own batches) and the RNG state. Saved
+        beside rank 0's state, so that each rank resumes as itself."""
+        if not self.dist.enabled:
+            return None
+        own: Dict[str, Any] = {"meter": self.progress.meter_state, "rng": ckpt.rng_state()}
+        if self.parts.ema is not None:
+            own["ema_buffers"] = {k: v.detach().cpu() for k, v in self.parts.ema.module.named_buffers()}
+        ranks: List[Any] = [None] * self.dist.world_size
+        torch.distributed.all_gather_object(ranks, own)
+        return ranks
 
     def resume(self, path: str) -> None:
         """Restore everything checkpoint_last.pt holds, so training continues exactly.
@@ -299,7 +344,17 @@ class Trainer:
             raise ConfigError(f"resuming {path} would change the run: {listing}; resume with the original "
                               f"settings, allow them with --common.resume-allow-changes {keys}, or start a new run "
                               "with --common.run-label NAME")
+        teacher = teacher_change(state.get("teacher"), self.parts.teacher)
+        if teacher is not None and not _allowed(TEACHER_KEY, self.cfg.common.resume_allow_changes):
+            raise ConfigError(f"resuming {path} would change the distillation teacher: {teacher}; resume with the "
+                              f"original teacher, allow it with --common.resume-allow-changes {TEACHER_KEY}, or "
+                              "start a new run with --common.run-label NAME")
         parts = self.parts
+        other = ckpt.class_list_difference(state.get("wnids"), parts.wnids)
+        if other:
+            raise ConfigError(f"resuming {path} onto another class list ({other}); resume with the dataset the run "
+                              "was started with (dataset.root), or fine-tune on this one with --model.checkpoint "
+                              f"{path} and a new --common.run-label")
         try:
             parts.model.load_state_dict(state["model"])
         except RuntimeError as e:
@@ -323,12 +378,38 @@ class Trainer:
         self.best, self.history = state["best"], list(state["history"])
         self.resumes = int(state.get("resumes", 0)) + 1
         ckpt.set_rng_state(state["rng"])
+        ranks = state.get("ranks")
+        if self.dist.enabled and ranks and len(ranks) == self.dist.world_size:
+            mine = ranks[self.dist.rank]
+            self.progress.meter_state = mine["meter"]
+            ckpt.set_rng_state(mine["rng"])
+            if parts.ema is not None and mine.get("ema_buffers") is not None:
+                parts.ema.module.load_state_dict(mine["ema_buffers"], strict=False)
         if self.progress.epoch >= self.cfg.scheduler.max_epochs:
             return  # a finished run: the closing summary says so
         self._changes = {key: value for key, _, value in changes}
         what = "; changed: " + ", ".join(f"{k} {o!r} -> {n!r}" for k, o, n in changes) if changes else ""
         logger.info("resumed from %s at epoch %d, batch %d (optimizer step %d)%s", os.path.abspath(path),
                     self.progress.epoch + 1, self.progress.batch_in_epoch, self.progress.iteration, what)
+
+    def _adopt_best_checkpoints(self, source: str, folder: RunFolder) -> None:
+        """Continuing another run's checkpoint in a new folder: copy that run's best checkpoints
+        that belong to the history just restored, so this folder's records name files it holds."""
+        for kind, name in (("model", "checkpoint_best.pt"), ("ema", "checkpoint_ema_best.pt")):
+            best, src, dest = self.best.get(kind), os.path.join(source, name), folder.file(name)
+            if best is None:
+                continue
+            try:
+                epoch = ckpt.load(src, kind=ckpt.WEIGHTS).get("epoch")
+            except ckpt.CheckpointError:
+                epoch = None
+            if epoch != best["epoch"]:
+                logger.warning("%s is not the best of epoch %d that %s took over; this folder has no %s until a "
+                               "better epoch", src, best["epoch"], os.path.basename(source), name)
+                continue
+            with open(src, "rb") as inp, atomic_open(dest, "wb") as out:
+                shutil.copyfileobj(inp, out)
+            logger.info("copied %s (epoch %d) from %s", name, epoch, source)
 
     # ------------------------------------------------------------------ records
     def _start_trackers(self) -> None:
@@ -391,7 +472,16 @@ class Trainer:
                     row["images_per_second"], row["epoch_seconds"], format_duration(left))
 
     # ------------------------------------------------------------------ signals
+    def _announce_signal(self) -> None:
+        """Log the stop signal once, from the main code: a handler that logs could interrupt a
+        log write in progress, and a reentrant write to the same file fails."""
+        if self._signal is not None and not self._announced:
+            self._announced = True
+            logger.warning("%s received: finishing the current step, then saving (again to stop at once)",
+                           signal.Signals(self._signal).name)
+
     def _stop_requested(self) -> bool:
+        self._announce_signal()
         if not self.dist.enabled:
             return self._signal is not None
         if self.progress.batch_in_epoch % self.opts.log_every_batches:
@@ -401,15 +491,14 @@ class Trainer:
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         if flag.item() > 0 and self._signal is None:
             self._signal = int(flag.item())
+            self._announce_signal()
         return flag.item() > 0
 
     @contextmanager
     def _catch_signals(self) -> Iterator[None]:
         def handler(signum, frame):
-            name = signal.Signals(signum).name
             if self._signal is None:
-                self._signal = signum
-                logger.warning("%s received: finishing the current step, then saving (again to stop at once)", name)
+                self._signal = signum  # announced by the loop (_announce_signal)
             elif self._saving:
                 pass  # the save in progress completes; the stop follows it
             else:
@@ -456,6 +545,14 @@ def closing_block(summary: Dict[str, Any]) -> List[str]:
         lines.append(f"  final train top-1 {summary['final_train_top1']:.2f}")
     run_dir = summary["run_dir"]
     lines.append(f"  run folder: {run_dir}")
-    if summary.get("best"):
-        lines.append(f"  evaluate: python main_eval.py --model.checkpoint {os.path.join(run_dir, 'checkpoint_best.pt')}")
+    best = os.path.join(run_dir, "checkpoint_best.pt")
+    if os.path.isfile(best):
+        lines.append(f"  evaluate: {eval_command()} --model.checkpoint {shlex.quote(best)}")
     return lines
+
+
+def eval_command() -> str:
+    """main_eval as a command that runs from any folder: this checkout's main_eval.py by its
+    absolute path, or the console script of an installed package."""
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "main_eval.py")
+    return f"python {shlex.quote(script)}" if os.path.isfile(script) else "cvnets-eval"

@@ -1,11 +1,14 @@
 """Cross entropy with label smoothing while training."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from loss_fn.registry import LOSSES
+from options.schema import LossConfig
 
 
 @LOSSES.register("cross_entropy")
@@ -21,7 +24,12 @@ class CrossEntropy(nn.Module):
         super().__init__()
         self.label_smoothing = label_smoothing
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    @classmethod
+    def from_config(cls, cfg: LossConfig, teacher: Optional[nn.Module] = None) -> "CrossEntropy":
+        return cls(cfg.label_smoothing)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor,
+                images: Optional[torch.Tensor] = None) -> torch.Tensor:
         smoothing = self.label_smoothing if self.training else 0.0
         return F.cross_entropy(logits, target, label_smoothing=smoothing)
 

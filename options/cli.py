@@ -46,6 +46,7 @@ def parse_config(
     *,
     check: Optional[Callable[[Config], None]] = None,
     base: Optional[Callable[[Mapping[str, str]], Optional[Mapping]]] = None,
+    listings: Optional[Mapping[str, Callable[[], str]]] = None,
 ) -> Config:
     """The resolved, checked config of an entry point; exits on --help, --print-config or an error.
 
@@ -55,19 +56,25 @@ def parse_config(
     base(flags): a config mapping placed beneath the config file (main_eval: the checkpoint's
         stored config) or None; `flags` maps each dotted key given on the command line
         (underscores) to its value as typed, e.g. {"model.checkpoint": "run/checkpoint_best.pt"}.
+    listings: extra switches that print a text and exit 0 (main_train: --list-transforms).
     A ConfigError anywhere is `error: <message>` on stderr and SystemExit(2).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
+    listings = dict(listings or {})
+    known = SWITCHES + tuple(listings)
     try:
-        flags, switches = parse_flags(argv)
+        flags, switches = parse_flags(argv, once=True)
         for switch in switches:
-            if switch not in SWITCHES:
+            if switch not in known:
                 raise ConfigError(
-                    f"unknown switch --{switch}{did_you_mean(switch, SWITCHES)}; "
-                    "the switches are --help and --print-config"
+                    f"unknown switch --{switch}{did_you_mean(switch, known)}; "
+                    f"the switches are {', '.join('--' + s for s in known)}"
                 )
         if "help" in switches:
             _print_and_exit((doc.strip() + "\n\n" if doc.strip() else "") + help_text(prog))
+        for switch in switches:
+            if switch in listings:
+                _print_and_exit(listings[switch]())
         stored = base({key: raw for key, (_, raw) in flags.items()}) if base is not None else None
         cfg = resolve(flags, base=stored)
         if check is not None:

@@ -272,6 +272,8 @@ def get_dotted(cfg: Any, dotted: str) -> Any:
 
 # ----------------------------------------------------------------------------- YAML files
 MAX_CONFIG_BYTES = 1 << 20  # configs are a few KB; anything near this is not a config
+# The shipped configs: config/ beside the packages, in a checkout and in an installed wheel alike.
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config")
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -412,13 +414,41 @@ def load_yaml(path: str, _chain: Tuple[str, ...] = (), origins: Optional[Dict[st
     return deep_merge(merged, data)
 
 
+def shipped_configs() -> List[str]:
+    """Names of the configs shipped with the package (`mobilevit_tiny`, `paper/table3_no_vbs`, ...)."""
+    names = []
+    for folder, _, files in os.walk(CONFIG_DIR):
+        rel = os.path.relpath(folder, CONFIG_DIR)
+        names += [os.path.normpath(os.path.join(rel, f[:-5])) for f in files if f.endswith(".yaml")]
+    return sorted(names)
+
+
+def find_config_file(name: str) -> str:
+    """The config file `name` means: a path as given; a bare name without .yaml that is no path
+    (`mobilevit_tiny`, `paper/table3_no_vbs`) is the config of that name shipped in config/,
+    so installed console scripts work outside a checkout."""
+    if os.path.exists(name) or name.endswith((".yaml", ".yml")):
+        return name
+    shipped = os.path.join(CONFIG_DIR, name + ".yaml")
+    if os.path.isfile(shipped):
+        return shipped
+    names = shipped_configs()
+    top = [n for n in names if "/" not in n]
+    raise ConfigError(f"config file not found: {name}{did_you_mean(name, names)}; give the path of a .yaml file "
+                      f"or the name of a shipped config: {', '.join(top)} (and paper/..., recipes/...)")
+
+
 # ----------------------------------------------------------------------------- command line
-def parse_flags(argv: Sequence[str]) -> Tuple[Dict[str, Tuple[str, str]], List[str]]:
+def parse_flags(argv: Sequence[str], once: bool = False) -> Tuple[Dict[str, Tuple[str, str]], List[str]]:
     """Split argv into {dotted_key: (typed flag, raw value)} and bare switches (help, print-config).
 
     Accepts `--a.b-c value` and `--a.b-c=value`; dashes and underscores are equivalent. A
     following `--x` is never taken as a value: `--common.run-label --common.seed=3` would name
     the run folder after the seed flag (a value starting with -- needs the `=` form).
+
+    once: a key given twice (in any spelling) is a ConfigError, as a duplicate YAML key is: for
+    the command line a person typed. Otherwise the last value wins, so that library callers can
+    append overrides to a list of flags.
     """
     flags: Dict[str, Tuple[str, str]] = {}
     switches: List[str] = []
@@ -448,9 +478,16 @@ def parse_flags(argv: Sequence[str]) -> Tuple[Dict[str, Tuple[str, str]], List[s
                                   f"(or --{name}=VALUE for a value starting with --)")
             value = following
             i += 1
-        flags[name.replace("-", "_")] = (f"--{name}", value)
+        key = name.replace("-", "_")
+        if once and key in flags:  # keeping either value silently would hide the other
+            first, hint = flags[key], _TWICE_HINTS.get(key, "give it once")
+            raise ConfigError(f"{first[0]} is given twice ({first[1]!r} and {value!r}); {hint}")
+        flags[key] = (f"--{name}", value)
         i += 1
     return flags, switches
+
+
+_TWICE_HINTS = {"common.config_file": "give one config file; it can merge others through its `base:` list"}
 
 
 def _check_flag_key(dotted: str, typed: str, leaves: Mapping[str, Any]) -> Any:
@@ -484,7 +521,9 @@ def resolve(flags: Mapping[str, Tuple[str, str]], base: Optional[Mapping[str, An
         _record(origins, data, "in the base config")
     config_file = flags.get("common.config_file")
     if config_file:
-        data = deep_merge(data, load_yaml(config_file[1], origins=origins))
+        path = find_config_file(config_file[1])
+        flags = {**flags, "common.config_file": (config_file[0], path)}  # the run records the file it read
+        data = deep_merge(data, load_yaml(path, origins=origins))
     cli: Dict[str, Any] = {}
     for dotted, (typed, raw) in flags.items():
         tp = _check_flag_key(dotted, typed, leaves)

@@ -69,6 +69,11 @@ PROBABILITY = Range(0, 1)
 RATE = Range(0, 1, high_open=True)  # dropout, label smoothing, momentum, betas: 1 would erase the signal
 FACTOR = Range(0, 1, low_open=True)  # LR multipliers and the EMA momentum: 0 would stop all change
 SEED = Range(0, 2**32 - 1)  # numpy's legacy seeding takes 32-bit seeds
+# Upper bounds on what a run can mean: beyond them a value is a typo, and acting on it would hang
+# (epochs: the schedule's totals are computed up front) or allocate gigabytes before the first line.
+EPOCHS = Range(1, 10_000)
+BATCH = Range(1, 65_536)  # per process
+SCALES = Range(1, 256)
 
 
 def opt(default: Any, help: str, valid: Optional[Range] = None, **metadata: Any):
@@ -138,11 +143,17 @@ def _check_order(low_name: str, low: float, high_name: str, high: float) -> None
 # --------------------------------------------------------------------------- common
 @dataclass(frozen=True)
 class CommonConfig(Section):
-    config_file: Optional[str] = opt(None, "YAML config file (its `base:` files are merged first)", harmless=True)
+    config_file: Optional[str] = opt(
+        None, "YAML config file (its `base:` files are merged first), or the name of a shipped config "
+        "(mobilevit_tiny, quickstart, paper/table3_no_vbs: config/<name>.yaml of the package)", harmless=True
+    )
     seed: int = opt(0, "random seed for python, numpy and torch", SEED)
     results_loc: str = opt("results", "folder that holds run folders", harmless=True)
     run_label: Optional[str] = opt(None, "run folder name; default: the config file's stem", harmless=True)
-    resume: Optional[str] = opt(None, "'auto' (continue checkpoint_last.pt of the run folder) or a checkpoint path", harmless=True)
+    resume: Optional[str] = opt(
+        None, "'auto' (continue checkpoint_last.pt of the run folder), a checkpoint path, or 'restart' (discard "
+        "the run folder's earlier records and checkpoints and train from scratch)", harmless=True
+    )
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "where to train; auto picks cuda when available", harmless=True)
     mixed_precision: Literal["none", "bf16", "fp16"] = opt("none", "autocast dtype on CUDA (fp16 adds a grad scaler)")
     channels_last: bool = opt(True, "channels_last memory format for model and inputs", harmless=True)
@@ -202,8 +213,8 @@ class DatasetConfig(Section):
     persistent_workers: bool = opt(True, "keep workers alive between epochs", harmless=True)
     pin_memory: bool = opt(True, "pin host memory (CUDA only)", harmless=True)
     prefetch_factor: int = opt(2, "batches prefetched per worker", AT_LEAST_1, harmless=True)
-    train_batch_size: int = opt(128, "batch size at the base crop size (per process)", AT_LEAST_1)
-    val_batch_size: int = opt(256, "validation batch size (per process)", AT_LEAST_1, harmless=True)
+    train_batch_size: int = opt(128, "batch size at the base crop size (per process)", BATCH)
+    val_batch_size: int = opt(256, "validation batch size (per process)", BATCH, harmless=True)
     fake: FakeDataConfig = block(FakeDataConfig, "generated sample data")
 
 
@@ -214,6 +225,15 @@ class MixupConfig(Section):
     cutmix_alpha: float = opt(0.0, "cutmix Beta(alpha, alpha); 0 disables cutmix", NON_NEGATIVE)
     prob: float = opt(1.0, "probability of mixing a batch", PROBABILITY)
     switch_prob: float = opt(0.5, "probability of cutmix instead of mixup when both are on", PROBABILITY)
+    off_epochs: int = opt(
+        0, "no mixup / cutmix in the last this many epochs of the run (the images and targets are left as "
+        "they are; a fine-tuning phase on clean images)", NON_NEGATIVE
+    )
+
+    def check(self) -> None:
+        if self.off_epochs and self.mixup_alpha == 0 and self.cutmix_alpha == 0:
+            raise FieldError("off_epochs", f"{self.off_epochs}, but mixup_alpha and cutmix_alpha are 0: there is no "
+                             "mixing to switch off; set it to 0")
 
 
 @dataclass(frozen=True)
@@ -225,7 +245,8 @@ class AugmentationConfig(Section):
                 {"name": "random_horizontal_flip"},
             )
         ),
-        "training transforms, applied in order: a list of {name: ..., <its settings>}",
+        "training transforms, applied in order: a list of {name: ..., <its settings>} (main_train.py --help "
+        "lists every transform and its settings)",
     )
     val: Tuple[Dict[str, Any], ...] = opt(
         freeze(({"name": "resize", "size": 72}, {"name": "center_crop", "size": 64})),
@@ -255,7 +276,7 @@ class AugmentationConfig(Section):
 class VBSConfig(Section):
     min_crop_size: int = opt(58, "smallest candidate crop size", AT_LEAST_1)
     max_crop_size: int = opt(82, "largest candidate crop size", AT_LEAST_1)
-    max_n_scales: int = opt(5, "number of sizes drawn from linspace(min, max)", AT_LEAST_1)
+    max_n_scales: int = opt(5, "number of sizes drawn from linspace(min, max)", SCALES)
     check_scale: int = opt(6, "crop sizes are rounded to a multiple of this", AT_LEAST_1)
     batch_rule: Literal["at_least_base", "constant_pixels"] = opt(
         "at_least_base", "batch size per crop size: at_least_base = max(B0, B0*64^2/(h*w)), the paper's cvnets v0.1 "
@@ -327,9 +348,35 @@ class ModelConfig(Section):
 
 # --------------------------------------------------------------------------- loss
 @dataclass(frozen=True)
+class DistillationConfig(Section):
+    teacher: Optional[str] = opt(
+        None, "checkpoint of this tool to distil from (checkpoint_best.pt of a finished run); its model is rebuilt "
+        "from the config inside it and must have been trained on the same class list. A resume compares the "
+        "weights' SHA-256, not the path, so the file may move", harmless=True
+    )
+    kind: Literal["soft", "hard"] = opt(
+        "soft", "soft: KL divergence to the teacher's softened probabilities (x temperature^2); hard: cross entropy "
+        "to the teacher's top class (DeiT's hard-label distillation)"
+    )
+    temperature: float = opt(1.0, "softmax temperature of both logits in the soft term (kind soft only)", POSITIVE)
+    alpha: float = opt(
+        0.5, "weight of the distillation term; the label cross entropy (with label_smoothing and mixup targets) "
+        "gets 1 - alpha, so 0 is plain training", PROBABILITY
+    )
+
+
+@dataclass(frozen=True)
 class LossConfig(Section):
-    name: Literal["cross_entropy"] = opt("cross_entropy", "classification loss")
+    name: Literal["cross_entropy", "distillation"] = opt(
+        "cross_entropy", "classification loss (distillation: cross entropy blended with a teacher's predictions)"
+    )
     label_smoothing: float = opt(0.1, "label smoothing (training only; validation loss is plain)", RATE)
+    distillation: DistillationConfig = block(DistillationConfig, "knowledge distillation settings")
+
+    def check(self) -> None:
+        if self.name == "distillation" and self.distillation.teacher is None:
+            raise FieldError("distillation.teacher", "null, but loss.name is distillation: give the teacher's "
+                             "checkpoint (e.g. results/beyond/teacher_resnet18_cifar/checkpoint_best.pt)")
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -435,7 +482,7 @@ class FixedConfig(Section):
 @dataclass(frozen=True)
 class SchedulerConfig(Section):
     name: Literal["cosine", "cyclic", "div_by_ten", "plateau", "polynomial", "fixed"] = opt("cosine", "LR schedule")
-    max_epochs: int = opt(200, "training epochs", AT_LEAST_1)
+    max_epochs: int = opt(200, "training epochs", EPOCHS)
     warmup_iterations: int = opt(3000, "linear warmup iterations (0 disables warmup)", NON_NEGATIVE)
     warmup_init_lr: float = opt(0.0002, "learning rate at iteration 0 of the warmup", NON_NEGATIVE)
     is_iteration_based: bool = opt(False, "cosine/polynomial progress per iteration, from the end of warmup to the run's last step, instead of per epoch (cyclic and div_by_ten count epochs either way)")
@@ -498,6 +545,10 @@ class EvalConfig(Section):
     output_json: Optional[str] = opt(None, "also write the metrics to this JSON file")
     per_class: bool = opt(False, "print accuracy per class with its words.txt name")
     predictions_csv: Optional[str] = opt(None, "test split: where to write predictions (default beside the checkpoint)")
+    image_size: Optional[int] = opt(
+        None, "evaluate at N x N: resize to N + 8, center crop N (as the default val pipeline does at 64); "
+        "null = image_augmentation.val of the run", AT_LEAST_1
+    )
 
 
 MIN_ONNX_OPSET = 18  # the torch.export-based exporter writes opset 18 and newer only

@@ -1,5 +1,6 @@
 """Pieces shared by the test modules: the fake tree's size, the environment of child processes,
-a tiny training run's arguments and readers of its run folder, trained-looking BatchNorms."""
+a tiny training run's arguments and readers of its run folder, trained-looking BatchNorms, an
+untrained teacher checkpoint."""
 import json
 import os
 import socket
@@ -28,8 +29,9 @@ def child_env(**extra: str) -> dict:
 
 
 def tiny_args(root, results, label="run", epochs=2, *extra):
-    """A MobileViT-Tiny run small enough for a unit test: 32 px crops, batches of 8, no workers."""
-    return [
+    """A MobileViT-Tiny run small enough for a unit test: 32 px crops, batches of 8, no workers.
+    A flag of `extra` replaces the same flag of these defaults (the front door refuses repeats)."""
+    return _merged([
         "--common.config-file", os.path.join(REPO, "config", "mobilevit_tiny.yaml"),
         "--dataset.root", str(root),
         "--dataset.workers", "0",
@@ -44,8 +46,23 @@ def tiny_args(root, results, label="run", epochs=2, *extra):
         "--common.results-loc", str(results),
         "--common.run-label", label,
         "--common.log-every-batches", "2",
-        *extra,
-    ]
+    ], extra)
+
+
+def _merged(defaults, extra):
+    """`defaults` (flag, value pairs) with the flags of `extra` replacing theirs, in order."""
+    pairs = dict(zip(defaults[::2], defaults[1::2]))
+    rest = []
+    i = 0
+    while i < len(extra):
+        flag = extra[i]
+        if "=" not in flag and i + 1 < len(extra) and flag in pairs:
+            pairs[flag] = extra[i + 1]
+            i += 2
+            continue
+        rest.append(flag)
+        i += 1
+    return [item for pair in pairs.items() for item in pair] + rest
 
 
 def read_rows(run_dir):
@@ -83,3 +100,27 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
                 m.weight.copy_(torch.rand(n, generator=generator) + 0.5)
                 m.bias.copy_(torch.rand(n, generator=generator) - 0.5)
     return model
+
+
+def fake_wnids(root):
+    """The class list of a fake (or real) tree, as the dataset orders it."""
+    from data.tinyimagenet import read_classes
+
+    return list(read_classes(str(root)).wnids)
+
+
+def write_teacher(path, wnids, seed=0, *flags):
+    """A weights checkpoint of an untrained model (MobileViT-XXS unless flags say otherwise) for
+    the class list `wnids`, in exactly the format the Trainer writes: a teacher for tests that
+    must not train one."""
+    import cvnets
+    from options.config import load_config, to_dict
+
+    cfg = load_config(["--common.config-file", os.path.join(REPO, "config", "mobilevit_xx_small.yaml"), *flags])
+    torch.manual_seed(seed)
+    model = cvnets.build_model(cfg.model, len(wnids))
+    ckpt.save({"config": to_dict(cfg), "num_classes": len(wnids), "wnids": list(wnids),
+               "class_names": list(wnids), "params": sum(p.numel() for p in model.parameters()),
+               "kind": ckpt.WEIGHTS, "model": model.state_dict(), "is_ema": False, "epoch": 1, "metrics": {}},
+              str(path))
+    return str(path)

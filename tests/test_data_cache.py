@@ -139,15 +139,30 @@ def test_a_damaged_cache_that_cannot_be_rebuilt_is_one_line(fake_copy, monkeypat
     assert os.path.join(fake_copy, "cache") in str(err.value) and "\n" not in str(err.value)
 
 
-def test_checksum_samples_rows_across_the_whole_split():
+def test_checksum_covers_every_byte_of_every_row():
     images = np.zeros((100_000, 2, 2, 3), np.uint8)
     reference = data.cache.checksum(images)
-    # the sample holds both ends and one row in every 98: damage spanning that many rows shows
-    for start, rows in ((0, 1), (99_999, 1), (31_337, 98), (77_000, 98)):
-        changed = images.copy()
-        changed[start:start + rows] = 1
-        assert data.cache.checksum(changed) != reference
+    for row in (0, 50, 31_337, 77_001, 99_999):  # a sample of 1,024 evenly spaced rows misses most
+        for byte in (0, 11):
+            changed = images.copy()
+            changed.reshape(len(images), -1)[row, byte] ^= 0x10
+            assert data.cache.checksum(changed) != reference, (row, byte)
     assert data.cache.checksum(np.zeros((99_999, 2, 2, 3), np.uint8)) != reference  # the shape counts
+
+
+def test_bytes_flipped_inside_one_row_are_found_and_the_cache_rebuilt(fake_copy, caplog):
+    jpeg = TinyImageNet(fake_copy, "train")
+    TinyImageNet(fake_copy, "train", cache="disk", progress=False)
+    array_path, _ = cache_files(fake_copy)
+    array = np.load(array_path, mmap_mode="r+")
+    array[len(array) // 2 + 1].reshape(-1)[:2000] ^= 0xFF  # 2,000 bytes of one row
+    array.flush()
+    del array
+    with caplog.at_level("WARNING", logger="cvnets.data"):
+        cached = TinyImageNet(fake_copy, "train", cache="disk", progress=False)
+    assert any("do not match their checksum" in r.getMessage() and "rebuilding it" in r.getMessage()
+               for r in caplog.records)
+    assert_same_pixels(cached, jpeg)
 
 
 # ----------------------------------------------------------------------------- building
@@ -193,7 +208,7 @@ def test_a_killed_builders_temporary_file_is_removed_by_the_next_build(fake_copy
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, timeout=120)
     assert done.returncode == -9
     folder = os.path.join(fake_copy, "cache")
-    (left,) = os.listdir(folder)
+    (left,) = [n for n in os.listdir(folder) if n != ".train-u8.lock"]  # the killed builder's lock file stays
     assert left.startswith(".train-u8.npy.") and left.endswith(".tmp")
     assert os.path.getsize(os.path.join(folder, left)) >= 48 * 64 * 64 * 3  # reserved in full up front
     TinyImageNet(fake_copy, "train", cache="disk", progress=False)

@@ -17,6 +17,7 @@ from engine.loops import LoopOptions, NonFiniteLossError, Progress, optimizer_st
 from engine.run_folder import RunFolder, read_summary
 from engine.trainer import config_changes, format_duration
 from helpers import REPO, assert_same_weights, child_env, free_port, last_state, read_rows, tiny_args
+from loss_fn.cross_entropy import CrossEntropy
 from options.config import load_config
 
 logger = logging.getLogger("cvnets")
@@ -49,7 +50,7 @@ def test_accumulation_over_an_odd_number_of_batches_uses_every_gradient_once():
     steps_asked = []
     opts = LoopOptions(device=torch.device("cpu"), accum_freq=2, log_every_batches=100)
     progress = Progress()
-    train_one_epoch(model, _Batches(batches), nn.CrossEntropyLoss(), optimizer,
+    train_one_epoch(model, _Batches(batches), CrossEntropy(), optimizer,
                     lambda it: steps_asked.append(it) or 1.0, progress, opts, epoch_batches=len(batches))
 
     # By hand: groups of 2, 2 and 1 micro-batches; each step uses the mean gradient of its group.
@@ -143,7 +144,7 @@ def test_relaunching_a_finished_run_reports_it(fake_root, tmp_path, capsys):
 
 
 class NaNLoss(nn.Module):
-    def forward(self, logits, targets):
+    def forward(self, logits, targets, images):
         return logits.sum() * float("nan")
 
 
@@ -234,7 +235,7 @@ def test_main_eval_reproduces_best_val_top1_and_writes_outputs(fake_root, traine
     assert evaluate(["--model.checkpoint", str(run_dir / "checkpoint_best.pt"), "--eval.split", "test",
                      "--eval.predictions-csv", str(csv_path)]) == 0
     rows = list(csv.reader(open(csv_path)))
-    assert rows[0] == ["file", "wnid"] and len(rows) == 1 + 4 * 2
+    assert rows[0][:2] == ["file", "wnid"] and len(rows) == 1 + 4 * 2
     wnids = open(os.path.join(fake_root, "wnids.txt")).read().split()
     assert all(r[0].startswith("test_") and r[1] in wnids for r in rows[1:])
 

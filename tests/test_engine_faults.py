@@ -83,7 +83,7 @@ def test_a_pickle_payload_is_refused_everywhere_and_runs_nothing(fake_root, tmp_
 
 
 # ----------------------------------------------------------------------------- records under kills
-def _tensorboard_steps(run_dir, tag="val_top1"):
+def _tensorboard_steps(run_dir, tag="val/top1"):
     """The steps TensorBoard shows for `tag`, purges of an interrupted run's extra events applied."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -109,6 +109,15 @@ def test_a_run_stopped_by_sigterm_is_resumed_and_failures_are_recorded(tmp_path,
     assert log.count("=== ") == 2 and log.count("training ...") == 1  # both attempts' output, appended
 
 
+def test_a_rerun_that_finishes_clears_the_earlier_error(tmp_path, fake_trainer):
+    run = spec(tmp_path, "retried", "2,0")
+    assert launchers.LocalLauncher(log=lambda _: None).launch([run]) == 1
+    assert experiments.read_record(run)["error"]
+    assert launchers.LocalLauncher(log=lambda _: None).launch([run]) == 0
+    record = experiments.read_record(run)
+    assert record["state"] == "finished" and record.get("error") is None
+
+
 class EndedAttempt:
     """What RestartPolicy reads of a trainer process that has ended."""
 

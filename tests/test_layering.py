@@ -12,6 +12,7 @@ from cvnets.mobilevit import VARIANTS
 from cvnets.resnet import DEPTHS, STEMS
 from data.samplers import BATCH_RULES
 from engine.export import EXTENSIONS
+from loss_fn.distillation import TERMS
 from options.schema import literal_choices
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,6 +53,7 @@ def test_a_package_imports_only_the_layers_below_it(package):
     (STEMS, "model.resnet.stem"),
     (BATCH_RULES, "sampler.vbs.batch_rule"),
     (EXTENSIONS, "export.format"),
+    (TERMS, "loss.distillation.kind"),
 ])
 def test_every_table_keyed_by_a_config_value_holds_exactly_its_choices(table, key):
     assert sorted(map(str, table)) == sorted(map(str, literal_choices(key)))

@@ -44,8 +44,15 @@ EXPECTED_PARAMS = {
     "table4_resnet50_no_vbs_div_by_ten.yaml": 23_910_856,
     "table4_resnet50_no_vbs_div_by_ten_augment_tiny.yaml": 23_910_856,
     "table4_resnet18_cyclic.yaml": 11_272_136,
+    # The ladder beyond the paper (config/beyond/): MobileViT-Tiny, and the distillation teacher, a
+    # CIFAR-stem ResNet-18: the common CIFAR ResNet-18's 11,173,962 at 10 classes + 190 * (512 + 1).
+    "tiny_long.yaml": 817_128,
+    "tiny_long_cutmix.yaml": 817_128,
+    "tiny_long_cutmix_randaugment.yaml": 817_128,
+    "tiny_long_cutmix_randaugment_distill.yaml": 817_128,
+    "teacher_resnet18_cifar.yaml": 11_173_962 + 190 * 513,
 }
-CONFIGS = sorted({row.config for row in pt.ROWS})
+CONFIGS = sorted({pt.config_path(row) for row in pt.ROWS})
 
 Epoch = Tuple[float, float, float]  # train_top1, val_top1, val_top5
 
@@ -85,8 +92,8 @@ def table_line(text: str, key: str) -> List[str]:
 # ----------------------------------------------------------------------------- registry
 def test_registry_has_every_paper_row_and_the_cyclic_extra():
     counts = {t: sum(r.table == t for r in pt.ROWS) for t in pt.TITLES}
-    assert counts == {1: 3, 2: 3, 3: 8, 4: 12}
-    assert len({r.key for r in pt.ROWS}) == len(pt.ROWS) == 26
+    assert counts == {1: 3, 2: 3, 3: 8, 4: 12, 5: 5}  # 5: the ladder beyond the paper
+    assert len({r.key for r in pt.ROWS}) == len(pt.ROWS) == 31
     assert [r.key for r in pt.ROWS if r.table == 4] == list("ABCDEFGHIJKL")
     cyclic = row("L")
     assert (cyclic.train_top1, cyclic.val_top1, cyclic.val_top5) == (None, None, None)  # no paper figures
@@ -105,7 +112,8 @@ def test_verified_says_what_each_row_was_checked_against():
                 for path, run in spec["rows"].items()}
     expected.update({Path(path).name: "paper" for path in spec["rows_without_reference"]})
     expected["table4_resnet18_cyclic.yaml"] = "log"  # log:resnet_tiny_correct_class_depth18_cyclic
-    assert {r.config: r.verified for r in pt.ROWS} == expected
+    assert {r.config: r.verified for r in pt.ROWS if r.table <= 4} == expected
+    assert {r.verified for r in pt.ROWS if r.table > 4} == {"none"}
     assert pt.Row(5, "5.1", "an ablation of your own", "table3_no_vbs.yaml").verified == "none"
 
 
@@ -116,10 +124,9 @@ def test_table4_baselines_share_the_table2_runs():
 
 @pytest.mark.parametrize("config", CONFIGS)
 def test_row_config_loads(config):
-    path = os.path.join(pt.PAPER_CONFIGS, config)
-    assert os.path.isfile(path)
-    cfg = load_config(["--common.config-file", path])
-    assert cfg.common.config_file == path
+    assert os.path.isfile(config)
+    cfg = load_config(["--common.config-file", config])
+    assert cfg.common.config_file == config
 
 
 # Table 4's baselines A and F and the extra cyclic row L (the authors' run kept it) use the sampler.
@@ -151,8 +158,9 @@ def test_recipe_changes_reach_the_resolved_configs():
 @pytest.mark.parametrize("config", CONFIGS)
 def test_row_model_has_expected_parameter_count(config):
     pytest.importorskip("torch")
-    assert config in EXPECTED_PARAMS, f"add the parameter count of {config} to EXPECTED_PARAMS"
-    assert experiments.count_params(os.path.join(pt.PAPER_CONFIGS, config)) == EXPECTED_PARAMS[config]
+    name = os.path.basename(config)
+    assert name in EXPECTED_PARAMS, f"add the parameter count of {name} to EXPECTED_PARAMS"
+    assert experiments.count_params(config) == EXPECTED_PARAMS[name]
 
 
 def test_select_rows_by_table_key_or_stem():
@@ -168,8 +176,9 @@ def test_list_shows_every_row_and_what_verified_it(capsys):
     assert pt.main(["--list"]) == 0
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| #")]
-    assert len(lines) == 26
+    assert len(lines) == 31
     assert "config/paper/table3_remove_3_4_no_fusion.yaml" in out and "817k" in out
+    assert table_line(out, "B3")[3] == "config/beyond/tiny_long_cutmix_randaugment_distill.yaml"
     assert table_line(out, "G")[4:9] == ["authors' log", "58.51", "60.19", "81.93", "23.9M"]
     assert table_line(out, "1.1")[4] == "authors' config"
     assert table_line(out, "3.2")[4] == "paper text only"
@@ -317,6 +326,7 @@ def test_added_row_without_paper_figures_renders(tmp_path, monkeypatch):
 
 
 def test_unknown_table_is_an_error(capsys):
+    assert [r.key for r in pt.select_rows([5], ["T", "b3"])] == ["T", "B3"]
     assert pt.main(["--list", "--table", "7"]) == 2
     assert "no rows in table(s) 7" in capsys.readouterr().err
 
@@ -337,8 +347,9 @@ def test_a_table_is_added_by_adding_data(tmp_path):
     path = tmp_path / "tables.json"
     path.write_text(json.dumps(data))
     rows, titles, notes, footnotes = pt.load_tables(str(path))
-    assert rows[:-1] == pt.ROWS and (titles[5], notes[5], footnotes) == ("Table 5. Beyond the paper",
-                                                                         ("A ladder of our own.",), pt.FOOTNOTES)
+    paper_rows, _, _, paper_footnotes = pt.load_tables(pt.TABLES_FILE)
+    assert rows[:-1] == paper_rows and (titles[5], notes[5], footnotes) == ("Table 5. Beyond the paper",
+                                                                            ("A ladder of our own.",), paper_footnotes)
     assert rows[-1] == pt.Row(5, "5.1", "MobileViT-Tiny, 300 epochs", "table3_remove_3_4_no_fusion.yaml")
 
 

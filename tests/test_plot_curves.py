@@ -99,3 +99,37 @@ def test_runs_as_a_module_and_as_a_file(tmp_path, command):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert out.exists()
+
+
+def test_many_runs_make_a_readable_figure(tmp_path):
+    """24 runs (results/paper): every run its own style, the legend beside the panels (not over
+    the curves), whole epochs on the x axis, plain numbers on the log LR axis, EMA dashed."""
+    import warnings
+
+    import matplotlib.pyplot as plt
+
+    for r in range(24):
+        rows = [{"epoch": e, "lr": 0.002 * (0.9 ** e) if r % 2 else 0.4 * (0.9 ** e), "train_top1": 50 + r + e,
+                 "val_top1": 45 + r + e, "train_loss": 2 - e / 10, "val_loss": 2.2 - e / 10,
+                 **({"ema_val_top1": 46 + r + e, "ema_val_loss": 2.1 - e / 10} if r % 2 else {})} for e in (1, 2, 3)]
+        (tmp_path / "paper" / f"run_{r:02d}").mkdir(parents=True)
+        (tmp_path / "paper" / f"run_{r:02d}" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    runs = plot_curves.load_runs([str(tmp_path / "paper")])
+    styles = {(s["color"], s["marker"]) for s in map(plot_curves.run_style, range(24))}
+    assert len(styles) == 24
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "constrained_layout not applied"
+        fig = plot_curves.figure(runs)
+        fig.canvas.draw()
+    (legend,) = fig.legends
+    box = legend.get_window_extent()
+    assert len(legend.get_texts()) == 24 and "(best 71.0 @3, EMA 72.0 @3)" in legend.get_texts()[23].get_text()
+    for ax in fig.axes:
+        assert not box.overlaps(ax.get_window_extent())
+        assert all(t == int(t) for t in ax.get_xticks())
+    lr_axis = fig.axes[2]
+    assert lr_axis.get_yscale() == "log"
+    assert {t.get_text() for t in lr_axis.get_yticklabels() if t.get_text()} >= {"0.001", "0.01", "0.1"}
+    ema = [line for line in fig.axes[0].get_lines() if line.get_linestyle() == "--"]
+    assert len(ema) == 12  # the 12 runs with EMA
+    plt.close(fig)

@@ -9,7 +9,8 @@
 The rows are data, config/paper/tables.json: each row names one YAML file under config/paper/
 and trains into `<results>/<config stem>/`, so rows that share a file (Table 4 A and F are the
 Table 2 baselines) share a run. A table added to that file (rows without the paper's figures
-show them as –) is listed, trained and tabulated like the paper's. Measured figures come from
+show them as –) is listed, trained and tabulated like the paper's; config/beyond/ladder.json adds
+Table 5, the ladder beyond the paper, whose configs live beside it. Measured figures come from
 the run folders alone (metrics.jsonl, summary.json); a row without one shows as pending.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from engine import experiments, launchers
@@ -28,6 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 PAPER_CONFIGS = os.path.join(ROOT, "config", "paper")
 TABLES_FILE = os.path.join(PAPER_CONFIGS, "tables.json")
+# Tables beyond the paper: the same format, their configs beside them.
+TABLES_FILES = (TABLES_FILE, os.path.join(ROOT, "config", "beyond", "ladder.json"))
 DEFAULT_RESULTS = os.path.join("results", "paper")
 
 
@@ -44,6 +47,7 @@ class Row:
     val_top5: Optional[float] = None
     params: Optional[str] = None  # as the paper prints it (Table 1 gives 1000-class counts)
     verified: str = "none"  # what the row's settings were checked against: a key of VERIFIED
+    folder: str = field(default=PAPER_CONFIGS, compare=False)  # where `config` lives: its tables file's folder
 
 
 VERIFIED = {"log": "authors' log", "config": "authors' config", "paper": "paper text only",
@@ -68,7 +72,8 @@ def load_tables(path: str) -> Tuple[List[Row], Dict[int, str], Dict[int, Tuple[s
                 if unknown or entry.get("verified", "none") not in VERIFIED:
                     raise ValueError(f"row {entry.get('key')}: paper figures are {', '.join(PAPER_FIGURES)}; "
                                      f"verified is one of {', '.join(VERIFIED)}")
-                rows.append(Row(number, **{k: v for k, v in entry.items() if k != "paper"}, **paper))
+                rows.append(Row(number, **{k: v for k, v in entry.items() if k != "paper"}, **paper,
+                                folder=os.path.dirname(os.path.abspath(path))))
         footnotes = tuple(data.get("footnotes", ()))
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a tables file ({type(e).__name__}: {e})") from None
@@ -78,13 +83,31 @@ def load_tables(path: str) -> Tuple[List[Row], Dict[int, str], Dict[int, Tuple[s
     return rows, titles, notes, footnotes
 
 
-ROWS, TITLES, TABLE_NOTES, FOOTNOTES = load_tables(TABLES_FILE)
+def load_all(paths: Sequence[str]) -> Tuple[List[Row], Dict[int, str], Dict[int, Tuple[str, ...]], Tuple[str, ...]]:
+    """The tables of several files as one set; a table number or row key used twice is a ValueError."""
+    rows: List[Row] = []
+    titles: Dict[int, str] = {}
+    notes: Dict[int, Tuple[str, ...]] = {}
+    footnotes: Dict[str, None] = {}
+    for path in paths:
+        more, more_titles, more_notes, more_footnotes = load_tables(path)
+        clash = sorted(set(titles) & set(more_titles)) or sorted({r.key for r in rows} & {r.key for r in more})
+        if clash:
+            raise ValueError(f"{path}: table numbers or row keys {clash} are used by another tables file")
+        rows += more
+        titles.update(more_titles)
+        notes.update(more_notes)
+        footnotes.update(dict.fromkeys(more_footnotes))
+    return rows, titles, notes, tuple(footnotes)
+
+
+ROWS, TITLES, TABLE_NOTES, FOOTNOTES = load_all(TABLES_FILES)
 
 
 # ----------------------------------------------------------------------------- rows and their runs
 def config_path(row: Row) -> str:
     """Absolute path of the row's YAML file."""
-    return os.path.join(PAPER_CONFIGS, row.config)
+    return os.path.join(row.folder, row.config)
 
 
 def run_label(row: Row) -> str:

@@ -7,8 +7,9 @@
 Each argument is a run folder (it holds metrics.jsonl), a sweep folder written by tools/sweep.py
 (one line per point, named by its swept values, in grid order) or any folder of run folders,
 such as results/paper (one line per run folder in it). Points and runs without an epoch yet
-are left out with a note. Three panels: top-1 (train dashed, val solid), loss (likewise) and
-the learning rate on a log scale, one colour per run. Needs matplotlib: pip install -e '.[plots]'.
+are left out with a note. Three panels: top-1 and loss (val solid, EMA val dashed, train dotted)
+and the learning rate on a log scale; each run has its own colour and marker, and the legend
+beside the panels gives its best val top-1. Needs matplotlib: pip install -e '.[plots]'.
 """
 from __future__ import annotations
 
@@ -22,13 +23,15 @@ from tools.sweep import SWEEP_FILE, SweepError, load_sweep, short_names
 
 INSTALL_HINT = "plot_curves needs matplotlib: pip install -e '.[plots]'"
 
-# (panel title, y scale, [(metrics key, line style, legend suffix), ...]); the LR panel is
+# (panel title, y scale, [(metrics key, line style, what the style means), ...]); the LR panel is
 # logarithmic so that MobileViT (2e-3) and ResNet (0.4) schedules are both readable.
 PANELS = [
-    ("top-1 (%)", "linear", [("train_top1", "--", "train"), ("val_top1", "-", "val")]),
-    ("loss", "linear", [("train_loss", "--", "train"), ("val_loss", "-", "val")]),
+    ("top-1 (%)", "linear", [("val_top1", "-", "val"), ("ema_val_top1", "--", "EMA val"), ("train_top1", ":", "train")]),
+    ("loss", "linear", [("val_loss", "-", "val"), ("ema_val_loss", "--", "EMA val"), ("train_loss", ":", "train")]),
     ("learning rate", "log", [("lr", "-", "")]),
 ]
+# A run is a colour and a marker: ten colours, then the next marker, so 24 runs stay apart.
+MARKERS = ("", "o", "s", "^", "D", "v", "x", "*")
 
 
 class PlotError(Exception):
@@ -91,28 +94,71 @@ def _series(metrics: List[Dict[str, Any]], key: str):
     return [p[0] for p in points], [p[1] for p in points]
 
 
+def run_style(i: int) -> Dict[str, Any]:
+    """Colour and marker of the i-th run (distinct for 80 runs)."""
+    return {"color": f"C{i % 10}", "marker": MARKERS[(i // 10) % len(MARKERS)], "markersize": 4}
+
+
+def _final(metrics: List[Dict[str, Any]]) -> str:
+    """The legend's summary of a run: its best val top-1 (and the EMA's) and at which epoch."""
+    text = []
+    for key, name in (("val_top1", "best"), ("ema_val_top1", "EMA")):
+        rows = [m for m in metrics if m.get(key) is not None]
+        if rows:
+            best = max(rows, key=lambda m: m[key])
+            text.append(f"{name} {best[key]:.1f} @{best['epoch']}")
+    return ", ".join(text)
+
+
 def plot(runs: Dict[str, Tuple[str, List[Dict[str, Any]]]], out: str, labels: Optional[Sequence[str]] = None,
          title: Optional[str] = None) -> None:
     """Draw every run into one figure of PANELS and save it to `out`."""
     plt = import_pyplot()
+    fig = figure(runs, labels, title)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def figure(runs: Dict[str, Tuple[str, List[Dict[str, Any]]]], labels: Optional[Sequence[str]] = None,
+           title: Optional[str] = None):
+    """The figure: one colour and marker per run, the line style says which curve (val solid,
+    EMA val dashed, train dotted); the legend, beside the panels, names each run with its best
+    val top-1."""
+    plt = import_pyplot()
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import LogLocator, MaxNLocator, NullFormatter
+
     labels = list(labels) if labels else [label for label, _ in runs.values()]
-    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS), 4), constrained_layout=True)
+    height = max(4.0, 0.2 * len(runs) + 1.5)  # the legend needs a row per run
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(5 * len(PANELS) + 3.5, height), layout="constrained")
+    handles = []
     for i, (label, (_, metrics)) in enumerate(zip(labels, runs.values())):
-        colour = f"C{i % 10}"
+        style = run_style(i)
         for ax, (_, _, lines) in zip(axes, PANELS):
-            for key, style, suffix in lines:
+            for key, linestyle, _ in lines:
                 epochs, values = _series(metrics, key)
-                ax.plot(epochs, values, style, color=colour, label=f"{label} {suffix}".strip())
-    for ax, (name, yscale, _) in zip(axes, PANELS):
+                if epochs:
+                    ax.plot(epochs, values, linestyle=linestyle, markevery=max(1, len(epochs) // 8), linewidth=1.2,
+                            alpha=0.6 if linestyle == ":" else 1.0, **style)
+        handles.append(Line2D([], [], linestyle="-", label=f"{label}  ({_final(metrics)})", **style))
+    for ax, (name, yscale, lines) in zip(axes, PANELS):
         ax.set_title(name)
         ax.set_yscale(yscale)
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+        if yscale == "log":  # 1e-4, 2e-4, 5e-4 ... as plain numbers, no labelled minor ticks
+            ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(lambda value, _: f"{value:g}")
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        elif len(lines) > 1:
+            kinds = [Line2D([], [], color="0.3", linestyle=ls, label=kind) for _, ls, kind in lines]
+            ax.legend(handles=kinds, fontsize="small", loc="best")
+    fig.legend(handles=handles, loc="outside right upper", fontsize="small", title="run (best val top-1 @ epoch)",
+               title_fontsize="small", frameon=False)
     if title:
         fig.suptitle(title)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    return fig
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

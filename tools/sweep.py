@@ -138,12 +138,26 @@ def read_grid_file(path: str) -> List[Axis]:
             if isinstance(value, Mapping):
                 walk(value, key + ".")
             elif isinstance(value, list) and value:
+                odd = next((v for v in value if not _plain(v)), None)
+                if odd is not None:  # YAML reads 2024-01-01 as a date, which no config key takes
+                    raise SweepError(f"{path}: {key}: {odd!r} is a {type(odd).__name__}, not a config value; "
+                                     "quote it if it is text")
                 axes.append(Axis(_key(key, path), tuple(_flag_text(v) for v in value)))
             else:
                 raise SweepError(f"{path}: {key} needs a non-empty list of values, got {value!r}")
 
     walk(data, "")
     return axes
+
+
+def _plain(value: Any) -> bool:
+    """Whether a YAML value is one a config key can take (numbers, text, booleans, null, lists
+    and mappings of those), not a date or timestamp."""
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def short_names(keys: Sequence[str]) -> Dict[str, str]:
@@ -197,7 +211,7 @@ def point_argv(base_args: Sequence[str], point: Point, sweep_dir: str) -> List[s
 
 def check_keys(axes: Sequence[Axis], base_args: Sequence[str]) -> None:
     """Keys the sweep owns, and keys both swept and set by a flag, are refused."""
-    flags, _ = parse_flags(base_args)
+    flags, _ = parse_flags(base_args, once=True)
     for axis in axes:
         if axis.key in RESERVED:
             raise SweepError(f"{axis.key} cannot be swept: the sweep sets it for every point")
@@ -360,6 +374,8 @@ def plan(args: argparse.Namespace) -> Tuple[Sweep, Dict[str, Config]]:
     base_config = os.path.abspath(flags["common.config_file"][1])
     check_keys(axes, args.overrides)
     points = expand(axes)
+    if os.path.exists(args.results) and not os.path.isdir(args.results):
+        raise SweepError(f"--results {args.results} is a file; give a folder for the sweep folders")
     folder = os.path.abspath(os.path.join(args.results, args.name or _sweep_name(base_config, axes)))
     configs, errors = resolve_points(args.overrides, points, folder)
     if errors:

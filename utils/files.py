@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import fnmatch
 import json
 import os
 import shutil
 import signal
 import tempfile
-from typing import IO, Any, Iterator, Optional
+from typing import IO, Any, Callable, Iterator, Optional
 
 TEMP_SUFFIX = ".tmp"
 
@@ -49,11 +50,51 @@ def is_disk_full(error: BaseException) -> bool:
 
 
 def temp_path_for(path: str) -> str:
-    """A new, unique temporary file beside `path` (created empty): `.<name>.<pid>.<random>.tmp`."""
+    """A new, unique temporary file beside `path` (created empty): `.<name>.<pid>.<random>.tmp`.
+
+    mkstemp creates it private (0600); it gets the mode open() would have given a new file
+    under the umask (0644 under umask 022), so that a renamed-into-place run folder stays
+    readable by the colleagues the umask allows."""
     folder, name = os.path.split(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.{os.getpid()}.", suffix=TEMP_SUFFIX, dir=folder)
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     return tmp
+
+
+def temp_dir_for(path: str, tag: str) -> str:
+    """A new, unique folder beside `path` (`.<name>.<tag>-<random>`) to build a tree in and rename
+    into place; with the mode a new folder gets under the umask, not mkdtemp's private 0700."""
+    folder, name = os.path.split(os.path.abspath(path))
+    tmp = tempfile.mkdtemp(prefix=f".{name}.{tag}-", dir=folder)
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (setting it to read
+    it back would briefly apply to files other threads create)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_in_the_way(path: str) -> Optional[str]:
+    """The nearest existing ancestor folder of `path` when it is a file (so that `path` can never
+    be written), else None."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):  # folders that atomic_open would create
+        folder = os.path.dirname(folder)
+    return None if os.path.isdir(folder) else folder
 
 
 def remove_quietly(path: str) -> None:
@@ -76,7 +117,12 @@ def atomic_open(path: str, mode: str = "wb", expected_size: Optional[int] = None
         free = free_bytes(folder)
         if free is not None and free < expected_size:
             raise DiskFullError(path, expected_size, free)
-    tmp = temp_path_for(path)
+    try:
+        tmp = temp_path_for(path)
+    except OSError as e:  # no inode left for the temporary file
+        if is_disk_full(e):
+            raise DiskFullError(path, expected_size) from None
+        raise
     try:
         encoding = None if "b" in mode else "utf-8"
         with open(tmp, mode, encoding=encoding, newline=None if "b" in mode else "") as f:
@@ -140,6 +186,45 @@ def atomic_write_text(path: str, text: str) -> None:
 def write_json(path: str, data: Any) -> None:
     """`data` as indented JSON, atomically."""
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def waiting_lock(path: str, on_wait: Callable[[], None] = lambda: None) -> Iterator[None]:
+    """Hold an exclusive POSIX lock on the file `path` for the body; when another process holds
+    it, call on_wait() once and wait for it. The kernel drops the lock of a process that dies, so
+    a killed holder never blocks the next one. The holder removes the file before releasing it
+    (no lock file is left behind); a waiter that then finds its file gone locks a new one. Where
+    the file cannot be created (a read-only folder) the body runs unlocked: it cannot write there
+    either, and says so in its own words."""
+    waited = False
+    while True:
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # read-only, not a folder, full: the body meets (and reports) it too
+            yield
+            return
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                os.close(fd)
+                raise
+            if not waited:
+                on_wait()
+                waited = True
+            fcntl.lockf(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break  # still the file at `path`: the lock is ours
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the previous holder removed it: lock the new one
+    try:
+        yield
+    finally:
+        remove_quietly(path)  # while still locked, so that nobody can lock it in between
+        os.close(fd)
 
 
 def writer_pid(name: str) -> Optional[int]:
