@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from engine.run_folder import RESTART
 from engine.teacher import check_teacher_path, load_teacher
 from engine.trainer import Components, Trainer
 from engine.utils import DistInfo, init_distributed, resolve_device, seed_everything
-from options.config import ConfigError, override
+from options.config import override
 from options.schema import Config
 
 logger = logging.getLogger("cvnets")
@@ -44,21 +44,15 @@ class Process:
 
 
 def check_config(cfg: Config, training: bool = True) -> None:
-    """Every check that needs a component's knowledge, as ConfigError (one line, exit status 2).
+    """Every check that needs a component's knowledge: a ValueError naming the key (the entry points
+    make it one line and exit status 2).
 
     training=False (main_eval, main_export) skips what only training reads: the teacher file."""
-    checks: tuple[Callable[[], None], ...] = (
-        lambda: cvnets.check_config(cfg.model),
-        lambda: data.check_config(cfg),
-        lambda: optim.check_config(cfg),
-    )
-    for check in checks:
-        try:
-            check()
-        except ValueError as e:
-            raise ConfigError(str(e)) from None
+    cvnets.check_config(cfg.model)
+    data.check_config(cfg)
+    optim.check_config(cfg)
     if cfg.common.mixed_precision == "fp16" and cfg.common.device == "cpu":
-        raise ConfigError("common.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
+        raise ValueError("common.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
     if training:
         check_teacher_path(cfg)
 
@@ -77,33 +71,33 @@ def check_startable(cfg: Config) -> None:
     made: the checkpoint files it names exist, and the device it asks for is there."""
     for key, path in (("model.checkpoint", cfg.model.checkpoint), ("common.resume", cfg.common.resume)):
         if path not in (None, "auto", RESTART) and not os.path.isfile(path):
-            raise ConfigError(f"{key}: {path} does not exist; give the path of a checkpoint_*.pt file"
-                              + (" (or auto: continue this run folder's own)" if key == "common.resume" else ""))
+            raise ValueError(f"{key}: {path} does not exist; give the path of a checkpoint_*.pt file"
+                             + (" (or auto: continue this run folder's own)" if key == "common.resume" else ""))
     if cfg.common.device == "cuda" and not torch.cuda.is_available():
-        resolve_device("cuda")  # its ConfigError says what to use instead
+        resolve_device("cuda")  # its ValueError says what to use instead
 
 
 def check_fits_dataset(cfg: Config, train_images: int, classes: int, world_size: int) -> None:
-    """ConfigError when the batch or the classifier cannot fit the dataset: a batch larger than a
+    """ValueError when the batch or the classifier cannot fit the dataset: a batch larger than a
     process's share of the training images would repeat images within the batch, and fewer
     outputs than classes would fail at the first label beyond them."""
     share = train_images // world_size
     batch = cfg.dataset.train_batch_size
     if batch > share:
         per = f" shared by {world_size} processes ({share:,} each)" if world_size > 1 else ""
-        raise ConfigError(f"dataset.train_batch_size: {batch:,} is larger than the dataset's {train_images:,} "
-                          f"training images{per}; set it to at most {share:,}")
+        raise ValueError(f"dataset.train_batch_size: {batch:,} is larger than the dataset's {train_images:,} "
+                         f"training images{per}; set it to at most {share:,}")
     wanted = cfg.model.num_classes
     if wanted is not None and wanted < classes:
-        raise ConfigError(f"model.num_classes: {wanted} is smaller than the dataset's {classes} classes; set it to "
-                          f"at least {classes}, or null to take the dataset's")
+        raise ValueError(f"model.num_classes: {wanted} is smaller than the dataset's {classes} classes; set it to "
+                         f"at least {classes}, or null to take the dataset's")
 
 
 def setup_process(cfg: Config) -> Process:
     """Once per process: device, process group (under torchrun), seeds and backend flags."""
     device = resolve_device(cfg.common.device, int(os.environ.get("LOCAL_RANK", "0")))
     if cfg.common.mixed_precision == "fp16" and device.type != "cuda":
-        raise ConfigError("common.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
+        raise ValueError("common.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
     dist_info = init_distributed(device)
     seed_everything(cfg.common.seed)
     if device.type == "cuda":
@@ -197,10 +191,7 @@ def build_trainer(cfg: Config, process: Process) -> Trainer:
     # The exact number of optimizer steps of the whole run, so iteration-based schedules end
     # on their last value at the last step even when epoch lengths vary (variable batch sampler).
     total_steps = sum(optimizer_steps(epoch_batches(e), common.accum_freq) for e in range(cfg.scheduler.max_epochs))
-    try:
-        scheduler = optim.build_scheduler(cfg.scheduler, total_steps)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    scheduler = optim.build_scheduler(cfg.scheduler, total_steps)
     criterion, teacher = build_criterion(cfg, loaders.wnids, device)
     parts = Components(
         model=model,

@@ -21,7 +21,6 @@ fine-tuning (`load_pretrained`) also reads foreign weights files directly, throu
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import os
@@ -299,19 +298,7 @@ def upgrade(path: str) -> None:
     save(new, path)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.checkpoint",
-                                     description="Convert a trusted format-1 checkpoint to the current format.")
-    parser.add_argument("--upgrade", metavar="PATH", required=True)
-    args = parser.parse_args(argv)
-    try:
-        upgrade(args.upgrade)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"upgraded {args.upgrade} to checkpoint format {VERSION}")
-    return 0
+if __name__ == "__main__":  # python -m engine.checkpoint --upgrade PATH
+    from engine.commands import upgrade_checkpoint
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(upgrade_checkpoint())

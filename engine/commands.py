@@ -50,12 +50,13 @@ pip install -e '.[export]'."""
 
 
 def _user_errors() -> tuple:
-    """Errors that mean bad input: one line, exit status 2."""
+    """Errors that mean bad input: one line, exit status 2. Library code raises ValueError naming
+    the key for a setting that cannot work (a ConfigError is one too)."""
     from cvnets.export import MissingExtraError
     from data.base import DatasetError
     from engine.checkpoint import CheckpointError
 
-    return ConfigError, DatasetError, CheckpointError, MissingExtraError
+    return ValueError, DatasetError, CheckpointError, MissingExtraError
 
 
 def _run(body: Callable[[], int]) -> int:
@@ -103,10 +104,11 @@ def _setup_logging(rank: int, timestamps: bool) -> None:
 
 
 def _transforms() -> str:
+    """Every transform image_augmentation.train / .val may list, with its settings (--list-transforms)."""
     from data.transforms import describe_transforms
 
-    return "Transforms of image_augmentation.train and .val, with their settings and defaults:\n" + "\n".join(
-        f"  {line}" for line in describe_transforms())
+    return ("Transforms of image_augmentation.train and .val (a list of entries, applied in order; the "
+            "settings and their defaults):\n" + "\n".join(f"  {line}" for line in describe_transforms()))
 
 
 def _check(cfg: Config, training: bool = True) -> None:
@@ -117,12 +119,7 @@ def _check(cfg: Config, training: bool = True) -> None:
 
 # ----------------------------------------------------------------------------- train
 def _train_doc() -> str:
-    """TRAIN_DOC and every transform image_augmentation.train / .val may list, with its settings."""
-    from data.transforms import describe_transforms
-
-    entries = "\n".join(f"    {line}" for line in describe_transforms())
-    return (f"{TRAIN_DOC}\n\nTransforms of image_augmentation.train and .val (a list of entries, applied in "
-            f"order; the settings and their defaults):\n{entries}")
+    return f"{TRAIN_DOC}\n\n{_transforms()}"
 
 
 def _check_train(cfg: Config) -> None:
@@ -273,3 +270,23 @@ def export(argv: Optional[Sequence[str]] = None) -> int:
         return 0
 
     return _run(body)
+
+
+# ----------------------------------------------------------------------------- upgrade
+def upgrade_checkpoint(argv: Optional[Sequence[str]] = None) -> int:
+    """python -m engine.checkpoint --upgrade PATH: a trusted format-1 checkpoint in today's format."""
+    import argparse
+
+    from engine import checkpoint as ckpt
+
+    parser = argparse.ArgumentParser(prog="python -m engine.checkpoint",
+                                     description="Convert a trusted format-1 checkpoint to the current format.")
+    parser.add_argument("--upgrade", metavar="PATH", required=True)
+    args = parser.parse_args(argv)
+    try:
+        ckpt.upgrade(args.upgrade)
+    except ckpt.CheckpointError as e:
+        _error(str(e))
+        return 2
+    print(f"upgraded {args.upgrade} to checkpoint format {ckpt.VERSION}")
+    return 0

@@ -18,7 +18,7 @@ from cvnets.fuse import fold_batchnorm
 from engine import checkpoint as ckpt
 from engine.loops import AUTOCAST_DTYPES, LoopOptions, predict
 from engine.utils import Meter, resolve_device
-from options.config import ConfigError, override, to_dict
+from options.config import override, to_dict
 from utils.files import atomic_open
 from options.schema import Config
 
@@ -26,7 +26,7 @@ _NOT_ARCHITECTURE = ("checkpoint", "freeze")
 
 
 def check_same_model(cfg: Config, stored: Mapping[str, Any]) -> None:
-    """ConfigError when the resolved model section differs from the checkpoint's."""
+    """ValueError when the resolved model section differs from the checkpoint's."""
     _compare(to_dict(cfg.model), stored.get("model", {}), "model.")
 
 
@@ -38,7 +38,7 @@ def _compare(given: Mapping[str, Any], stored: Mapping[str, Any], prefix: str) -
         if isinstance(a, dict) and isinstance(b, dict):
             _compare(a, b, f"{prefix}{key}.")
         elif a != b:
-            raise ConfigError(
+            raise ValueError(
                 f"{prefix}{key} is {a!r} in the given config but the checkpoint was trained with {b!r}; "
                 "drop --common.config-file to use the checkpoint's own config"
             )

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from engine.run_folder import best_epoch, is_locked, read_lock_holder, read_metrics, read_summary
-from options.config import ConfigError, load_config, parse_flags
+from options.config import load_config, parse_flags
 from options.schema import Config
 from utils.files import atomic_open, write_json
 
@@ -128,7 +128,7 @@ def check_runs(specs: Sequence[RunSpec]) -> Tuple[Dict[str, Config], List[str]]:
         try:
             cfg = load_config(spec.args)
             check_config(cfg)
-        except ConfigError as e:
+        except ValueError as e:
             errors.append(f"{spec.title}: {e}")
             continue
         configs[spec.label] = cfg
@@ -307,7 +307,7 @@ def dataset_of_run(run_dir: str, summary: Mapping[str, Any]) -> Tuple[Optional[i
     saved = os.path.join(run_dir, "config.yaml")
     try:
         cfg = load_config(["--common.config-file", saved]) if os.path.isfile(saved) else None
-    except ConfigError:  # a run folder of an older version; its summary may still say
+    except ValueError:  # a run folder of an older version; its summary may still say
         cfg = None
     generated = cfg.dataset.fake.enable if cfg is not None else None
     if summary.get("num_classes") is not None:

@@ -39,7 +39,7 @@ from data.base import DatasetError
 from data.augment import Normalize
 from data.tinyimagenet import read_classes
 from engine.evaluation import trained_model
-from options.config import ConfigError, override, to_dict
+from options.config import override, to_dict
 from utils.files import atomic_write_bytes, file_in_the_way, write_json
 from options.schema import Config
 
@@ -109,7 +109,7 @@ def dataset_images(cfg: Config, count: int, size: int) -> Optional[Tensor]:
     quick = override(cfg, {"dataset.workers": 0, "dataset.val_batch_size": count, "dataset.cache": "none"})
     try:
         images, _ = next(iter(data.build_eval_loader(quick, "val")[0]))
-    except (ConfigError, DatasetError) as e:  # a broken tree only costs this parity case
+    except (ValueError, DatasetError) as e:  # a broken tree only costs this parity case
         logger.info("note: no dataset images for the parity check: %s", e)
         return None
     return images if tuple(images.shape[-2:]) == (size, size) else None
@@ -142,12 +142,12 @@ def output_path(cfg: Config, checkpoint: Dict[str, Any]) -> str:
     e = cfg.export
     output = e.output or default_output(cfg.model.checkpoint, e.format, e.ema and not checkpoint.get("is_ema"))
     if os.path.abspath(output) == os.path.abspath(cfg.model.checkpoint):
-        raise ConfigError(f"export.output: {output} is the checkpoint itself; choose another path")
+        raise ValueError(f"export.output: {output} is the checkpoint itself; choose another path")
     if os.path.isdir(output):
-        raise ConfigError(f"export.output: {output} is a folder; give a file path (e.g. {os.path.join(output, 'model' + EXTENSIONS[e.format])})")
+        raise ValueError(f"export.output: {output} is a folder; give a file path (e.g. {os.path.join(output, 'model' + EXTENSIONS[e.format])})")
     blocker = file_in_the_way(output)
     if blocker is not None:
-        raise ConfigError(f"export.output: {blocker} is a file, so {output} cannot be written; give a path in a folder")
+        raise ValueError(f"export.output: {blocker} is a file, so {output} cannot be written; give a path in a folder")
     return output
 
 

@@ -36,7 +36,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from engine.utils import flatten
-from options.config import ConfigError
 from options.schema import Config, MLflowConfig, WandbConfig
 from utils.files import write_json
 
@@ -126,10 +125,10 @@ def _is_on(cfg: Config, key: str) -> bool:
 
 
 def check_trackers(cfg: Config) -> None:
-    """ConfigError (exit status 2, before training) when an enabled tracker's package is missing."""
+    """ValueError (exit status 2, before training) when an enabled tracker's package is missing."""
     for key, package, _ in TRACKERS:
         if _is_on(cfg, key) and importlib.util.find_spec(package) is None:
-            raise ConfigError(f"{key}: true needs the {package} package: pip install -e '.[{package}]'")
+            raise ValueError(f"{key}: true needs the {package} package: pip install -e '.[{package}]'")
 
 
 def build_loggers(cfg: Config) -> List[Logger]:

@@ -23,7 +23,6 @@ import socket
 import time
 from typing import Any, Dict, List, Optional
 
-from options.config import ConfigError
 from utils.files import (DiskFullError, atomic_write_text, is_disk_full, remove_quietly, remove_stale_temp_files,
                          write_json)
 
@@ -59,8 +58,8 @@ class RunLock:
                 raise DiskFullError(self.path, None) from None
             # A read-only file system, a results-loc that is a file, no permission: the fix is
             # another place for the run, so it is bad input.
-            raise ConfigError(f"cannot create the run folder {run_dir} ({e.strerror or e}); set --common.results-loc "
-                              "to a writable folder") from None
+            raise ValueError(f"cannot create the run folder {run_dir} ({e.strerror or e}); set --common.results-loc "
+                             "to a writable folder") from None
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -258,11 +257,11 @@ def resume_path(run_dir: str, resume: Optional[str]) -> Optional[str]:
 
     Without common.resume, an existing checkpoint_last.pt is never overwritten; and a folder
     holding records of a run (metrics.jsonl rows, best checkpoints) but no checkpoint_last.pt
-    is never silently retrained, with or without `auto`: both are a ConfigError telling the
+    is never silently retrained, with or without `auto`: both are a ValueError telling the
     user how to continue, start another run, or (`restart`) discard the records on purpose."""
     for folder, key in ((os.path.dirname(run_dir) or ".", "--common.results-loc"), (run_dir, "--common.run-label")):
         if os.path.exists(folder) and not os.path.isdir(folder):
-            raise ConfigError(f"{folder} is a file, not a folder for runs; change {key}")
+            raise ValueError(f"{folder} is a file, not a folder for runs; change {key}")
     last = os.path.join(run_dir, LAST_CHECKPOINT)
     if resume == RESTART:
         return None
@@ -271,13 +270,13 @@ def resume_path(run_dir: str, resume: Optional[str]) -> Optional[str]:
     if os.path.isfile(last):
         if resume == "auto":
             return last
-        raise ConfigError(f"{run_dir} already holds a run; continue it with --common.resume auto, start another "
-                          f"with --common.run-label NAME, or discard it with --common.resume {RESTART}")
+        raise ValueError(f"{run_dir} already holds a run; continue it with --common.resume auto, start another "
+                         f"with --common.run-label NAME, or discard it with --common.resume {RESTART}")
     records = existing_records(run_dir)
     if records:
-        raise ConfigError(f"{run_dir} holds records of a run ({', '.join(records)}) but no {LAST_CHECKPOINT} to "
-                          f"continue from; start another run with --common.run-label NAME, or discard these "
-                          f"records and train from scratch with --common.resume {RESTART}")
+        raise ValueError(f"{run_dir} holds records of a run ({', '.join(records)}) but no {LAST_CHECKPOINT} to "
+                         f"continue from; start another run with --common.run-label NAME, or discard these "
+                         f"records and train from scratch with --common.resume {RESTART}")
     return None
 
 

@@ -16,46 +16,46 @@ from cvnets.fuse import fold_batchnorm
 from engine import checkpoint as ckpt
 from engine.evaluation import trained_model
 from loss_fn.distillation import Teacher
-from options.config import ConfigError, from_dict
+from options.config import from_dict
 from options.schema import Config
 
 KEY = "loss.distillation.teacher"
 
 
 def check_teacher_path(cfg: Config) -> None:
-    """ConfigError, before any work, when distillation names a teacher file that is not there."""
+    """ValueError, before any work, when distillation names a teacher file that is not there."""
     path = cfg.loss.distillation.teacher
     if cfg.loss.name != "distillation" or path is None:
         return
     if not os.path.isfile(path):
         where = "is a folder" if os.path.isdir(path) else "does not exist"
-        raise ConfigError(f"{KEY}: {path} {where}; train the teacher first (e.g. python main_train.py "
-                          "--common.config-file config/beyond/teacher_resnet18_cifar.yaml) and give its "
-                          "checkpoint_best.pt")
+        raise ValueError(f"{KEY}: {path} {where}; train the teacher first (e.g. python main_train.py "
+                         "--common.config-file config/beyond/teacher_resnet18_cifar.yaml) and give its "
+                         "checkpoint_best.pt")
 
 
 def load_teacher(cfg: Config, wnids: Sequence[str], device: torch.device) -> Tuple[Teacher, Dict[str, str]]:
     """(the frozen teacher on `device`, {"path", "sha256"} to record in the student's checkpoints).
 
-    Raises ConfigError when the teacher was trained on another class list than `wnids` (the
+    Raises ValueError when the teacher was trained on another class list than `wnids` (the
     student's dataset), CheckpointError when its file is not a usable checkpoint."""
     check_teacher_path(cfg)
     path = cfg.loss.distillation.teacher
     state = ckpt.load(path)
     theirs = list(state.get("wnids") or [])
     if not theirs:
-        raise ConfigError(f"{KEY}: {path} holds no class list (imported weights?); fine-tune it on this dataset "
-                          "first and distil from that run's checkpoint_best.pt")
+        raise ValueError(f"{KEY}: {path} holds no class list (imported weights?); fine-tune it on this dataset "
+                         "first and distil from that run's checkpoint_best.pt")
     if len(theirs) != len(wnids) or int(state["num_classes"]) != len(wnids):
-        raise ConfigError(f"{KEY}: {path} predicts {state['num_classes']} classes, this run's dataset has "
-                          f"{len(wnids)}; distil from a teacher trained on the same dataset")
+        raise ValueError(f"{KEY}: {path} predicts {state['num_classes']} classes, this run's dataset has "
+                         f"{len(wnids)}; distil from a teacher trained on the same dataset")
     differ = next((i for i, (a, b) in enumerate(zip(theirs, wnids)) if a != b), None)
     if differ is not None:
-        raise ConfigError(f"{KEY}: {path} was trained on another class list (class {differ} is {theirs[differ]} "
-                          f"there, {wnids[differ]} here); distil from a teacher trained on the same dataset")
+        raise ValueError(f"{KEY}: {path} was trained on another class list (class {differ} is {theirs[differ]} "
+                         f"there, {wnids[differ]} here); distil from a teacher trained on the same dataset")
     try:
         teacher_cfg = from_dict(state["config"], source=f"in the teacher {path}")
-    except ConfigError as e:
+    except ValueError as e:
         raise ckpt.CheckpointError(f"{KEY}: {e}") from None
     with torch.random.fork_rng(devices=[]):  # building draws an init the weights then replace: leave the
         model = trained_model(teacher_cfg, state, use_ema=False, flag="")  # run's random stream as it was

@@ -34,7 +34,7 @@ from engine.run_folder import (RESTART, RunFolder, append_metrics, discard_recor
 from engine.signals import STOP_SIGNALS, handling
 from engine.teacher import KEY as TEACHER_KEY, teacher_change
 from engine.utils import DistInfo, flatten, seed_everything
-from options.config import ConfigError, save_config, to_dict
+from options.config import save_config, to_dict
 from options.schema import Config, harmless_on_resume
 from utils.files import atomic_open
 
@@ -341,20 +341,20 @@ class Trainer:
         if refused:
             listing = "; ".join(f"{key} {old!r} -> {new!r}" for key, old, new in refused)
             keys = ",".join(key for key, _, _ in refused)
-            raise ConfigError(f"resuming {path} would change the run: {listing}; resume with the original "
-                              f"settings, allow them with --common.resume-allow-changes {keys}, or start a new run "
-                              "with --common.run-label NAME")
+            raise ValueError(f"resuming {path} would change the run: {listing}; resume with the original "
+                             f"settings, allow them with --common.resume-allow-changes {keys}, or start a new run "
+                             "with --common.run-label NAME")
         teacher = teacher_change(state.get("teacher"), self.parts.teacher)
         if teacher is not None and not _allowed(TEACHER_KEY, self.cfg.common.resume_allow_changes):
-            raise ConfigError(f"resuming {path} would change the distillation teacher: {teacher}; resume with the "
-                              f"original teacher, allow it with --common.resume-allow-changes {TEACHER_KEY}, or "
-                              "start a new run with --common.run-label NAME")
+            raise ValueError(f"resuming {path} would change the distillation teacher: {teacher}; resume with the "
+                             f"original teacher, allow it with --common.resume-allow-changes {TEACHER_KEY}, or "
+                             "start a new run with --common.run-label NAME")
         parts = self.parts
         other = ckpt.class_list_difference(state.get("wnids"), parts.wnids)
         if other:
-            raise ConfigError(f"resuming {path} onto another class list ({other}); resume with the dataset the run "
-                              "was started with (dataset.root), or fine-tune on this one with --model.checkpoint "
-                              f"{path} and a new --common.run-label")
+            raise ValueError(f"resuming {path} onto another class list ({other}); resume with the dataset the run "
+                             "was started with (dataset.root), or fine-tune on this one with --model.checkpoint "
+                             f"{path} and a new --common.run-label")
         try:
             parts.model.load_state_dict(state["model"])
         except RuntimeError as e:

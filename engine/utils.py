@@ -10,7 +10,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from options.config import ConfigError
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -49,7 +48,7 @@ def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """auto|cpu|cuda -> the device (the local rank's GPU under torchrun)."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("common.device: 'cuda' was asked for but no CUDA device is available; use auto or cpu")
+        raise ValueError("common.device: 'cuda' was asked for but no CUDA device is available; use auto or cpu")
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     torch.cuda.set_device(local_rank)

@@ -52,12 +52,13 @@ def parse_config(
 
     argv: the arguments (None: sys.argv[1:]). prog and doc head the --help text.
     check(cfg): extra checks needing component knowledge (e.g. cvnets.check_config), raising
-        ConfigError; they run before --print-config prints, so it refuses what training refuses.
+        ValueError naming the key; they run before --print-config prints, so it refuses what
+        training refuses.
     base(flags): a config mapping placed beneath the config file (main_eval: the checkpoint's
         stored config) or None; `flags` maps each dotted key given on the command line
         (underscores) to its value as typed, e.g. {"model.checkpoint": "run/checkpoint_best.pt"}.
     listings: extra switches that print a text and exit 0 (main_train: --list-transforms).
-    A ConfigError anywhere is `error: <message>` on stderr and SystemExit(2).
+    A ConfigError (or a check's ValueError) is `error: <message>` on stderr and SystemExit(2).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     listings = dict(listings or {})
@@ -79,7 +80,7 @@ def parse_config(
         cfg = resolve(flags, base=stored)
         if check is not None:
             check(cfg)
-    except ConfigError as e:
+    except ValueError as e:  # a ConfigError, or a component's check naming its key
         fail(str(e))
     if "print-config" in switches:
         _print_and_exit(to_yaml(cfg))

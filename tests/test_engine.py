@@ -11,7 +11,7 @@ from torch import nn
 
 from engine import checkpoint as ckpt
 from engine.build import build_trainer, setup_process
-from engine.commands import evaluate, train
+from engine.commands import evaluate, train, upgrade_checkpoint
 from engine.ema import ModelEMA
 from engine.loops import LoopOptions, NonFiniteLossError, Progress, optimizer_steps, train_one_epoch
 from engine.run_folder import RunFolder, read_summary
@@ -328,7 +328,7 @@ def test_a_trusted_format_1_checkpoint_upgrades_once_and_then_evaluates(trained_
     with pytest.raises(ckpt.CheckpointError, match="refused to load"):
         ckpt.load(path)
 
-    assert ckpt.main(["--upgrade", path]) == 0
+    assert upgrade_checkpoint(["--upgrade", path]) == 0
     upgraded = ckpt.load(path)
     assert upgraded["config"]["common"]["log_every_batches"] == 2 and upgraded["config"]["ema"]["warmup"] is False
     assert_same_weights(upgraded["model"], state["model"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine import checkpoint as ckpt
-from engine.commands import evaluate, export, train
+from engine.commands import evaluate, export, train, upgrade_checkpoint
 from engine_helpers import read_rows, tiny_args
 
 
@@ -526,7 +526,7 @@ def test_upgrade_of_a_missing_or_text_file_is_one_line(tmp_path, capsys, content
     path = tmp_path / "old.pt"
     if content is not None:
         path.write_text(content)
-    assert ckpt.main(["--upgrade", str(path)]) == 2
+    assert upgrade_checkpoint(["--upgrade", str(path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(path) in err[0], err
     assert ("not found" if content is None else "cannot read") in err[0]

@@ -57,3 +57,27 @@ def test_a_package_imports_only_the_layers_below_it(package):
 ])
 def test_every_table_keyed_by_a_config_value_holds_exactly_its_choices(table, key):
     assert sorted(map(str, table)) == sorted(map(str, literal_choices(key)))
+
+
+FRONT_DOORS = {"engine/commands.py"}  # turns errors into one line and an exit status
+
+
+def _is_main_block(node: ast.stmt) -> bool:
+    return isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)
+
+
+@pytest.mark.parametrize("package", ["cvnets", "data", "engine", "loss_fn", "optim", "utils"])
+def test_library_code_raises_and_never_exits(package):
+    """Library code raises ValueError/TypeError (or its own errors); only the entry points know
+    ConfigError, print one line and choose an exit status."""
+    offenders = []
+    for path in sorted((REPO / package).glob("*.py")):
+        if str(path.relative_to(REPO)) in FRONT_DOORS:
+            continue
+        tree = ast.parse(path.read_text(), str(path))
+        tree.body = [n for n in tree.body if not _is_main_block(n)]  # `python -m module`: an entry point
+        for node in ast.walk(tree):
+            name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else None
+            if name in ("ConfigError", "SystemExit", "exit"):
+                offenders.append(f"{path.relative_to(REPO)}:{node.lineno} {name}")
+    assert offenders == []

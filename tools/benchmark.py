@@ -526,7 +526,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
             torch.set_num_threads(args.threads)
         result = args.run(args)
-    except (ConfigError, DatasetError, CheckpointError, MissingExtraError) as e:
+    except (ValueError, DatasetError, CheckpointError, MissingExtraError) as e:  # ConfigError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
     sections = result if isinstance(result, dict) else {args.command: result}
