@@ -200,3 +200,17 @@ def test_print_config_shows_the_resolved_config_with_its_overrides(capsys):
     status, out, _ = run(capsys, "model", "--config", os.path.join(REPO, "config", "resnet18.yaml"),
                          "--model.resnet.depth", "34", "--print-config")
     assert status == 0 and "depth: 34" in out and "images/s" not in out  # printed, nothing timed
+
+
+@pytest.mark.slow
+def test_distill_trains_a_teacher_then_the_student_alone_and_distilled(capsys, tmp_path):
+    out_json = tmp_path / "distill.json"
+    status, out, _ = run(capsys, "distill", "--epochs", "1", "--teacher-epochs", "1", "--device", "cpu",
+                         "--json", str(out_json))
+    assert status == 0
+    rows = json.loads(out_json.read_text())["rows"]
+    assert [(r["run"], r["epochs"]) for r in rows] == [("teacher", 1), ("student alone", 1), ("student distilled", 1)]
+    alone, distilled = rows[1]["val_loss"], rows[2]["val_loss"]
+    assert alone != distilled  # the teacher changed the student's training
+    verdict = "below" if distilled < alone else "NOT below"
+    assert f"val loss {verdict} the student alone's ({distilled:.3f} vs {alone:.3f})" in out

@@ -11,7 +11,7 @@ import cvnets
 import data
 import optim
 from engine.build import build_criterion
-from engine_helpers import fake_wnids, write_teacher
+from helpers import fake_wnids, write_teacher
 from options.config import load_config, override
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "config"

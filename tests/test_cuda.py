@@ -22,7 +22,7 @@ from engine.build import build_trainer, setup_process
 from engine.loops import AUTOCAST_DTYPES, LoopOptions, Progress, predict, train_one_epoch
 from engine.run_folder import RunFolder
 from engine.trainer import TrainingInterrupted
-from engine_helpers import REPO, last_state, read_rows, tiny_args
+from helpers import REPO, last_state, read_rows, tiny_args
 from options.config import load_config
 
 # Deterministic cuBLAS for the resume test; read when the first cuBLAS handle is made, so set at

@@ -15,7 +15,7 @@ from engine.build import build_trainer, setup_process
 from engine.commands import evaluate, train
 from engine.run_folder import RunFolder
 from engine.teacher import load_teacher
-from engine_helpers import fake_wnids, last_state, tiny_args, write_teacher
+from helpers import fake_wnids, last_state, tiny_args, write_teacher
 from loss_fn import build_loss
 from loss_fn.cross_entropy import CrossEntropy
 from loss_fn.distillation import Distillation, Teacher, hard_distillation, soft_distillation
@@ -248,7 +248,7 @@ def test_distillation_under_ddp_two_processes_on_cpu(fake_root, tmp_path):
     import subprocess
     import sys
 
-    from engine_helpers import REPO, free_port, read_rows
+    from helpers import REPO, free_port, read_rows
 
     path = write_teacher(tmp_path / "t.pt", fake_wnids(fake_root))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),

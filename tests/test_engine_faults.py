@@ -12,7 +12,6 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.commands import evaluate, export, train
-from engine.run_folder import read_summary
 from helpers import REPO, assert_same_weights, child_env, last_state, read_rows, tiny_args
 from utils.files import writer_pid
 

@@ -16,7 +16,7 @@ import torch
 from engine import checkpoint as ckpt
 from engine.commands import evaluate, train
 from engine.run_folder import is_locked, read_summary
-from engine_helpers import REPO, assert_same_weights, last_state, tiny_args
+from helpers import REPO, assert_same_weights, last_state, tiny_args
 
 
 # ----------------------------------------------------------------------------- the cache changes nothing

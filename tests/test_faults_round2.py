@@ -11,7 +11,7 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.commands import evaluate, export, train, upgrade_checkpoint
-from engine_helpers import read_rows, tiny_args
+from helpers import read_rows, tiny_args
 
 
 def one_batch_args(root, results, label, *extra):
@@ -226,7 +226,7 @@ def test_a_flag_given_twice_is_refused_naming_it(argv, named):
     import subprocess
     import sys
 
-    from engine_helpers import REPO
+    from helpers import REPO
 
     done = subprocess.run([sys.executable, os.path.join(REPO, "main_train.py"), *argv, "--print-config"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
@@ -299,7 +299,7 @@ def test_a_stop_signal_while_workers_start_reaches_only_the_main_process():
     import subprocess
     import sys
 
-    from engine_helpers import REPO
+    from helpers import REPO
 
     done = subprocess.run([sys.executable, "-c", _SIGNAL_AT_WORKER_START], cwd=REPO, capture_output=True, text=True,
                           timeout=120, start_new_session=True)
@@ -312,7 +312,7 @@ def _print_config(*argv):
     import subprocess
     import sys
 
-    from engine_helpers import REPO
+    from helpers import REPO
 
     return subprocess.run([sys.executable, os.path.join(REPO, "main_train.py"), "--common.config-file",
                            os.path.join(REPO, "config", "mobilevit_tiny.yaml"), *argv, "--print-config"], cwd=REPO,
@@ -536,7 +536,7 @@ def _sweep(*argv):
     import subprocess
     import sys
 
-    from engine_helpers import REPO
+    from helpers import REPO
 
     return subprocess.run([sys.executable, "-m", "tools.sweep", "--common.config-file",
                            os.path.join(REPO, "config", "mobilevit_tiny.yaml"), "--dry-run", *argv], cwd=REPO,
@@ -571,7 +571,7 @@ def test_a_ddp_run_stopped_on_one_rank_resumes_exactly(fake_root, tmp_path):
     import subprocess
     import sys
 
-    from engine_helpers import REPO, assert_same_weights, free_port, last_state
+    from helpers import REPO, assert_same_weights, free_port, last_state
 
     def torchrun(label, *extra, env=()):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
@@ -605,7 +605,7 @@ def test_a_ddp_run_stopped_mid_epoch_by_sigterm_to_the_group_resumes_exactly(fak
     import subprocess
     import sys
 
-    from engine_helpers import REPO, free_port, last_state
+    from helpers import REPO, free_port, last_state
 
     def torchrun(label, stop_at=None):
         args = tiny_args(fake_root, tmp_path, label, 2, "--common.log-every-batches", "1",

@@ -20,7 +20,7 @@ import cvnets
 from cvnets import pretrained
 from engine import checkpoint as ckpt
 from engine.commands import train
-from engine_helpers import REPO
+from helpers import REPO
 from options.config import load_config
 from tools import import_weights
 

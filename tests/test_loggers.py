@@ -18,7 +18,7 @@ import engine.trainer
 from engine.commands import train
 from engine.loggers import Logger, git_commit, read_tracker_ids
 from engine.run_folder import read_metrics, read_summary
-from engine_helpers import REPO, last_state, tiny_args
+from helpers import REPO, last_state, tiny_args
 
 mlflow = pytest.importorskip("mlflow")
 wandb = pytest.importorskip("wandb")
@@ -383,7 +383,7 @@ def test_kill_9_then_resume_leaves_each_epoch_once_in_mlflow_and_wandb(fake_root
 def test_under_ddp_only_rank_0_logs_one_mlflow_run(fake_root, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from engine_helpers import free_port
+    from helpers import free_port
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),

@@ -11,7 +11,7 @@ from data.base import BatchSpec, RawBatch
 from engine.build import build_trainer, setup_process
 from engine.commands import train
 from engine.run_folder import RunFolder
-from engine_helpers import assert_same_weights, last_state, read_rows, tiny_args
+from helpers import assert_same_weights, last_state, read_rows, tiny_args
 from options.config import load_config
 
 logger = logging.getLogger("cvnets")

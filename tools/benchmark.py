@@ -6,6 +6,7 @@
     epoch     real Trainer epochs per data variant, against JPEG decoding
     estimate  minutes of a whole run: one real epoch scaled to TinyImageNet's splits
     gpu       model (every model config, two batch sizes), epoch and estimate in one go, one JSON
+    distill   does distillation help? a student alone vs distilled from a trained teacher, on a sample
 
 Every command takes --common.config-file (or --config) and --json OUT; all but latency take config
 overrides (--dataset.root DIR, --section.key value). Whether the GPU paths compute the right thing
@@ -14,6 +15,7 @@ is a test question: pytest -m cuda. docs/performance.md says what each figure me
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -350,6 +352,55 @@ def bench_estimate(args: argparse.Namespace) -> List[Row]:
     return [estimate_row(stem(args.config), args.cfg.scheduler.max_epochs, run[stem(args.config)])]
 
 
+# ----------------------------------------------------------------------------- distillation
+DISTILL_COLUMNS: List[Column] = [("run", "run", "s"), ("epochs", "epochs", "d"), ("val_loss", "val loss", ".3f"),
+                                 ("val_top1", "val top-1", ".2f")]
+# 40 classes make the generated sample hard enough that a few epochs leave the student well
+# short of a teacher trained for many more.
+DISTILL_SAMPLE = dict(classes=40, train_per_class=25, val_per_class=20, test_per_class=0, seed=0)
+DISTILL_RECIPE = ("--dataset.fake.enable", "false", "--dataset.workers", "0", "--common.resume", "null",
+                  "--sampler.crop-size", "32", "--image-augmentation.val",
+                  "[{name: resize, size: 36}, {name: center_crop, size: 32}]", "--dataset.train-batch-size", "32",
+                  "--dataset.val-batch-size", "100", "--common.log-every-batches", "100", "--ema.enable", "false",
+                  "--scheduler.warmup-iterations", "10")
+
+
+def bench_distill(args: argparse.Namespace) -> List[Row]:
+    """Does distillation help here? On a generated 40-class sample at 32 px (the config's recipe,
+    quickstart by default): a MobileViT-XS teacher trains for --teacher-epochs, then the config's
+    model trains for --epochs twice with the same seed, alone and distilled from the teacher
+    (soft, T 4, alpha 0.5). Prints each run's last val loss and top-1. 3 to 7 minutes on 2 CPU cores."""
+    from data.fake import make_fake_tinyimagenet
+    from engine.commands import train
+
+    config = args.config or config_path("quickstart.yaml")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = make_fake_tinyimagenet(os.path.join(tmp, "tiny-imagenet-200"), **DISTILL_SAMPLE)
+        common = ["--common.config-file", config, *args.overrides, *DISTILL_RECIPE, "--dataset.root", root,
+                  "--common.results-loc", tmp, "--common.device", args.device]
+        runs = {
+            "teacher": ["--model.name", "mobilevit", "--model.mobilevit.mode", "x_small",
+                        "--scheduler.max-epochs", str(args.teacher_epochs)],
+            "student alone": ["--scheduler.max-epochs", str(args.epochs)],
+            "student distilled": ["--scheduler.max-epochs", str(args.epochs), "--loss.name", "distillation",
+                                  "--loss.distillation.teacher", os.path.join(tmp, "teacher", "checkpoint_best.pt"),
+                                  "--loss.distillation.temperature", "4", "--loss.distillation.alpha", "0.5"],
+        }
+        rows = []
+        for name, flags in runs.items():
+            label = name.replace(" ", "_")
+            if train([*common, *flags, "--common.run-label", label]) != 0:
+                raise RuntimeError(f"the {name} run failed; its log is above")
+            with open(os.path.join(tmp, label, "metrics.jsonl")) as f:
+                last = [json.loads(line) for line in f][-1]
+            rows.append({"run": name, "epochs": last["epoch"], "val_loss": last["val_loss"],
+                         "val_top1": last["val_top1"]})
+    alone, distilled = rows[1]["val_loss"], rows[2]["val_loss"]
+    print(f"distilled student's val loss {'below' if distilled < alone else 'NOT below'} the student alone's "
+          f"({distilled:.3f} vs {alone:.3f})")
+    return rows
+
+
 # ----------------------------------------------------------------------------- gpu: all of it
 def bench_gpu(args: argparse.Namespace) -> Dict[str, List[Row]]:
     """Model-only throughput of every model config at each batch size (bf16 + channels_last on
@@ -499,6 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=positive_int, default=2, help="epochs per run; the last counts")
     p.add_argument("--estimate-configs", nargs="*", default=["resnet50.yaml"],
                    help="configs whose whole run is estimated too, besides --epoch-config")
+
+    p = _command(sub, "distill", bench_distill, DISTILL_COLUMNS)
+    p.add_argument("--epochs", type=positive_int, default=3, help="epochs of each student run")
+    p.add_argument("--teacher-epochs", type=positive_int, default=24, help="epochs of the teacher run")
     return parser
 
 
