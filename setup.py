@@ -13,7 +13,7 @@ setup(
     package_data={"config": ["*.yaml", "*.json", "**/*.yaml", "**/*.json"]},
     install_requires=["torch>=2.1", "torchvision>=0.16", "pyyaml>=6", "numpy", "tqdm", "pillow"],
     extras_require={
-        "test": ["pytest>=7", "matplotlib", "onnx", "onnxscript", "onnxruntime", "timm", "tensorboard", "submitit",
+        "test": ["pytest>=7", "pytest-xdist", "matplotlib", "onnx", "onnxscript", "onnxruntime", "timm", "tensorboard", "submitit",
                  "transformers", "safetensors", "wandb", "mlflow"],
         "export": ["onnx", "onnxscript", "onnxruntime"],
         "plots": ["matplotlib"],
