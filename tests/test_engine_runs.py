@@ -76,6 +76,7 @@ def test_two_runs_generating_the_same_dataset_at_once_both_train(tmp_path):
 
 
 # ----------------------------------------------------------------------------- failures during setup
+@pytest.mark.slow
 def test_main_train_without_arguments_prints_usage_and_writes_nothing(tmp_path):
     done = subprocess.run([sys.executable, os.path.join(REPO, "main_train.py")], cwd=tmp_path, env=_env(),
                           capture_output=True, text=True, timeout=120)
@@ -93,6 +94,7 @@ def test_a_missing_checkpoint_is_refused_before_the_run_folder_exists(fake_root,
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_cuda_asked_for_where_there_is_none_is_refused_before_the_run_folder_exists(fake_root, tmp_path):
     done = subprocess.run([sys.executable, os.path.join(REPO, "main_train.py"),
                            *tiny_args(fake_root, tmp_path, "run", 1, "--common.device", "cuda")],

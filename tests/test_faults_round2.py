@@ -321,6 +321,7 @@ def _print_config(*argv):
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_a_huge_epoch_count_is_refused_at_once_not_walked():
     # A subprocess with a time limit: what this guards against is a hang.
     done = _print_config("--scheduler.max-epochs", "1000000000000", "--sampler.name", "variable_batch_sampler")
