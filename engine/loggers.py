@@ -37,7 +37,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from engine.utils import flatten
 from options.schema import Config, MLflowConfig, WandbConfig
-from utils.files import write_json
+from utils.files import read_json_object, write_json
 
 logger = logging.getLogger("cvnets")
 
@@ -155,12 +155,7 @@ def git_commit(folder: Optional[str] = None) -> Optional[str]:
 # ----------------------------------------------------------------------------- trackers.json
 def read_tracker_ids(run_dir: str) -> Dict[str, Dict[str, Any]]:
     """trackers.json of a run folder ({} when missing or unreadable)."""
-    try:
-        with open(os.path.join(run_dir, TRACKERS_FILE), encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json_object(os.path.join(run_dir, TRACKERS_FILE))
 
 
 def _write_tracker_entry(run_dir: str, tracker: str, entry: Dict[str, Any]) -> None:

@@ -24,7 +24,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from utils.files import (DiskFullError, atomic_write_text, is_disk_full, remove_quietly, remove_stale_temp_files,
-                         write_json)
+                         read_json_object, write_json)
 
 METRICS, SUMMARY, LOCK = "metrics.jsonl", "summary.json", ".lock"
 LAST_CHECKPOINT = "checkpoint_last.pt"
@@ -183,12 +183,7 @@ def write_metrics(run_dir: str, rows: List[Dict[str, Any]]) -> bool:
 # ----------------------------------------------------------------------------- summary
 def read_summary(run_dir: str) -> Dict[str, Any]:
     """summary.json as a dict ({} when missing or unreadable)."""
-    try:
-        with open(os.path.join(run_dir, SUMMARY), encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json_object(os.path.join(run_dir, SUMMARY))
 
 
 def write_summary(run_dir: str, summary: Dict[str, Any]) -> None:

@@ -18,7 +18,7 @@ import os
 import shutil
 import signal
 import tempfile
-from typing import IO, Any, Callable, Iterator, Optional
+from typing import IO, Any, Callable, Dict, Iterator, Optional
 
 TEMP_SUFFIX = ".tmp"
 
@@ -181,6 +181,16 @@ def atomic_write_text(path: str, text: str) -> None:
     data = text.encode("utf-8")
     with atomic_open(path, "wb", expected_size=len(data)) as f:
         f.write(data)
+
+
+def read_json_object(path: str) -> Dict[str, Any]:
+    """The JSON object in `path`; {} when the file is missing, unreadable or holds something else."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def write_json(path: str, data: Any) -> None:
