@@ -18,11 +18,12 @@ package MissingExtraError; the entry point turns both into a one-line error.
 from __future__ import annotations
 
 import importlib
+import io
 import platform
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -89,9 +90,11 @@ def make_any_size(model: nn.Module) -> int:
     return len(blocks)
 
 
-# ----------------------------------------------------------------------------- writing artifacts
-def export_torchscript(model: nn.Module, example: Tensor, path: str) -> None:
-    """Trace `model` (eval mode) on `example` and save the TorchScript module to `path`."""
+# ----------------------------------------------------------------------------- making artifacts
+# Artifacts are made in memory and written by the caller (atomically, through utils.files):
+# torch's own file writers abort the process when the disk fills under them.
+def export_torchscript(model: nn.Module, example: Tensor) -> bytes:
+    """Trace `model` (eval mode) on `example`; the saved TorchScript module's bytes."""
     with warnings.catch_warnings():
         # TracerWarnings flag the shape arithmetic that tracing turns into constants (the
         # reason the spatial size is fixed); torch 2.14 also marks torch.jit as deprecated.
@@ -100,12 +103,14 @@ def export_torchscript(model: nn.Module, example: Tensor, path: str) -> None:
         warnings.filterwarnings("ignore", JIT_DEPRECATION, FutureWarning)
         with torch.no_grad():
             traced = torch.jit.trace(model, example, check_trace=False)
-        torch.jit.save(traced, path)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+    return buffer.getvalue()
 
 
-def export_onnx(model: nn.Module, example: Tensor, path: str, opset: int, dynamic_batch: bool,
-                dynamic_shape: bool) -> None:
-    """Export `model` with the torch.export-based exporter into one self-contained .onnx file."""
+def export_onnx(model: nn.Module, example: Tensor, opset: int, dynamic_batch: bool, dynamic_shape: bool) -> bytes:
+    """Export `model` with the torch.export-based exporter; the bytes of one self-contained .onnx
+    file (weights inside: one artifact)."""
     require_onnx(export=True, run=False)
     example = _trace_example(example, dynamic_batch, dynamic_shape)
     Dim = torch.export.Dim
@@ -115,13 +120,12 @@ def export_onnx(model: nn.Module, example: Tensor, path: str, opset: int, dynami
     if dynamic_shape:
         axes[2], axes[3] = Dim("height", min=MIN_DYNAMIC_SIDE), Dim("width", min=MIN_DYNAMIC_SIDE)
     with torch.no_grad():
-        torch.onnx.export(
-            model, (example,), path, dynamo=True, opset_version=opset,
+        program = torch.onnx.export(
+            model, (example,), None, dynamo=True, opset_version=opset,
             input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_shapes=(axes,) if axes else None,
-            external_data=False,  # weights inside the file: one artifact that can be renamed atomically
-            verbose=False,
+            dynamic_shapes=(axes,) if axes else None, verbose=False,
         )
+    return program.model_proto.SerializeToString()
 
 
 def _trace_example(example: Tensor, dynamic_batch: bool, dynamic_shape: bool) -> Tensor:
@@ -140,22 +144,23 @@ def _trace_example(example: Tensor, dynamic_batch: bool, dynamic_shape: bool) ->
     return torch.rand(batch, channels, height, width)
 
 
-def export_model(model: nn.Module, example: Tensor, path: str, fmt: str, opset: int = MIN_ONNX_OPSET,
-                 dynamic_batch: bool = False, dynamic_shape: bool = False) -> None:
-    """Write `model` (eval mode, BN folded) as `fmt` to `path`; settings as the schema's ExportConfig accepts."""
+def export_model(model: nn.Module, example: Tensor, fmt: str, opset: int = MIN_ONNX_OPSET,
+                 dynamic_batch: bool = False, dynamic_shape: bool = False) -> bytes:
+    """`model` (eval mode, BN folded) as an artifact of `fmt`, in memory; settings as the schema's
+    ExportConfig accepts."""
     if fmt == "torchscript":
-        export_torchscript(model, example, path)
-    else:
-        export_onnx(model, example, path, opset, dynamic_batch, dynamic_shape)
+        return export_torchscript(model, example)
+    return export_onnx(model, example, opset, dynamic_batch, dynamic_shape)
 
 
 # ----------------------------------------------------------------------------- running artifacts
-def load_runner(path: str, fmt: str, threads: Optional[int] = None) -> Runner:
-    """A function running the artifact at `path` on CPU float32 images; returns logits."""
+def load_runner(artifact: Union[str, bytes], fmt: str, threads: Optional[int] = None) -> Runner:
+    """A function running the artifact (a file's path, or its bytes) on CPU float32 images; returns logits."""
     if fmt == "torchscript":
+        source = io.BytesIO(artifact) if isinstance(artifact, bytes) else artifact
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", JIT_DEPRECATION, FutureWarning)
-            module = torch.jit.load(path, map_location="cpu").eval()
+            module = torch.jit.load(source, map_location="cpu").eval()
         return module
     require_onnx(export=False, run=True)
     import onnxruntime as ort
@@ -164,7 +169,7 @@ def load_runner(path: str, fmt: str, threads: Optional[int] = None) -> Runner:
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(artifact, options, providers=["CPUExecutionProvider"])
 
     def run(images: Tensor) -> Tensor:
         return torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: images.contiguous().numpy()})[0])

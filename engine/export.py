@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -153,30 +152,25 @@ def output_path(cfg: Config, checkpoint: Dict[str, Any]) -> str:
 
 def write_artifact(cfg: Config, model: nn.Module, folded: nn.Module, output: str,
                    size: int) -> Optional[List[ParityResult]]:
-    """Export `folded` into a scratch folder, check it against `model` there, then write it to
-    `output` atomically: a failed export or parity check leaves nothing behind, and a full disk
-    at `output` is found (and named) before a byte is written there. (torch's own writers abort
-    the process when the disk fills under them, so they never write to `output`'s disk.)
-    The parity results (None unverified)."""
+    """Export `folded` in memory, check it against `model`, then write it to `output` atomically:
+    a failed export or parity check leaves nothing behind, and a full disk is one DiskFullError
+    naming `output`'s folder. The parity results (None unverified)."""
     e = cfg.export
     logger.info("exporting %s ...", e.format)
-    with tempfile.TemporaryDirectory(prefix="cvnets-export-") as scratch:
-        artifact = os.path.join(scratch, "artifact" + EXTENSIONS[e.format])
-        example = torch.rand(e.batch_size, 3, size, size)
-        export_model(folded, example, artifact, e.format, e.opset, e.dynamic_batch, e.dynamic_shape)
-        parity = verify(cfg, model, artifact, size) if e.verify else None
-        with open(artifact, "rb") as f:
-            atomic_write_bytes(output, f.read())
+    example = torch.rand(e.batch_size, 3, size, size)
+    artifact = export_model(folded, example, e.format, e.opset, e.dynamic_batch, e.dynamic_shape)
+    parity = verify(cfg, model, artifact, size) if e.verify else None
+    atomic_write_bytes(output, artifact)
     return parity
 
 
-def verify(cfg: Config, model: nn.Module, path: str, size: int) -> List[ParityResult]:
+def verify(cfg: Config, model: nn.Module, artifact: bytes, size: int) -> List[ParityResult]:
     """Run the unfolded checkpoint model and the artifact on the same inputs (ParityError beyond tolerance)."""
     e = cfg.export
     cases = parity_cases(size, e.batch_size, normalizer(cfg), e.dynamic_batch, e.dynamic_shape,
                          real_images=dataset_images(cfg, PARITY_IMAGES, size), per_case=PARITY_IMAGES,
                          seed=cfg.common.seed)
-    results = check_parity(model, load_runner(path, e.format), cases, e.tolerance)
+    results = check_parity(model, load_runner(artifact, e.format), cases, e.tolerance)
     logger.info("parity with the checkpoint model (tolerance %g):", e.tolerance)
     for result in results:
         logger.info("  %s", result.describe())

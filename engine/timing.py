@@ -205,11 +205,10 @@ def interleaved_latencies(runners: Dict[str, Callable], images, warmup: int, rep
     return times
 
 
-def export_runners(model, size: int, runtimes: Sequence[str], threads: int,
-                   folder: str) -> Tuple[Dict[str, Callable], List[str]]:
-    """(runtime (of RUNTIMES) -> callable on images, notes): the exports are written into `folder`
-    as main_export writes them (BatchNorm folded); a runtime whose extra is missing is skipped, and
-    a note says why."""
+def export_runners(model, size: int, runtimes: Sequence[str],
+                   threads: int) -> Tuple[Dict[str, Callable], List[str]]:
+    """(runtime (of RUNTIMES) -> callable on images, notes): the models are exported as main_export
+    exports them (BatchNorm folded); a runtime whose extra is missing is skipped, and a note says why."""
     from cvnets.export import MissingExtraError, export_model, load_runner, require_onnx
 
     runners: Dict[str, Callable] = {"eager": model} if "eager" in runtimes else {}
@@ -217,13 +216,12 @@ def export_runners(model, size: int, runtimes: Sequence[str], threads: int,
     folded, _ = fold_batchnorm(model)
     for runtime in (r for r in RUNTIMES if r in runtimes and r != "eager"):
         fmt = "onnx" if runtime == "onnxruntime" else "torchscript"
-        path = os.path.join(folder, f"model.{fmt}")
         try:
             if fmt == "onnx":
                 require_onnx(export=True, run=True)  # before spending seconds on the export
             # One artifact with a symbolic batch axis serves every --batch-sizes entry.
-            export_model(folded, torch.rand(1, 3, size, size), path, fmt, dynamic_batch=True)
-            runners[runtime] = load_runner(path, fmt, threads)
+            artifact = export_model(folded, torch.rand(1, 3, size, size), fmt, dynamic_batch=True)
+            runners[runtime] = load_runner(artifact, fmt, threads)
         except MissingExtraError as e:
             notes.append(f"{runtime} skipped: {e}")
     return runners, notes

@@ -1,11 +1,13 @@
 """Runs under faults: hostile checkpoints, kills, a second trainer, a full disk, signals to the
 process group. Subprocess tests where the behaviour is about processes."""
 import glob
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -254,6 +256,28 @@ def test_eval_and_export_outputs_on_a_full_disk_fail_in_one_line_and_leave_nothi
     assert export(["--model.checkpoint", best, "--export.output", str(target / "m.torchscript.pt")]) == 1
     assert capsys.readouterr().err.startswith("error: disk full: writing m.torchscript.pt")
     assert sorted(p.name for p in target.iterdir()) == ([] if small_disk is None else ["filler"])
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", pytest.param("onnx", marks=pytest.mark.slow)])
+def test_export_with_a_full_temp_folder_writes_its_artifact(trained_run, tmp_path, small_disk, monkeypatch, fmt):
+    """torch's file writers abort the process (SIGABRT) when the disk fills under them; the
+    export makes its artifact in memory, so a full temp folder does not matter."""
+    import tempfile
+
+    if fmt == "onnx":
+        pytest.importorskip("onnxscript")
+        pytest.importorskip("onnxruntime")
+    if small_disk is None:  # no mount here: a temp folder nothing can be written to
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "absent"))
+    else:
+        mount, resize = small_disk
+        resize("16k")
+        monkeypatch.setattr(tempfile, "tempdir", str(mount))
+    output = tmp_path / "out" / f"model.{fmt}"
+    assert export(["--model.checkpoint", str(trained_run / "checkpoint_best.pt"), "--export.format", fmt,
+                   "--export.output", str(output)]) == 0
+    assert json.loads(Path(f"{output}.json").read_text())["parity"]["cases"]  # verified from the file's bytes
+    assert output.stat().st_size > 100_000
 
 
 # ----------------------------------------------------------------------------- signals

@@ -158,17 +158,16 @@ def bench_latency(args: argparse.Namespace) -> List[Row]:
     print(f"{label}: {cfg.model.name}, input {size}x{size}, {args.threads} threads, "
           f"{args.warmup} warm-up + {args.repeats} timed calls per row")
     rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        runners, notes = timing.export_runners(model, size, args.runtimes, args.threads, folder)
-        for note in notes:
-            print(f"note: {note}", file=sys.stderr)
-        for batch in args.batch_sizes:
-            images = torch.rand(batch, 3, size, size)
-            for runtime, times in timing.interleaved_latencies(runners, images, args.warmup, args.repeats).items():
-                median, p90 = np.percentile(times, [50, 90])
-                rows.append({"model": label, "runtime": runtime, "batch": batch, "threads": args.threads,
-                             "median_ms": 1e3 * median, "p90_ms": 1e3 * p90, "min_ms": 1e3 * min(times),
-                             "images_per_s": batch / median})
+    runners, notes = timing.export_runners(model, size, args.runtimes, args.threads)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    for batch in args.batch_sizes:
+        images = torch.rand(batch, 3, size, size)
+        for runtime, times in timing.interleaved_latencies(runners, images, args.warmup, args.repeats).items():
+            median, p90 = np.percentile(times, [50, 90])
+            rows.append({"model": label, "runtime": runtime, "batch": batch, "threads": args.threads,
+                         "median_ms": 1e3 * median, "p90_ms": 1e3 * p90, "min_ms": 1e3 * min(times),
+                         "images_per_s": batch / median})
     return rows
 
 
