@@ -29,6 +29,7 @@ setup(
             "cvnets-train=engine.commands:train",
             "cvnets-eval=engine.commands:evaluate",
             "cvnets-export=engine.commands:export",
+            "cvnets-torchrun=engine.commands:torchrun",
         ]
     },
 )

@@ -3,8 +3,8 @@
 Exit status: 0 done; 1 the run failed (non-finite loss, full disk, run folder in use, a failed
 parity check); 2 bad input (config, flags, dataset, checkpoint: one line naming the problem and
 the fix); 128 + N stopped by signal N after saving (130 SIGINT, 143 SIGTERM, 138 SIGUSR1, 129 SIGHUP).
-main_train.py, main_eval.py, main_export.py and the console scripts cvnets-train, cvnets-eval
-and cvnets-export call these functions and exit with what they return.
+main_train.py, main_eval.py, main_export.py and the console scripts cvnets-train, cvnets-eval,
+cvnets-export and cvnets-torchrun call these functions and exit with what they return.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ logger = logging.getLogger("cvnets")
 TRAIN_DOC = """Train a model from a YAML config.
 
     python main_train.py --common.config-file config/mobilevit_tiny.yaml [--section.key value ...]
-    torchrun --nproc_per_node 2 main_train.py --common.config-file ...    (DDP)
+    cvnets-torchrun --nproc_per_node 2 main_train.py --common.config-file ...    (DDP; torchrun works too)
 
 --list-transforms lists the transforms image_augmentation.train and .val can name, with their settings."""
 
@@ -289,4 +289,35 @@ def upgrade_checkpoint(argv: Optional[Sequence[str]] = None) -> int:
         _error(str(e))
         return 2
     print(f"upgraded {args.upgrade} to checkpoint format {ckpt.VERSION}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- torchrun
+def torchrun(argv: Optional[Sequence[str]] = None) -> int:
+    """python -m engine.torchrun / cvnets-torchrun: torchrun, with its arguments, ending as its trainers do.
+
+    torchrun ends with status 1 and a traceback both when a stop signal reaches it (it passes the
+    signal on to its trainers, which save and stop) and when its trainers stop after saving
+    (128 + N), so neither a launcher nor a job script could tell a stopped run from a failed one.
+    Here a stop ends 128 + N with one line; a failure ends 1 with torchrun's report of the ranks."""
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    from engine.signals import STOP_SIGNALS
+
+    args = parse_args(argv)
+    try:
+        run(args)
+    except SignalException as e:
+        _error(f"torchrun stopped by {e.sigval.name}: passed on to its trainers, which save and stop")
+        return 128 + int(e.sigval)
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode - 128 in STOP_SIGNALS:
+            _error(f"rank {rank} stopped by {signal.Signals(failure.exitcode - 128).name} "
+                   f"(exit status {failure.exitcode}); its state is saved")
+            return failure.exitcode
+        print(e.format_msg(), file=sys.stderr, flush=True)
+        return 1
     return 0

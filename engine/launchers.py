@@ -73,7 +73,7 @@ class RunFailed(Exception):
 def train_command(spec: RunSpec, nproc: int = 1) -> List[str]:
     """The command that trains `spec`: main_train.py, under torchrun-style DDP for nproc > 1."""
     if nproc > 1:
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        return [sys.executable, "-m", "engine.torchrun", "--standalone", f"--nproc_per_node={nproc}",
                 MAIN_TRAIN, *spec.args]
     return [sys.executable, MAIN_TRAIN, *spec.args]
 

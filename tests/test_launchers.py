@@ -22,10 +22,12 @@ REPO = launchers.REPO
 
 # Stands in for main_train.py: records each start, then exits with the status given for this
 # attempt, or ("wait") waits for a signal and exits 128 + N as main_train does after saving.
+# Under torchrun, ranks other than 0 record theirs in a file of their own.
 FAKE_TRAINER = """\
 import json, os, signal, sys, time
 args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
-starts = args["--starts"]
+rank = os.environ.get("RANK", "0")
+starts = args["--starts"] + ("" if rank == "0" else ".rank" + rank)
 attempt = sum(1 for _ in open(starts)) + 1 if os.path.exists(starts) else 1
 with open(starts, "a") as f:
     f.write(json.dumps({"attempt": attempt, "pid": os.getpid(), "sid": os.getsid(0),
@@ -86,6 +88,19 @@ def test_runs_train_with_the_repositorys_main_train_from_any_working_directory(t
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     log = Path(experiments.log_path(run)).read_text()
     assert log.count("seed: 7") == nproc, log[-3000:]
+    assert experiments.read_record(run)["state"] == "finished"
+
+
+@pytest.mark.slow
+def test_a_ddp_run_whose_trainers_stop_after_saving_is_resumed(tmp_path, fake_trainer):
+    # Both trainers exit 143 (saved) in the first attempt: the launcher's torchrun ends 143 too
+    # (plain torchrun ends 1, which reads as a failure), so the run is resumed, not recorded failed.
+    lines: List[str] = []
+    run = spec(tmp_path, "stopped", "143,0")
+    assert launchers.LocalLauncher(nproc_per_run=2, gpus=[], log=lines.append).launch([run]) == 0
+    assert [s["attempt"] for s in starts(tmp_path, "stopped")] == [1, 2]
+    assert len((tmp_path / "stopped.starts.rank1").read_text().splitlines()) == 2
+    assert "stopped: stopped by SIGTERM, state saved; resuming (restart 1 of 3)" in lines
     assert experiments.read_record(run)["state"] == "finished"
 
 
