@@ -20,11 +20,12 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 from typing import Any, Dict, List, Optional
 
-from utils.files import (DiskFullError, atomic_write_text, is_disk_full, remove_quietly, remove_stale_temp_files,
-                         read_json_object, write_json)
+from utils.files import (DiskFullError, append_whole, atomic_write_text, is_disk_full, read_json_object, remove_quietly,
+                         remove_stale_temp_files, write_json)
 
 METRICS, SUMMARY, LOCK = "metrics.jsonl", "summary.json", ".lock"
 LAST_CHECKPOINT = "checkpoint_last.pt"
@@ -144,23 +145,7 @@ def best_epoch(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
 def append_metrics(run_dir: str, row: Dict[str, Any]) -> None:
     """Append one epoch's row (synced: the row is on disk when this returns). A full disk is a
     DiskFullError with the file cut back to its earlier rows, not a torn last line."""
-    path = os.path.join(run_dir, METRICS)
-    data = (json.dumps(row) + "\n").encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-    try:
-        size = os.fstat(fd).st_size
-        try:
-            written = 0
-            while written < len(data):
-                written += os.write(fd, data[written:])
-            os.fsync(fd)
-        except OSError as e:
-            if not is_disk_full(e):
-                raise
-            os.ftruncate(fd, size)
-            raise DiskFullError(path, len(data)) from None
-    finally:
-        os.close(fd)
+    append_whole(os.path.join(run_dir, METRICS), (json.dumps(row) + "\n").encode("utf-8"), sync=True)
 
 
 def write_metrics(run_dir: str, rows: List[Dict[str, Any]]) -> bool:
@@ -191,6 +176,29 @@ def write_summary(run_dir: str, summary: Dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- the open folder
+class RunLog(logging.Handler):
+    """train.log, one whole line per record. A full disk costs lines, with one warning on stderr
+    instead of logging's report per line; the next metrics row or checkpoint stops the run."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__()
+        self.path = path
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        self._full = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            append_whole(self.path, (self.format(record) + "\n").encode("utf-8"))
+            self._full = False
+        except DiskFullError:
+            if not self._full:
+                self._full = True
+                print(f"warning: disk full: {self.path} misses log lines until there is space", file=sys.stderr,
+                      flush=True)
+        except Exception:
+            self.handleError(record)
+
+
 class RunFolder:
     """The run folder as the trainer holds it: locked, with train.log attached to the logger.
 
@@ -218,8 +226,7 @@ class RunFolder:
         self._lock.acquire()
         try:
             remove_stale_temp_files(self.path)
-            handler = logging.FileHandler(self.file("train.log"), encoding="utf-8")
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+            handler = RunLog(self.file("train.log"))
             logger.addHandler(handler)
             self._handler = handler
         except BaseException:

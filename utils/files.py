@@ -183,6 +183,28 @@ def atomic_write_text(path: str, text: str) -> None:
         f.write(data)
 
 
+def append_whole(path: str, data: bytes, sync: bool = False) -> None:
+    """Append `data` to `path` (created if absent) entirely or not at all: a full disk is a
+    DiskFullError with the file cut back to its earlier length, not a torn last line. `sync`:
+    on the disk when this returns."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            written = 0
+            while written < len(data):
+                written += os.write(fd, data[written:])
+            if sync:
+                os.fsync(fd)
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            os.ftruncate(fd, size)
+            raise DiskFullError(path, len(data)) from None
+    finally:
+        os.close(fd)
+
+
 def read_json_object(path: str) -> Dict[str, Any]:
     """The JSON object in `path`; {} when the file is missing, unreadable or holds something else."""
     try:
