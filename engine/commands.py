@@ -8,17 +8,18 @@ cvnets-export and cvnets-torchrun call these functions and exit with what they r
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shlex
 import signal
 import sys
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from options.cli import parse_config
 from options.config import ConfigError, help_text
 from options.schema import Config, literal_choices
-from utils.files import DiskFullError, file_in_the_way
+from utils.files import DiskFullError
 
 logger = logging.getLogger("cvnets")
 
@@ -146,7 +147,7 @@ def train(argv: Optional[Sequence[str]] = None) -> int:
 def _train(cfg: Config, command: str = "") -> int:
     from engine.build import (build_trainer, check_startable, describe_process, run_dir_for, setup_process,
                               with_absolute_paths)
-    from engine.run_folder import RunFolder, resume_path
+    from engine.run_folder import RunFolder, error_line, resume_path
     from engine.trainer import TrainingInterrupted, closing_block
 
     run_dir = run_dir_for(cfg)
@@ -166,8 +167,7 @@ def _train(cfg: Config, command: str = "") -> int:
         except TrainingInterrupted:
             raise
         except Exception as e:
-            folder.record_failure(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__,
-                                  cfg.scheduler.max_epochs)
+            folder.record_failure(error_line(e), cfg.scheduler.max_epochs)
             raise
         for line in closing_block(summary):
             logger.info(line)
@@ -192,8 +192,12 @@ def _end_process_group() -> None:
 
 
 # ----------------------------------------------------------------------------- evaluate, export
-def _checkpoint_config(prog: str, loaded: Dict[str, Any]) -> Callable[[Mapping[str, Any]], Mapping[str, Any]]:
-    """The `base` of parse_config for commands that start from a checkpoint: its stored config."""
+def _from_checkpoint(argv: Optional[Sequence[str]], prog: str, doc: str,
+                     outputs: Sequence[str] = ()) -> Tuple[Config, Dict[str, Any]]:
+    """(the config, the checkpoint) of a command that starts from --model.checkpoint: its stored
+    config lies beneath the config file, which must describe the same model; `outputs` are the
+    keys of files the command will write, checked before any work."""
+    loaded: Dict[str, Any] = {}
 
     def base(flags: Mapping[str, Any]) -> Mapping[str, Any]:
         from engine import checkpoint as ckpt
@@ -207,39 +211,28 @@ def _checkpoint_config(prog: str, loaded: Dict[str, Any]) -> Callable[[Mapping[s
             raise ConfigError(str(e)) from None
         return loaded["state"]["config"]
 
-    return base
+    def check(cfg: Config) -> None:
+        from engine.evaluation import check_output_file, check_same_model
 
+        _check(cfg, training=False)
+        check_same_model(cfg, loaded["state"]["config"])
+        for key in outputs:
+            check_output_file(key, functools.reduce(getattr, key.split("."), cfg))
 
-def _output_file(key: str, path: Optional[str]) -> None:
-    if not path:
-        return
-    if os.path.isdir(path):
-        raise ConfigError(f"{key}: {path} is a folder; give a file path inside it")
-    blocker = file_in_the_way(path)
-    if blocker is not None:
-        raise ConfigError(f"{key}: {blocker} is a file, so {path} cannot be written; give a path in a folder")
+    cfg = parse_config(argv, f"{prog}.py", doc, check=check, base=base)
+    _setup_logging(0, timestamps=False)
+    return cfg, loaded["state"]
 
 
 def evaluate(argv: Optional[Sequence[str]] = None) -> int:
     """main_eval.py / cvnets-eval."""
-    loaded: Dict[str, Any] = {}
-
-    def check(cfg: Config) -> None:
-        from engine.evaluation import check_same_model
-
-        _check(cfg, training=False)
-        check_same_model(cfg, loaded["state"]["config"])
-        _output_file("eval.output_json", cfg.eval.output_json)
-        _output_file("eval.predictions_csv", cfg.eval.predictions_csv)
-
-    cfg = parse_config(argv, "main_eval.py", EVAL_DOC, check=check, base=_checkpoint_config("main_eval", loaded))
-    _setup_logging(0, timestamps=False)
+    cfg, state = _from_checkpoint(argv, "main_eval", EVAL_DOC, outputs=("eval.output_json", "eval.predictions_csv"))
 
     def body() -> int:
         from engine.evaluation import evaluate_checkpoint, report
         from utils.files import write_json
 
-        result = evaluate_checkpoint(cfg, loaded["state"])
+        result = evaluate_checkpoint(cfg, state)
         for line in report(result):
             print(line)
         if cfg.eval.output_json:
@@ -251,21 +244,12 @@ def evaluate(argv: Optional[Sequence[str]] = None) -> int:
 
 def export(argv: Optional[Sequence[str]] = None) -> int:
     """main_export.py / cvnets-export."""
-    loaded: Dict[str, Any] = {}
-
-    def check(cfg: Config) -> None:
-        from engine.evaluation import check_same_model
-
-        _check(cfg, training=False)
-        check_same_model(cfg, loaded["state"]["config"])
-
-    cfg = parse_config(argv, "main_export.py", EXPORT_DOC, check=check, base=_checkpoint_config("main_export", loaded))
-    _setup_logging(0, timestamps=False)
+    cfg, state = _from_checkpoint(argv, "main_export", EXPORT_DOC)
 
     def body() -> int:
         from engine.export import export_checkpoint, report
 
-        for line in report(export_checkpoint(cfg, loaded["state"])):
+        for line in report(export_checkpoint(cfg, state)):
             print(line)
         return 0
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from engine import checkpoint as ckpt
 from engine.loops import AUTOCAST_DTYPES, LoopOptions, predict
 from engine.utils import Meter, resolve_device
 from options.config import override, to_dict
-from utils.files import atomic_open
+from utils.files import atomic_open, file_in_the_way
 from options.schema import Config
 
 _NOT_ARCHITECTURE = ("checkpoint", "freeze")
@@ -42,6 +42,19 @@ def _compare(given: Mapping[str, Any], stored: Mapping[str, Any], prefix: str) -
                 f"{prefix}{key} is {a!r} in the given config but the checkpoint was trained with {b!r}; "
                 "drop --common.config-file to use the checkpoint's own config"
             )
+
+
+def check_output_file(key: str, path: Optional[str], example: str = "") -> None:
+    """ValueError when `path` (of config key `key`) cannot be written as a file: a folder is
+    there, or a file stands where one of its folders would be. `example`: a file name to suggest."""
+    if not path:
+        return
+    if os.path.isdir(path):
+        suggestion = f" (e.g. {os.path.join(path, example)})" if example else ""
+        raise ValueError(f"{key}: {path} is a folder; give a file path inside it{suggestion}")
+    blocker = file_in_the_way(path)
+    if blocker is not None:
+        raise ValueError(f"{key}: {blocker} is a file, so {path} cannot be written; give a path in a folder")
 
 
 def trained_model(cfg: Config, state: Mapping[str, Any], use_ema: bool, flag: str) -> torch.nn.Module:

@@ -20,7 +20,6 @@ trainer's output in `_launch/logs/<label>.log`. No torch at import: listings sta
 from __future__ import annotations
 
 import csv
-import json
 import os
 import shutil
 import time
@@ -30,7 +29,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 from engine.run_folder import best_epoch, is_locked, read_lock_holder, read_metrics, read_summary
 from options.config import load_config, parse_flags
 from options.schema import Config
-from utils.files import atomic_open, write_json
+from utils.files import atomic_open, read_json_object, write_json
 
 LAUNCH = "_launch"  # launcher records, beside the run folders
 MISSING = "–"  # a table cell with nothing measured yet
@@ -101,12 +100,7 @@ def log_path(spec: RunSpec) -> str:
 
 def read_record(spec: RunSpec) -> Dict[str, Any]:
     """What the launchers wrote about the run ({} when nothing yet)."""
-    try:
-        with open(record_path(spec), encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return read_json_object(record_path(spec))
 
 
 def update_record(spec: RunSpec, **fields: Any) -> None:

@@ -37,9 +37,9 @@ from cvnets.fuse import count_batchnorms, fold_batchnorm
 from data.base import DatasetError
 from data.augment import Normalize
 from data.tinyimagenet import read_classes
-from engine.evaluation import trained_model
+from engine.evaluation import check_output_file, trained_model
 from options.config import override, to_dict
-from utils.files import atomic_write_bytes, file_in_the_way, write_json
+from utils.files import atomic_write_bytes, write_json
 from options.schema import Config
 
 EXTENSIONS = {"torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -142,11 +142,7 @@ def output_path(cfg: Config, checkpoint: Dict[str, Any]) -> str:
     output = e.output or default_output(cfg.model.checkpoint, e.format, e.ema and not checkpoint.get("is_ema"))
     if os.path.abspath(output) == os.path.abspath(cfg.model.checkpoint):
         raise ValueError(f"export.output: {output} is the checkpoint itself; choose another path")
-    if os.path.isdir(output):
-        raise ValueError(f"export.output: {output} is a folder; give a file path (e.g. {os.path.join(output, 'model' + EXTENSIONS[e.format])})")
-    blocker = file_in_the_way(output)
-    if blocker is not None:
-        raise ValueError(f"export.output: {blocker} is a file, so {output} cannot be written; give a path in a folder")
+    check_output_file("export.output", output, example="model" + EXTENSIONS[e.format])
     return output
 
 

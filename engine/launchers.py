@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from engine.experiments import Log, RunSpec, log_path, read_record, run_state, update_record
-from engine.run_folder import is_locked
+from engine.run_folder import error_line, is_locked
 from engine.signals import STOP_SIGNALS, handling
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -554,8 +554,7 @@ class SlurmLauncher:
             with _preempt_signal_env(), executor.batch():
                 submitted = [executor.submit(job) for job in jobs]
         except (OSError, FailedJobError, FailedSubmissionError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise LaunchError(f"submission failed: {first}") from None
+            raise LaunchError(f"submission failed: {error_line(e)}") from None
         kind = "SLURM" if o.executor == "slurm" else "local submitit"
         for spec, job in zip(runs, submitted):
             update_record(spec, launcher=o.executor if o.executor == "slurm" else "submitit-local", job_id=job.job_id,

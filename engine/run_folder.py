@@ -91,11 +91,7 @@ class RunLock:
 
 def read_lock_holder(run_dir: str) -> Optional[Dict[str, Any]]:
     """{pid, host, since} of the last process that locked the folder (held or not)."""
-    try:
-        with open(os.path.join(run_dir, LOCK), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
+    return read_json_object(os.path.join(run_dir, LOCK)) or None
 
 
 def is_locked(run_dir: str) -> bool:
@@ -176,6 +172,13 @@ def write_summary(run_dir: str, summary: Dict[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- the open folder
+def error_line(error: BaseException) -> str:
+    """What summary.json and the launch records keep of an error: its message's first line (its
+    type when it has no message)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 class RunLog(logging.Handler):
     """train.log, one whole line per record. A full disk costs lines, with one warning on stderr
     instead of logging's report per line; the next metrics row or checkpoint stops the run."""

@@ -29,8 +29,8 @@ from engine import checkpoint as ckpt
 from engine.ema import ModelEMA
 from engine.loggers import RunInfo, Trackers, build_loggers, git_commit
 from engine.loops import LoopOptions, NonFiniteLossError, Progress, evaluate, optimizer_steps, train_one_epoch
-from engine.run_folder import (RESTART, RunFolder, append_metrics, discard_records, resume_path, write_metrics,
-                               write_summary)
+from engine.run_folder import (BEST_CHECKPOINTS, RESTART, RunFolder, append_metrics, discard_records, error_line,
+                               resume_path, write_metrics, write_summary)
 from engine.signals import STOP_SIGNALS, handling
 from engine.teacher import KEY as TEACHER_KEY, teacher_change
 from engine.utils import DistInfo, flatten, seed_everything
@@ -150,7 +150,7 @@ class Trainer:
             self._write_summary("failed", error=message)
             raise NonFiniteLossError(message) from None
         except Exception as e:
-            self._write_summary("failed", error=str(e).splitlines()[0] if str(e) else type(e).__name__)
+            self._write_summary("failed", error=error_line(e))
             raise
         finally:
             self._close_records()
@@ -395,7 +395,7 @@ class Trainer:
     def _adopt_best_checkpoints(self, source: str, folder: RunFolder) -> None:
         """Continuing another run's checkpoint in a new folder: copy that run's best checkpoints
         that belong to the history just restored, so this folder's records name files it holds."""
-        for kind, name in (("model", "checkpoint_best.pt"), ("ema", "checkpoint_ema_best.pt")):
+        for kind, name in zip(("model", "ema"), BEST_CHECKPOINTS):
             best, src, dest = self.best.get(kind), os.path.join(source, name), folder.file(name)
             if best is None:
                 continue
@@ -426,7 +426,7 @@ class Trainer:
                 epoch_steps=steps, resume_changes=self._changes))
 
     def _close_records(self) -> None:
-        best = [self.folder.file(name) for name in ("checkpoint_best.pt", "checkpoint_ema_best.pt")]
+        best = [self.folder.file(name) for name in BEST_CHECKPOINTS]
         self.trackers.finish(self._closing, [path for path in best if os.path.isfile(path)])
 
     # ------------------------------------------------------------------ progress display
