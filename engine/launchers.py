@@ -209,6 +209,18 @@ class RestartPolicy:
         log(f"{spec.title}: {ending}")
         return False
 
+    def run(self, spec: RunSpec, start: Callable[[int], TrainerProcess], told_to_stop: Callable[[], bool],
+            log: Log) -> TrainerProcess:
+        """Train `spec` to its end: start(restarts) an attempt and wait for it, again for as long as
+        after() says so; the last attempt."""
+        restarts = 0
+        while True:
+            proc = start(restarts)
+            proc.wait()
+            if not self.after(spec, proc, restarts, told_to_stop(), log):
+                return proc
+            restarts += 1
+
 
 # ----------------------------------------------------------------------------- local
 def visible_gpus() -> List[str]:
@@ -227,17 +239,10 @@ def visible_gpus() -> List[str]:
     return [line.strip() for line in out.splitlines() if line.strip()]
 
 
-@dataclass
-class _Active:
-    spec: RunSpec
-    proc: TrainerProcess
-    slot: int
-    restarts: int = 0
-
-
 class LocalLauncher:
     """Runs on this machine, `parallel` at a time, each in its own process (and session), each
-    with `nproc_per_run` trainers (DDP through torchrun when > 1)."""
+    with `nproc_per_run` trainers (DDP through torchrun when > 1). A thread per slot trains the
+    queued runs one after another; the main thread only passes signals on."""
 
     def __init__(self, parallel: int = 1, gpus: Optional[Sequence[str]] = None,
                  policy: RestartPolicy = RestartPolicy(), log: Log = print, nproc_per_run: int = 1) -> None:
@@ -248,8 +253,7 @@ class LocalLauncher:
         self.policy = policy
         self.log = log
         self._signal: Optional[int] = None
-        self._announced = False
-        self._active: Dict[int, _Active] = {}
+        self._running: Dict[int, TrainerProcess] = {}  # slot -> the attempt it runs now
 
     def launch(self, runs: Sequence[RunSpec]) -> int:
         """Train every run; returns 0 when all finished, 1 when one did not, 128 + N when the
@@ -258,19 +262,37 @@ class LocalLauncher:
         at_once = min(self.parallel, len(runs))
         if at_once > 1 and self.gpus and at_once * self.nproc > len(self.gpus):
             self.log(f"note: {at_once} runs of {self.nproc} trainer(s) at once share {len(self.gpus)} GPU(s)")
-        failed = 0
+        failed: List[RunSpec] = []
+        errors: List[BaseException] = []  # raised in a slot: raised again here
+
+        def train_in_slot(slot: int) -> None:
+            try:
+                while self._signal is None and not errors:
+                    try:
+                        spec = queue.popleft()  # atomic: the slots share the queue
+                    except IndexError:
+                        return
+                    proc = self.policy.run(spec, lambda restarts: self._start(spec, slot, restarts + 1),
+                                           lambda: self._signal is not None, self.log)
+                    if proc.returncode != 0:
+                        failed.append(spec)
+                    elif self.parallel > 1:
+                        self.log(f"{spec.title}: finished")
+            except BaseException as e:
+                errors.append(e)
+
+        slots = [threading.Thread(target=train_in_slot, args=(slot,), daemon=True) for slot in range(at_once)]
         with self._passing_on_signals():
-            while self._active or (queue and self._signal is None):
-                while queue and self._signal is None and len(self._active) < self.parallel:
-                    slot = min(set(range(self.parallel)) - set(self._active))
-                    spec = queue.popleft()
-                    self._active[slot] = _Active(spec, self._start(spec, slot), slot)
-                ended = self._wait_any()
-                if self._signal is not None and not self._announced:  # printed here, not in the handler
-                    self._announced = True
+            for thread in slots:
+                thread.start()
+            announced = False
+            while any(thread.is_alive() for thread in slots) and not errors:
+                time.sleep(0.1)  # the signal handler runs in this thread, between these sleeps
+                if self._signal is not None and not announced:  # printed here, not in the handler
+                    announced = True
                     self.log(f"{signal_name(self._signal)}: passed on to the running runs, which save and stop")
-                for slot in ended:
-                    failed += not self._finish(self._active.pop(slot))
+        if errors:
+            raise errors[0]
         if self._signal is not None:
             return 128 + self._signal
         return 1 if failed or queue else 0
@@ -289,9 +311,10 @@ class LocalLauncher:
             env = torchrun_env(env, under_slurm=False)[0]
         return env
 
-    def _start(self, spec: RunSpec, slot: int, attempt: int = 1) -> TrainerProcess:
+    def _start(self, spec: RunSpec, slot: int, attempt: int) -> TrainerProcess:
         env = self._env(slot)
-        proc = TrainerProcess(spec, train_command(spec, self.nproc), env=env, echo=self.parallel == 1)
+        proc = self._running[slot] = TrainerProcess(spec, train_command(spec, self.nproc), env=env,
+                                                    echo=self.parallel == 1)
         where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if env and self.gpus and self.parallel > 1 else ""
         if self.parallel == 1:
             self.log(f"{spec.title}: training")
@@ -302,25 +325,6 @@ class LocalLauncher:
                       attempt=attempt, started=time.time(), log=proc.log, job_id=None, group=spec.group,
                       label=spec.label)
         return proc
-
-    def _wait_any(self) -> List[int]:
-        while True:
-            ended = [slot for slot, a in self._active.items() if a.proc.wait(0) is not None]
-            if ended or not self._active or (self._signal is not None and not self._announced):
-                return ended
-            time.sleep(0.2)
-
-    def _finish(self, active: _Active) -> bool:
-        """Record how a run ended; restart it when the policy says so. True if it is fine."""
-        spec = active.spec
-        if self.policy.after(spec, active.proc, active.restarts, self._signal is not None, self.log):
-            restarts = active.restarts + 1
-            self._active[active.slot] = _Active(spec, self._start(spec, active.slot, restarts + 1), active.slot,
-                                                restarts)
-            return True
-        if active.proc.returncode == 0 and self.parallel > 1:
-            self.log(f"{spec.title}: finished")
-        return active.proc.returncode == 0
 
     @contextlib.contextmanager
     def _passing_on_signals(self) -> Iterator[None]:
@@ -333,8 +337,8 @@ class LocalLauncher:
         def handler(signum: int, frame: Any) -> None:
             if self._signal is None:
                 self._signal = signum
-            for active in self._active.values():
-                active.proc.send_signal(signum)
+            for proc in list(self._running.values()):
+                proc.send_signal(signum)
 
         with handling(STOP_SIGNALS, handler):
             yield
@@ -476,32 +480,25 @@ class TrainJob:
                       slurm_restarts=int(os.environ.get("SLURM_RESTART_COUNT", "0")), group=spec.group,
                       label=spec.label)
         with handling((signal.SIGINT, signal.SIGTERM), self._on_stop):
-            restarts = 0
-            while True:
-                self._wait_for_lock()
-                self._proc = self._start()
-                self._proc.wait()
-                if not self.policy.after(spec, self._proc, restarts, self._stopped_by is not None,
-                                         lambda line: print(line, flush=True)):
-                    break
-                restarts += 1
-        if self._proc.returncode != 0:
+            proc = self.policy.run(spec, self._start, lambda: self._stopped_by is not None,
+                                   lambda line: print(line, flush=True))
+        if proc.returncode != 0:
             raise RunFailed(f"{spec.title}: {read_record(spec).get('error')}")
         return "finished"
 
-    def _start(self) -> TrainerProcess:
-        env, ignore = dict(os.environ), ()
-        if self.nproc > 1:
-            env, ignore = torchrun_env(env, self._under_slurm())
-        return TrainerProcess(self.spec, train_command(self.spec, self.nproc), env=env, echo=True,
-                              own_session=not self._under_slurm(), ignore=ignore, cwd=self.cwd)
-
-    def _wait_for_lock(self) -> None:
-        """A trainer of this run may still be saving (e.g. the job before a requeue, on another
-        node). Wait for it; if it outlives the grace time the new trainer refuses with one line."""
+    def _start(self, restarts: int) -> TrainerProcess:
+        """An attempt, once no trainer of this run holds its folder: one may still be saving (e.g.
+        the job before a requeue, on another node); if it outlives the grace time the new trainer
+        refuses with one line."""
         deadline = time.monotonic() + self.grace_s
         while is_locked(self.spec.run_dir) and time.monotonic() < deadline:
             time.sleep(1.0)
+        env, ignore = dict(os.environ), ()
+        if self.nproc > 1:
+            env, ignore = torchrun_env(env, self._under_slurm())
+        self._proc = TrainerProcess(self.spec, train_command(self.spec, self.nproc), env=env, echo=True,
+                                    own_session=not self._under_slurm(), ignore=ignore, cwd=self.cwd)
+        return self._proc
 
     def _on_stop(self, signum: int, frame: Any) -> None:
         self._stopped_by = signum
