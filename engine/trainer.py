@@ -123,11 +123,9 @@ class Trainer:
         if self.progress.epoch >= max_epochs and not adopted:
             return self._summary("finished", already=True)
         self._start_records()
-        if self.progress.epoch >= max_epochs:  # another run's finished checkpoint: this folder gets its records
-            self._save_last()
-            self._close_records()
-            return self._summary("finished")
         try:
+            if self.progress.epoch >= max_epochs:  # another run's finished checkpoint: this folder gets its records
+                self._save_last()
             with self._catch_signals():
                 while self.progress.epoch < until:
                     self._run_epoch()

@@ -294,6 +294,16 @@ def test_a_tracker_that_raises_is_switched_off_with_one_warning_and_training_goe
     assert {tuple(c[2]) for c in good if c[0] == "step"} == {("images_per_second", "loss", "lr", "top1", "top5")}
 
 
+def test_a_finished_run_continued_in_a_new_folder_reaches_the_trackers_as_finished(fake_root, tmp_path, monkeypatch,
+                                                                                   one_thread):
+    assert train(tiny_args(fake_root, tmp_path, "src", 1)) == 0
+    calls = []
+    monkeypatch.setattr(engine.trainer, "build_loggers", lambda cfg: [Recording(calls)])
+    copy = tiny_args(fake_root, tmp_path, "copy", 1, "--common.resume", str(tmp_path / "src" / "checkpoint_last.pt"))
+    assert train(copy) == 0
+    assert calls == [("start", 1), ("finish", "finished")]
+
+
 def test_mlflow_failing_mid_run_leaves_training_to_finish(fake_root, tmp_path, mlflow_uri, monkeypatch, caplog,
                                                           one_thread):
     from mlflow.tracking import MlflowClient
