@@ -230,8 +230,8 @@ def load_pretrained(model: nn.Module, path: str, model_cfg: Any) -> Pretrained:
                 raise CheckpointError(f"model.checkpoint {path} holds another architecture (e.g. "
                                       f"{', '.join(odd[:3])}); pick a checkpoint of the same model")
             wrong = [k for k in own if given[k].shape != own[k].shape]
-            if any(not k.startswith(pretrained.CLASSIFIER) for k in wrong):
-                bad = next(k for k in wrong if not k.startswith(pretrained.CLASSIFIER))
+            bad = next((k for k in wrong if not k.startswith(pretrained.CLASSIFIER)), None)
+            if bad is not None:
                 raise CheckpointError(f"model.checkpoint {path} holds another architecture: {bad} is "
                                       f"{tuple(given[bad].shape)}, the model's {tuple(own[bad].shape)}")
             weights = {k: v for k, v in given.items() if k not in wrong}

@@ -49,10 +49,10 @@ def load_teacher(cfg: Config, wnids: Sequence[str], device: torch.device) -> Tup
     if len(theirs) != len(wnids) or int(state["num_classes"]) != len(wnids):
         raise ValueError(f"{KEY}: {path} predicts {state['num_classes']} classes, this run's dataset has "
                          f"{len(wnids)}; distil from a teacher trained on the same dataset")
-    differ = next((i for i, (a, b) in enumerate(zip(theirs, wnids)) if a != b), None)
-    if differ is not None:
-        raise ValueError(f"{KEY}: {path} was trained on another class list (class {differ} is {theirs[differ]} "
-                         f"there, {wnids[differ]} here); distil from a teacher trained on the same dataset")
+    other = ckpt.class_list_difference(theirs, wnids)
+    if other is not None:
+        raise ValueError(f"{KEY}: {path} was trained on another class list ({other}); distil from a teacher "
+                         "trained on the same dataset")
     try:
         teacher_cfg = from_dict(state["config"], source=f"in the teacher {path}")
     except ValueError as e:
