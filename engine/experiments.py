@@ -23,6 +23,7 @@ import csv
 import os
 import shutil
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -227,9 +228,7 @@ def status_lines(runs: Sequence[RunSpec]) -> List[str]:
     queued = queue_states(runs)
     states = [run_state(spec, queued) for spec in runs]
     lines = format_table(("run", "state", "job"), [(spec.title, s.text, s.job) for spec, s in zip(runs, states)])
-    counts: Dict[str, int] = {}
-    for s in states:
-        counts[s.state] = counts.get(s.state, 0) + 1
+    counts = Counter(s.state for s in states)
     lines.append(", ".join(f"{n} {state}" for state, n in counts.items()))
     return lines
 
