@@ -493,8 +493,7 @@ class MLflowLogger(Logger):
         self._log_metrics({STEP_PREFIX + k: v for k, v in _numbers(scalars).items()}, step)
 
     def log_epoch(self, row: Mapping[str, Any], step: int) -> None:
-        epoch = int(row["epoch"])
-        self._log_metrics({k: v for k, v in _numbers(row).items() if k != "epoch"}, epoch)
+        self._log_metrics({k: v for k, v in _numbers(row).items() if k != "epoch"}, int(row["epoch"]))
 
     def finish(self, summary: Mapping[str, Any], checkpoints: Sequence[str]) -> None:
         if self.run_id is None:
