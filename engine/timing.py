@@ -19,6 +19,7 @@ import loss_fn
 import optim
 from cvnets.fuse import fold_batchnorm
 from engine.build import build_trainer, run_dir_for, setup_process
+from engine.loggers import TRACKERS
 from engine.loops import AUTOCAST_DTYPES, LoopOptions, Progress, evaluate, train_one_epoch
 from engine.run_folder import RunFolder, read_metrics
 from options.config import override
@@ -100,8 +101,9 @@ def train_epochs(cfgs: Dict[str, Config], epochs: int) -> Dict[str, Dict[str, An
     epochs interleaved; label -> {"setup_s", "device", "epochs": the Trainer's metrics rows}."""
     runs: Dict[str, Dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as results:
-        cfgs = {label: override(cfg, {"common.results_loc": results, "common.run_label": label, "common.resume": None,
-                                      "common.tensorboard": False,
+        no_trackers = {key: False for key, _, _ in TRACKERS}  # measurements, not runs for the user's trackers
+        cfgs = {label: override(cfg, {**no_trackers, "common.results_loc": results, "common.run_label": label,
+                                      "common.resume": None,
                                       "scheduler.max_epochs": max(cfg.scheduler.max_epochs, epochs)})
                 for label, cfg in cfgs.items()}
         process = setup_process(next(iter(cfgs.values())))

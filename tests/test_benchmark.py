@@ -158,6 +158,15 @@ def test_estimate_scales_a_real_epoch_to_the_whole_run(capsys, fake_root, tmp_pa
     assert table(out, "config")[0]["minutes/run"] == f"{row['minutes']:,.1f}"
 
 
+def test_benchmark_epochs_reach_no_experiment_tracker(capsys, fake_root, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)
+    store = tmp_path / "mlflow.db"
+    status, _, _ = run(capsys, "estimate", "--dataset.root", fake_root, *TINY_RUN, "--stats.mlflow.enable", "true",
+                       "--stats.mlflow.tracking-uri", f"sqlite:///{store}")
+    assert status == 0 and not store.exists()
+
+
 def test_run_epoch_seconds_scales_training_and_the_rest_separately():
     # 500 images/s over 100,000 images: 200 s; 3 s besides training for 20 validation images,
     # scaled to 10,000: 1,500 s
