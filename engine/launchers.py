@@ -184,9 +184,9 @@ def torchrun_env(env: Dict[str, str], under_slurm: bool) -> Tuple[Dict[str, str]
 
 @dataclass(frozen=True)
 class RestartPolicy:
-    """Which ended attempts are started again at once, for every launcher: a run stopped from
-    outside (SIGTERM, SIGUSR1, killed) while its launcher was not told to stop, at most
-    `max_restarts` times. A failure or a user's Ctrl-C is recorded and left."""
+    """A run's attempts, for every launcher (a local slot, a SLURM job): an attempt stopped from
+    outside (SIGTERM, SIGUSR1, killed) while its launcher was not told to stop is started again
+    at once, at most `max_restarts` times. A failure or a user's Ctrl-C is recorded and left."""
 
     max_restarts: int = 3
 
