@@ -315,10 +315,10 @@ class LocalLauncher:
         env = self._env(slot)
         proc = self._running[slot] = TrainerProcess(spec, train_command(spec, self.nproc), env=env,
                                                     echo=self.parallel == 1)
-        where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if env and self.gpus and self.parallel > 1 else ""
         if self.parallel == 1:
             self.log(f"{spec.title}: training")
         else:
+            where = f" on GPU {env['CUDA_VISIBLE_DEVICES']}" if env and self.gpus else ""
             shown = os.path.relpath(proc.log)
             self.log(f"{spec.title}: started{where}, output in {proc.log if shown.startswith('..') else shown}")
         update_record(spec, launcher="local", pid=proc.pid, host=socket.gethostname(), state="running",
