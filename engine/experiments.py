@@ -280,13 +280,11 @@ def collect(spec: RunSpec, queued: Optional[Mapping[str, str]] = None) -> Result
                   params, num_classes, generated)
 
 
-def count_params(config_file: str, num_classes: int = NUM_CLASSES) -> Optional[int]:
-    """Parameters of the model a config file builds for `num_classes` classes (None when the
-    model code is unavailable). Works on a row's YAML and on a run folder's config.yaml alike."""
-    try:
-        from cvnets import build_model  # imported lazily: torch is slow to load and listings need none of it
-    except ImportError:
-        return None
+def count_params(config_file: str, num_classes: int = NUM_CLASSES) -> int:
+    """Parameters of the model a config file builds for `num_classes` classes. Works on a row's
+    YAML and on a run folder's config.yaml alike."""
+    from cvnets import build_model  # imported lazily: torch is slow to load and listings need none of it
+
     cfg = load_config(["--common.config-file", config_file])
     model = build_model(cfg.model, num_classes)  # model.num_classes, when set, wins
     return sum(p.numel() for p in model.parameters())
