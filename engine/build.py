@@ -24,6 +24,7 @@ import optim
 from cvnets.fuse import fold_batchnorm
 from engine import checkpoint as ckpt
 from engine.ema import ModelEMA
+from engine.loggers import check_trackers
 from engine.loops import AUTOCAST_DTYPES, LoopOptions, optimizer_steps
 from engine.run_folder import RESTART
 from engine.teacher import check_teacher_path, load_teacher
@@ -47,7 +48,8 @@ def check_config(cfg: Config, training: bool = True) -> None:
     """Every check that needs a component's knowledge: a ValueError naming the key (the entry points
     make it one line and exit status 2).
 
-    training=False (main_eval, main_export) skips what only training reads: the teacher file."""
+    training=False (main_eval, main_export) skips what only training needs: the teacher file and
+    the packages of the experiment trackers."""
     cvnets.check_config(cfg.model)
     data.check_config(cfg)
     optim.check_config(cfg)
@@ -55,6 +57,7 @@ def check_config(cfg: Config, training: bool = True) -> None:
         raise ValueError("common.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
     if training:
         check_teacher_path(cfg)
+        check_trackers(cfg)
 
 
 def with_absolute_paths(cfg: Config) -> Config:

@@ -123,13 +123,6 @@ def _train_doc() -> str:
     return f"{TRAIN_DOC}\n\n{_transforms()}"
 
 
-def _check_train(cfg: Config) -> None:
-    from engine.loggers import check_trackers
-
-    _check(cfg)
-    check_trackers(cfg)
-
-
 def train(argv: Optional[Sequence[str]] = None) -> int:
     """main_train.py / cvnets-train."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -137,7 +130,7 @@ def train(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{help_text('main_train.py').splitlines()[0]}\n\n{_train_doc()}\n\n--help lists every key.",
               file=sys.stderr)
         return 2
-    cfg = parse_config(argv, "main_train.py", _train_doc(), check=_check_train,
+    cfg = parse_config(argv, "main_train.py", _train_doc(), check=_check,
                        listings={"list-transforms": _transforms})
     _setup_logging(int(os.environ.get("RANK", "0")), timestamps=True)
     command = shlex.join([sys.argv[0] if sys.argv and sys.argv[0] else "main_train.py", *argv])

@@ -106,6 +106,16 @@ def test_check_runs_resolves_every_run_and_names_each_bad_one(tmp_path):
     assert good.config_file == str(base) and RunSpec("x", ()).config_file is None
 
 
+def test_check_runs_refuses_a_tracker_whose_package_is_missing_as_main_train_does(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    run = RunSpec(str(tmp_path / "r"), ("--stats.mlflow.enable", "true"))
+    configs, errors = experiments.check_runs([run])
+    assert configs == {} and errors == ["r: stats.mlflow.enable: true needs the mlflow package: pip install -e '.[mlflow]'"]
+
+
 def test_a_placed_run_is_filed_under_its_folder_in_the_trackers(tmp_path):
     from options.config import load_config
 
