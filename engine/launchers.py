@@ -328,8 +328,8 @@ class LocalLauncher:
 
     @contextlib.contextmanager
     def _passing_on_signals(self) -> Iterator[None]:
-        """Ctrl-C, SIGTERM or SIGUSR1 here: start nothing more and pass the signal on, once per
-        arrival, to the runs (which save and stop; a second Ctrl-C stops them at once)."""
+        """A stop signal here (Ctrl-C, SIGTERM, SIGUSR1, SIGHUP): start nothing more and pass it on,
+        once per arrival, to the runs (which save and stop; a second Ctrl-C stops them at once)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
