@@ -105,6 +105,13 @@ def _to_rgb(img: Image.Image, path: str) -> Image.Image:
     raise ValueError(_UNSUPPORTED_MODE.format(mode=mode, what=what.get(mode, "an unusual pixel format")))
 
 
+def lock_beside(path: str) -> str:
+    """The lock file that the writers of `path` (a dataset root, a decoded cache) take: `.<name>.lock`
+    in the same folder."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, f".{name}.lock")
+
+
 def progress_bar(enabled: bool, iterable: Any = None, **kwargs: Any) -> tqdm:
     """A tqdm bar shown only when enabled and stderr is a terminal (log files stay clean)."""
     return tqdm(iterable, disable=None if enabled else True, **kwargs)

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.base import (IMAGE_SIZE, CorruptImageError, DatasetError, WorkerDataLoader, decode_image, logger,
-                       progress_bar, worker_init)
+from data.base import (IMAGE_SIZE, CorruptImageError, DatasetError, WorkerDataLoader, decode_image, lock_beside,
+                       logger, progress_bar, worker_init)
 from utils.files import (DiskFullError, atomic_open, is_disk_full, read_json_object, remove_quietly,
                          remove_stale_temp_files, waiting_lock, write_json)
 
@@ -62,11 +62,8 @@ def disk_cache(paths: Sequence[str], prefix: str, workers: int = 0, progress: bo
     """The decoded images stored at `<prefix>.npy` (+ `.json`), rebuilt when the files changed
     or the stored array fails its checks. Builders take a lock (`.<name>.lock` beside it): a
     second process waits for the first one's cache and then uses it."""
-    def waiting() -> None:
-        logger.info("waiting for another process building the decoded cache %s.npy", prefix)
-
-    folder, name = os.path.split(prefix)
-    with waiting_lock(os.path.join(folder, f".{name}.lock"), waiting):
+    with waiting_lock(lock_beside(prefix),
+                      lambda: logger.info("waiting for another process building the decoded cache %s.npy", prefix)):
         return _disk_cache(paths, prefix, workers, progress)
 
 
