@@ -149,7 +149,6 @@ def bench_latency(args: argparse.Namespace) -> List[Row]:
 
     from engine.export import input_size
 
-    torch.set_num_threads(args.threads)
     model, cfg = _latency_model(args.config, args.checkpoint)
     size = input_size(cfg)
     label = stem(args.config) if args.config or not args.checkpoint else \
@@ -475,7 +474,7 @@ class OneLineErrors(argparse.ArgumentParser):
 def _command(sub, name: str, run: Callable, columns: Optional[List[Column]], overrides: bool = True):
     p = sub.add_parser(name, help=run.__doc__.split("\n\n")[0], description=run.__doc__)
     p.add_argument("--common.config-file", "--config", dest="config", help="YAML config (default: the defaults)")
-    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's; latency: 2)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--json", help="also write the rows to this JSON file")
     if name != "latency":
