@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from data import IMAGE_SIZE
 from options.registry import Registry
 
 DATASETS = Registry("dataset", config_key="dataset.name")
@@ -24,8 +25,6 @@ DATASETS = Registry("dataset", config_key="dataset.name")
 # A child of the engine's "cvnets" logger: long one-off steps (download, unpack, cache build)
 # reach its log file; progress bars are for terminals only.
 logger = logging.getLogger("cvnets.data")
-
-IMAGE_SIZE = 64  # TinyImageNet's side length; every decoded image has it
 
 
 class DatasetError(Exception):
