@@ -170,7 +170,8 @@ def worker_init(parent_pid: int) -> Callable[[int], None]:
     return functools.partial(_leave_signals, parent_pid)
 
 
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+# The signals that stop a run (engine.signals.STOP_SIGNALS, which this layer may not import).
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP}
 
 
 class WorkerDataLoader(DataLoader):
@@ -194,7 +195,7 @@ class WorkerDataLoader(DataLoader):
 
 
 def _leave_signals(parent_pid: int, worker_id: int) -> None:
-    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+    for sig in _STOP_SIGNALS - {signal.SIGTERM}:
         signal.signal(sig, signal.SIG_IGN)
     # Blocked in this thread and so in every thread it starts: a SIGTERM stays pending until the
     # watcher takes it, with its sender.
