@@ -19,7 +19,7 @@ import yaml
 
 from options.errors import ConfigError, FieldError, did_you_mean
 from utils.files import atomic_write_text
-from options.schema import Config, freeze, hints, iter_keys
+from options.schema import Config, freeze, hints, iter_keys, non_null
 
 # Where a value came from, for messages: "in FILE", "from --flag", "in the base config".
 Where = Callable[[str], str]
@@ -34,8 +34,7 @@ def _describe(tp) -> str:
     if origin is Literal:
         return "|".join(str(c) for c in typing.get_args(tp))
     if origin is Union:
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return f"{_describe(inner[0])} or null"
+        return f"{_describe(non_null(tp))} or null"
     if origin is tuple:
         item = typing.get_args(tp)[0]
         return "list of mappings" if typing.get_origin(item) is dict else f"list of {_describe(item)}"
@@ -111,10 +110,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the schema type `tp`, converting strings from the command line."""
     origin = typing.get_origin(tp)
     if origin is Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("null", "~")):
             return None
-        return coerce(value, args[0], key)
+        return coerce(value, non_null(tp), key)
     if origin is Literal:
         choices = typing.get_args(tp)
         for choice in choices:
@@ -538,16 +536,14 @@ def resolve(flags: Mapping[str, Tuple[str, str]], base: Optional[Mapping[str, An
 
 def _wants_raw(tp) -> bool:
     """Strings keep their text (a run label '007' must not become 7)."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is Union else [tp]
-    return args == [str]
+    return non_null(tp) is str
 
 
 def _rule(tp, valid) -> str:
     """`, >= 1` (or `, each >= 1` for a list) for --help; '' for a key without a range."""
     if valid is None:
         return ""
-    inner = [a for a in typing.get_args(tp) if a is not type(None)][0] if typing.get_origin(tp) is Union else tp
-    return f", each {valid}" if typing.get_origin(inner) is tuple else f", {valid}"
+    return f", each {valid}" if typing.get_origin(non_null(tp)) is tuple else f", {valid}"
 
 
 def help_text(prog: str) -> str:
