@@ -140,9 +140,9 @@ def _unit(fmt: str, prefix: str, part: str) -> str:
     return f"{prefix}.{_UNIT[fmt][0 if part == 'conv' else 1]}"
 
 
-def _mobilevit_place(fmt: str, module: str, vit_layers: Sequence[int],
-                     transformer_blocks: Mapping[int, int]) -> Optional[Tuple[str, ...]]:
-    """The file's module path(s) for one of our MobileViT modules (path without the parameter name)."""
+def _mobilevit_place(fmt: str, module: str, transformer_blocks: Mapping[int, int]) -> Optional[Tuple[str, ...]]:
+    """The file's module path(s) for one of our MobileViT modules (path without the parameter name);
+    `transformer_blocks`: the MobileViT layers' numbers -> their transformer blocks."""
     col = _COLUMN[fmt]
     root = {"timm": "", "cvnets": "", "hf": "mobilevit."}[fmt]
     m = re.fullmatch(r"stages\.(stem|head)\.(conv|norm)", module)
@@ -160,7 +160,7 @@ def _mobilevit_place(fmt: str, module: str, vit_layers: Sequence[int],
     m = re.fullmatch(r"block\.(\d)\.(conv|norm)", rest)
     if m:  # an inverted residual: the MV2 stages' blocks, or the strided one opening a MobileViT layer
         if fmt == "hf":
-            block = f"{stage}.downsampling_layer" if layer in vit_layers else f"{stage}.layer.{index}"
+            block = f"{stage}.downsampling_layer" if layer in transformer_blocks else f"{stage}.layer.{index}"
         else:
             block = f"{stage}.{index}" + (".block" if fmt == "cvnets" else "")
         return (_unit(fmt, f"{block}.{_MV2[fmt][int(m[1])]}", m[2]),)
@@ -222,10 +222,9 @@ def places(fmt: str, cfg: ModelConfig, own: Mapping[str, Tensor]) -> Places:
         if fmt == "torchvision":
             raise WeightMappingError("torchvision has no MobileViT; its ResNets map onto model.name resnet")
         _check_mobilevit(fmt, cfg)
-        variant = VARIANTS[cfg.mobilevit.mode]
-        vit = [i for i, spec in enumerate(variant.layers, start=1) if isinstance(spec, ViTLayer)]
-        depth = {i: spec.blocks for i, spec in enumerate(variant.layers, start=1) if isinstance(spec, ViTLayer)}
-        place: Callable[[str], Optional[Tuple[str, ...]]] = lambda m: _mobilevit_place(fmt, m, vit, depth)
+        layers = enumerate(VARIANTS[cfg.mobilevit.mode].layers, start=1)
+        depth = {i: spec.blocks for i, spec in layers if isinstance(spec, ViTLayer)}
+        place: Callable[[str], Optional[Tuple[str, ...]]] = lambda m: _mobilevit_place(fmt, m, depth)
     else:
         _check_resnet_stem(fmt, cfg.resnet.stem)
         convs = 3 if cfg.resnet.depth == 50 else 2
