@@ -12,8 +12,9 @@ MobileViT a symbolic height and width; torch.export keeps them symbolic. One mor
 makes a dynamic-shape graph correct for every size: `make_any_size` (MobileViTBlock's
 `always_resize`).
 
-Settings that cannot work raise ValueError naming the export.* key, a missing optional
-package MissingExtraError; the entry point turns both into a one-line error.
+The export.* settings are checked by the schema (options/schema.py, ExportConfig). A missing
+optional package raises MissingExtraError, an artifact that does not reproduce the model
+ParityError; the entry point turns both into a one-line error.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ Runner = Callable[[Tensor], Tensor]  # images [B, 3, H, W] -> logits [B, C], on 
 
 
 class MissingExtraError(Exception):
-    """An optional package of the export extra is not installed (one line, names the fix)."""
+    """An optional package (of the export or pretrained extra) is not installed (one line, names the fix)."""
 
 
 class ParityError(Exception):

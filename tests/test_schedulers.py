@@ -67,8 +67,8 @@ def test_warmup_is_linear_from_init_lr_to_the_schedule_value(name):
 @pytest.mark.parametrize("name", sorted(PEAK_HALF))
 def test_every_scheduler_builds_from_its_defaults(name):
     s = build_scheduler(SchedulerConfig(name=name), total_iterations=50 * SchedulerConfig().max_epochs)
-    assert s.max_epochs == SchedulerConfig().max_epochs
-    values = [s.lr(epoch, epoch * 50) for epoch in range(s.max_epochs)]
+    assert s.timing.max_epochs == SchedulerConfig().max_epochs
+    values = [s.lr(epoch, epoch * 50) for epoch in range(s.timing.max_epochs)]
     assert all(math.isfinite(v) and v > 0 for v in values)
 
 
