@@ -374,9 +374,10 @@ def _origin(origins: Mapping[str, str], key: str) -> str:
     return next((w for k, w in origins.items() if k.startswith(key + ".")), "")
 
 
-def deep_merge(base: Dict[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
-    """Merge `top` into a copy of `base`; mappings merge key by key, anything else is replaced."""
-    out = dict(base)
+def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
+    """Merge `top` into a copy of `base`; mappings merge key by key (`a-b` and `a_b` are one key),
+    anything else is replaced."""
+    out = {str(key).replace("-", "_"): value for key, value in base.items()}
     for key, value in top.items():
         key = str(key).replace("-", "_")
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
