@@ -261,10 +261,12 @@ class PlateauScheduler(Scheduler):
             self.bad_epochs = 0
 
     def _improves(self, metric: float, higher_is_better: bool) -> bool:
+        if math.isnan(metric):  # never progress, nor a best: nothing would compare as better than it
+            return False
         if self.best is None:
             return True
         gain = metric - self.best if higher_is_better else self.best - metric
-        return gain > self.threshold  # a NaN metric never counts as progress
+        return gain > self.threshold
 
 
 @SCHEDULERS.register("polynomial")

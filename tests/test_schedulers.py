@@ -296,6 +296,14 @@ def test_plateau_warms_up_to_max_lr():
     assert s.lr(0, 5) == pytest.approx(0.2)
 
 
+def test_plateau_a_nan_metric_never_counts_as_progress():
+    s = plateau(patience=2)
+    s.step_epoch(float("nan"))  # not a best either: no later metric could improve on it
+    for metric in (1.0, 2.0, 3.0):
+        s.step_epoch(metric)
+    assert s.lr(4, 40) == pytest.approx(0.4)
+
+
 def test_plateau_needs_the_metric():
     with pytest.raises(ValueError, match="validation metric"):
         plateau().step_epoch(None)
