@@ -173,6 +173,8 @@ class CommonConfig(Section):
     )
 
     def check(self) -> None:
+        if self.mixed_precision == "fp16" and self.device == "cpu":
+            raise FieldError("mixed_precision", "fp16 needs CUDA; use bf16 or none on the CPU")
         known = {key for key, _, _ in iter_keys()} | set(_section_keys()) if self.resume_allow_changes else set()
         for i, key in enumerate(self.resume_allow_changes):
             if key not in known:

@@ -206,6 +206,8 @@ BAD = {
     "log_freq in a file": ("common: {log_freq: 10}\n", ["common.log_freq is now common.log_every_batches", "exp.yaml"]),
     # the rest of the schema's ranges
     "grad_clip 0": (["--common.grad-clip", "0"], ["common.grad_clip: 0.0", "> 0"]),
+    "fp16 on the cpu": (["--common.device", "cpu", "--common.mixed-precision", "fp16"],
+                        ["common.mixed_precision: fp16 needs CUDA", "--common.mixed-precision"]),
     "empty run_label": (["--common.run-label", " "], ["common.run_label: ' '", "empty"]),
     "resume_allow_changes typo": (["--common.resume-allow-changes", "optim.weight-decay"],
                                   ["common.resume_allow_changes[0]", "did you mean 'optim.weight_decay'"]),
