@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -175,7 +176,10 @@ class CommonConfig(Section):
     def check(self) -> None:
         if self.mixed_precision == "fp16" and self.device == "cpu":
             raise FieldError("mixed_precision", "fp16 needs CUDA; use bf16 or none on the CPU")
-        known = {key for key, _, _ in iter_keys()} | set(_section_keys()) if self.resume_allow_changes else set()
+        if not self.resume_allow_changes:
+            return
+        # every leaf key and every section above one: a.b.c gives a, a.b and a.b.c
+        known = {part for key, _, _ in iter_keys() for part in itertools.accumulate(key.split("."), "{}.{}".format)}
         for i, key in enumerate(self.resume_allow_changes):
             if key not in known:
                 raise FieldError(f"resume_allow_changes[{i}]", f"{key!r} is not a config key or section"
@@ -603,13 +607,6 @@ def iter_keys(cls: type = Config, prefix: str = "") -> Iterator[Tuple[str, Any, 
             yield from iter_keys(tp, key + ".")
         else:
             yield key, tp, f
-
-
-def _section_keys(cls: type = Config, prefix: str = "") -> Iterator[str]:
-    for name, tp in hints(cls).items():
-        if dataclasses.is_dataclass(tp):
-            yield prefix + name
-            yield from _section_keys(tp, f"{prefix}{name}.")
 
 
 def _walk(key: str) -> Iterator[Tuple[dataclasses.Field, Any]]:
