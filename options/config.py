@@ -96,13 +96,14 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
-def _thaw(value: Any) -> Any:
+def to_dict(value: Any) -> Any:
+    """Plain nested data (dicts, lists) of a Config, any section of it, or any value in one."""
     if dataclasses.is_dataclass(value):
-        return {f.name: _thaw(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: to_dict(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
+        return {k: to_dict(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_thaw(v) for v in value]
+        return [to_dict(v) for v in value]
     return value
 
 
@@ -221,11 +222,6 @@ def from_dict(data: Mapping[str, Any], source: str = "") -> Config:
     return _build(Config, data, "", lambda key: source)
 
 
-def to_dict(cfg: Any) -> Dict[str, Any]:
-    """Plain nested dict (lists, not tuples) of a Config or any section of it."""
-    return _thaw(cfg)
-
-
 class _Dumper(yaml.SafeDumper):
     """Block style for sections, flow style for short lists of scalars (`scale: [0.1, 1.0]`)."""
 
@@ -259,7 +255,7 @@ def _set_dotted(data: Dict[str, Any], parts: Sequence[str], value: Any) -> None:
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})
-    node[parts[-1]] = _thaw(value)
+    node[parts[-1]] = to_dict(value)
 
 
 def get_dotted(cfg: Any, dotted: str) -> Any:
@@ -516,7 +512,7 @@ def resolve(flags: Mapping[str, Tuple[str, str]], base: Optional[Mapping[str, An
     origins: Dict[str, str] = {}
     data: Dict[str, Any] = {}
     if base is not None:
-        data = _upgrade_stored(_thaw(base))
+        data = _upgrade_stored(to_dict(base))
         _record(origins, data, "in the base config")
     config_file = flags.get("common.config_file")
     if config_file:
@@ -559,7 +555,7 @@ def help_text(prog: str) -> str:
     ]
     default = Config()
     for key, tp, f in iter_keys():
-        value = json.dumps(_thaw(get_dotted(default, key)))
+        value = json.dumps(to_dict(get_dotted(default, key)))
         rule = _rule(tp, f.metadata.get("valid"))
         lines.append(f"  --{key.replace('_', '-')}  ({_describe(tp)}{rule}, default {value})")
         lines.append(f"        {f.metadata.get('help', '')}")
