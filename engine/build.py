@@ -53,8 +53,6 @@ def check_config(cfg: Config, training: bool = True) -> None:
     cvnets.check_config(cfg.model)
     data.check_config(cfg)
     optim.check_config(cfg)
-    if cfg.common.mixed_precision == "fp16" and cfg.common.device == "cpu":
-        raise ValueError("common.mixed_precision: fp16 needs CUDA; use bf16 or none on the CPU")
     if training:
         check_teacher_path(cfg)
         check_trackers(cfg)
