@@ -1,7 +1,8 @@
 """Pieces shared by the test modules: the fake tree's size, the environment of child processes,
-a tiny training run's arguments and readers of its run folder, trained-looking BatchNorms, an
-untrained teacher checkpoint."""
+a tiny training run's arguments, an in-process trainer and readers of its run folder,
+trained-looking BatchNorms, an untrained teacher checkpoint."""
 import json
+import logging
 import os
 import socket
 
@@ -19,6 +20,8 @@ FAKE_TREE = dict(classes=4, train_per_class=12, val_per_class=4, test_per_class=
 # are small (one thread is fastest), several threads' OpenMP barriers stall badly whenever other
 # jobs share the cores, and runs in different processes must compute bit-identical weights.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+LOGGER = logging.getLogger("cvnets")
 
 TIMING_KEYS = {"images_per_second", "epoch_seconds", "train_seconds"}
 
@@ -63,6 +66,28 @@ def _merged(defaults, extra):
         rest.append(flag)
         i += 1
     return [item for pair in pairs.items() for item in pair] + rest
+
+
+def open_trainer(args):
+    """(trainer, open run folder) for the config of `args`, built as the front door builds them."""
+    from engine.build import build_trainer, run_dir_for, setup_process
+    from engine.run_folder import RunFolder
+    from options.config import load_config
+
+    cfg = load_config(list(args))
+    trainer = build_trainer(cfg, setup_process(cfg))
+    return trainer, RunFolder(run_dir_for(cfg)).open(LOGGER)
+
+
+def train_in_process(args, stop_after_epoch=None):
+    """The trainer, after training the run of `args` in this process to its end, or to the end of
+    `stop_after_epoch` as a stop signal ends it (resumable); its run folder is closed."""
+    trainer, folder = open_trainer(args)
+    try:
+        trainer.run(folder, stop_after_epoch=stop_after_epoch)
+    finally:
+        folder.close(LOGGER)
+    return trainer
 
 
 def read_rows(run_dir):

@@ -18,7 +18,7 @@ import engine.trainer
 from engine.commands import train
 from engine.loggers import Logger, git_commit, read_tracker_ids
 from engine.run_folder import read_metrics, read_summary
-from helpers import REPO, last_state, tiny_args
+from helpers import LOGGER, REPO, last_state, open_trainer, tiny_args, train_in_process
 
 mlflow = pytest.importorskip("mlflow")
 wandb = pytest.importorskip("wandb")
@@ -120,24 +120,14 @@ def test_mlflow_holds_the_config_and_each_epoch_once_after_a_crash_and_a_resume(
     assert resumed.data.metrics["best/epoch"] == best["epoch"]
 
 
-def open_trainer(args, run_dir):
-    """(trainer, open run folder), as the front door builds them."""
-    from engine.build import build_trainer, setup_process
-    from engine.run_folder import RunFolder
-    from options.config import load_config
-
-    cfg = load_config(args)
-    return build_trainer(cfg, setup_process(cfg)), RunFolder(str(run_dir)).open(logging.getLogger("cvnets"))
-
-
 def test_a_resume_from_an_older_checkpoint_leaves_the_mlflow_run_and_starts_a_new_one(fake_root, tmp_path, mlflow_uri,
                                                                                      caplog, one_thread):
     run_dir = tmp_path / "old"
-    trainer, folder = open_trainer(mlflow_args(fake_root, tmp_path, "old", 2, mlflow_uri), run_dir)
+    trainer, folder = open_trainer(mlflow_args(fake_root, tmp_path, "old", 2, mlflow_uri))
     trainer.run(folder, stop_after_epoch=1)
     shutil.copy(run_dir / "checkpoint_last.pt", tmp_path / "epoch1.pt")
     trainer.run(folder)
-    folder.close(logging.getLogger("cvnets"))
+    folder.close(LOGGER)
     client, first = mlflow_run(mlflow_uri, run_dir)
     before = mlflow_history(client, first.info.run_id, "val_top1")
     assert [step for step, _ in before] == [1, 2]
@@ -217,9 +207,7 @@ def wandb_history(run_dir):
 def test_wandb_offline_run_files_hold_each_epoch_once_across_a_resume(fake_root, tmp_path, wandb_env, one_thread):
     args = ("--stats.wandb.enable", "true", "--stats.wandb.mode", "offline", "--stats.wandb.group", "sweep-x",
             "--stats.wandb.tags", "a,b", "--stats.wandb.log-checkpoint", "true")
-    trainer, folder = open_trainer(tiny_args(fake_root, tmp_path, "w", 3, *args), tmp_path / "w")
-    trainer.run(folder, stop_after_epoch=1)  # ends like a stop after epoch 1
-    folder.close(logging.getLogger("cvnets"))
+    train_in_process(tiny_args(fake_root, tmp_path, "w", 3, *args), stop_after_epoch=1)
     assert train(tiny_args(fake_root, tmp_path, "w", 3, *args, "--common.resume", "auto")) == 0
 
     run_dir = tmp_path / "w"
