@@ -20,7 +20,7 @@ import cvnets
 from cvnets import pretrained
 from engine import checkpoint as ckpt
 from engine.commands import train
-from helpers import REPO
+from helpers import REPO, CodePayload
 from options.config import load_config
 from tools import import_weights
 
@@ -247,21 +247,11 @@ def test_settings_the_other_libraries_lack_are_refused_with_the_fix(xxs_state):
         pretrained.to_project("torchvision", resnet_cfg, resnet.state_dict(), {})
 
 
-class _Payload:
-    """Unpickling this creates a file: proof that loading ran code."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
 def bad_files(folder, state):
     torch.save({k: v for k, v in state.items() if not k.startswith("final_conv.bn.")}, folder / "missing.pth")
     torch.save({**state, "extra.weight": torch.zeros(3)}, folder / "extra.pth")
     torch.save({**state, "head.fc.weight": torch.zeros(1000, 321)}, folder / "shape.pth")
-    torch.save({**state, "payload": _Payload(str(folder / "ran"))}, folder / "payload.pth", pickle_protocol=2)
+    torch.save({**state, "payload": CodePayload(folder / "ran")}, folder / "payload.pth", pickle_protocol=2)
     return {"missing": "final_conv.bn.", "extra": "extra.weight", "shape": "head.fc.weight",
             "payload": "Python objects"}
 
