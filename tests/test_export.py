@@ -15,7 +15,7 @@ from torch import nn
 import engine.export
 from cvnets import build_model
 from cvnets.export import MissingExtraError, load_runner, make_any_size, require_onnx
-from cvnets.fuse import conv_bn_pairs, count_batchnorms, fold_batchnorm
+from cvnets.fuse import fold_batchnorm
 from cvnets.mobilevit import MobileViTBlock
 from data.tinyimagenet import read_classes
 from engine import checkpoint as ckpt
@@ -28,11 +28,6 @@ from tools import benchmark
 # maps holding a single patch (which torch.export must not specialise on) and 96 px gives 3x3
 # maps (the patch resize) -- small but complete.
 SMALL_MOBILEVIT = ["--model.mobilevit.mode", "xx_small", "--model.mobilevit.remove-layers", "3,4"]
-FOLD_MODELS = {
-    "mobilevit": SMALL_MOBILEVIT + ["--model.mobilevit.fusion", "concat_conv"],
-    "mobilevit_residual_fusion": SMALL_MOBILEVIT + ["--model.mobilevit.fusion", "residual"],
-    "resnet18": ["--model.name", "resnet", "--model.resnet.depth", "18"],
-}
 
 
 def write_checkpoint(path: Path, argv: Sequence[str], wnids: List[str]) -> nn.Module:
@@ -57,21 +52,7 @@ def fake_wnids(count: int = 4) -> List[str]:
 
 
 # ----------------------------------------------------------------------------- BatchNorm folding
-@pytest.mark.parametrize("name", sorted(FOLD_MODELS))
-def test_folding_is_exact_and_leaves_no_batchnorm_after_a_conv(name):
-    model = randomize_batchnorm(build_model(load_config(FOLD_MODELS[name]).model, 10)).eval()
-    before = count_batchnorms(model)
-    folded, pairs = fold_batchnorm(model)
-
-    assert pairs > 0 and list(conv_bn_pairs(folded)) == []
-    # Every BatchNorm follows a conv (the residual fusion's layer norm has no weights).
-    assert pairs == before and count_batchnorms(folded) == 0
-    assert count_batchnorms(model) == before  # the original is left alone
-    images = torch.rand(4, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(folded(images), model(images), rtol=1e-5, atol=1e-5)
-
-
+# (whole models: test_models.py)
 def test_folding_handles_groups_and_an_existing_bias():
     conv = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=True)
     model = randomize_batchnorm(nn.Sequential(conv, nn.BatchNorm2d(8))).eval()

@@ -23,6 +23,7 @@ from cvnets.mobilevit import VARIANTS, MobileViTBlock
 from helpers import REPO, randomize_batchnorm
 from options.config import ConfigError, from_dict, load_config
 from options.schema import ModelConfig
+from tools.model_summary import main as summary_main
 
 
 def model_cfg(**model: Any) -> ModelConfig:
@@ -391,8 +392,10 @@ def test_fold_batchnorm_matches_the_unfolded_eval_model(name: str) -> None:
     torch.manual_seed(0)
     model = randomize_batchnorm(build_model(VARIANT_CFGS[name], 10)).train()
     folded, pairs = fold_batchnorm(model)
+    # Every BatchNorm follows a conv (the residual fusion's layer norm has no weights) and is folded
+    # into it, in a copy: the original keeps its BatchNorms and its training mode.
     assert pairs == count_batchnorms(model) > 0 and count_batchnorms(folded) == 0
-    assert model.training and not folded.training  # an eval-mode copy; the original is untouched
+    assert model.training and not folded.training
     x = torch.rand(2, 3, 66, 66)  # 66 px exercises MobileViT's resize to whole patches
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model.eval()(x), rtol=1e-4, atol=1e-4)
@@ -463,20 +466,13 @@ def test_cpu_dropout_keeps_the_distribution() -> None:
     assert torch.equal(Dropout(0.1).eval()(x), x) and torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
 
 
-# --------------------------------------------------------------------------- registry
 # --------------------------------------------------------------------------- tools/model_summary.py
 def _params_lines(text: str):
     return [line for line in text.splitlines() if line.startswith("params:")]
 
 
-def _summary_main():
-    from tools.model_summary import main
-
-    return main
-
-
 def test_model_summary_tiny(capsys) -> None:
-    assert _summary_main()(["--common.config-file", os.path.join(REPO, "config", "mobilevit_tiny.yaml")]) == 0
+    assert summary_main(["--common.config-file", os.path.join(REPO, "config", "mobilevit_tiny.yaml")]) == 0
     out = capsys.readouterr().out
     assert _params_lines(out) == ["params: 817,128"]
     assert "layer5 MobileViT block: feature 8x8 -> P=4 x N=16, d=144" in out
@@ -497,7 +493,7 @@ def test_model_summary_runs_as_a_module() -> None:
 
 def test_model_summary_resnet_imagenet_stem(capsys) -> None:
     config = os.path.join(REPO, "config", "resnet18.yaml")
-    assert _summary_main()(["--common.config-file", config, "--model.resnet.stem", "imagenet"]) == 0
+    assert summary_main(["--common.config-file", config, "--model.resnet.stem", "imagenet"]) == 0
     out = capsys.readouterr().out
     assert _params_lines(out) == ["params: 11,279,112"]
     assert "layer4      512x2x2" in out
@@ -505,6 +501,6 @@ def test_model_summary_resnet_imagenet_stem(capsys) -> None:
 
 def test_model_summary_bad_flag_exits_2(capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        _summary_main()(["--model.resnet.stm", "imagenet"])
+        summary_main(["--model.resnet.stm", "imagenet"])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.count("\n") == 1
