@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import socket
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -88,6 +89,16 @@ def train_in_process(args, stop_after_epoch=None):
     finally:
         folder.close(LOGGER)
     return trainer
+
+
+def write_run(folder, rows, summary=None):
+    """A run folder as the engine leaves it: metrics.jsonl holding `rows`, summary.json given one."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if summary is not None:
+        (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
 
 
 def read_rows(run_dir):

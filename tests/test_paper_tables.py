@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence, Tuple
 import pytest
 
 from engine import experiments
+from helpers import write_run
 from options.config import load_config
 from tools import paper_tables as pt
 
@@ -60,20 +61,16 @@ Epoch = Tuple[float, float, float]  # train_top1, val_top1, val_top5
 def make_run(results: Path, label: str, epochs: Sequence[Epoch], finished: bool = False,
              params: Optional[int] = 1234, max_epochs: int = 10) -> Path:
     """A run folder as the engine writes it: metrics.jsonl plus summary.json."""
-    run = results / label
-    run.mkdir(parents=True, exist_ok=True)
     lines = [
         {"epoch": i, "lr": 0.1, "train_loss": 1.0, "train_top1": t, "val_loss": 1.0,
          "val_top1": v1, "val_top5": v5, "images_per_second": 100.0,
          "ema_val_loss": 1.0, "ema_val_top1": 99.0, "ema_val_top5": 99.0}
         for i, (t, v1, v5) in enumerate(epochs, start=1)
     ]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     summary = {"finished": finished, "epochs_done": len(epochs), "max_epochs": max_epochs}
     if params is not None:
         summary["params"] = params
-    (run / "summary.json").write_text(json.dumps(summary))
-    return run
+    return write_run(results / label, lines, summary)
 
 
 def row(key: str) -> pt.Row:

@@ -22,7 +22,7 @@ import pytest
 
 from engine import experiments
 from engine.run_folder import read_lock_holder, read_metrics, read_summary
-from helpers import REPO, child_env, read_rows
+from helpers import REPO, child_env, read_rows, write_run
 from options.config import load_config
 from tools import sweep
 from utils.files import TEST_FAULT_ENV
@@ -214,14 +214,11 @@ def test_dry_run_writes_configs_that_reproduce_each_point(tmp_path, fake_root, c
 
 # ----------------------------------------------------------------------------- the table from run folders
 def fake_run(folder: Path, label: str, val_top1s, finished: bool, params=1000) -> None:
-    run = folder / label
-    run.mkdir(parents=True)
     rows = [{"epoch": e, "train_top1": 10.0 * e, "val_top1": v, "val_top5": v + 20, "epoch_seconds": 1.0}
             for e, v in enumerate(val_top1s, start=1)]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run / "summary.json").write_text(json.dumps({"state": "finished" if finished else "interrupted",
-                                                  "finished": finished, "epochs_done": len(rows), "max_epochs": 4,
-                                                  "params": params, "stopped_by": None if finished else "SIGTERM"}))
+    write_run(folder / label, rows, {"state": "finished" if finished else "interrupted", "finished": finished,
+                                     "epochs_done": len(rows), "max_epochs": 4, "params": params,
+                                     "stopped_by": None if finished else "SIGTERM"})
 
 
 def test_collect_prints_the_table_and_writes_csv(tmp_path, fake_root, capsys):
