@@ -10,7 +10,7 @@ import pytest
 
 from options.config import ConfigError, load_config, to_dict
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
 
 
 def _tracked_configs():
