@@ -319,7 +319,6 @@ def finetune_args(root, results, label, checkpoint, *extra):
             "--common.results-loc", str(results), "--common.run-label", label, *extra]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("direct", [False, True], ids=["imported", "foreign_file"])
 def test_fine_tuning_with_200_classes_reinitialises_the_classifier_only(direct, xxs_state, fake_root, tmp_path, caplog):
     source = tmp_path / "xxs.pth"
@@ -337,7 +336,6 @@ def test_fine_tuning_with_200_classes_reinitialises_the_classifier_only(direct, 
     assert len(xxs_state) == 311  # 309 = all but the classifier's weight and bias
 
 
-@pytest.mark.slow
 def test_a_frozen_backbone_keeps_its_weights_and_statistics(xxs_state, fake_root, tmp_path):
     source = tmp_path / "xxs.pth"
     torch.save(xxs_state, source)

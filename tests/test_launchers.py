@@ -104,7 +104,6 @@ def test_a_ddp_run_whose_trainers_stop_after_saving_is_resumed(tmp_path, fake_tr
     assert experiments.read_record(run)["state"] == "finished"
 
 
-@pytest.mark.slow
 def test_a_run_stopped_by_sigterm_is_resumed_and_failures_are_recorded(tmp_path, fake_trainer):
     lines: List[str] = []
     runs = [spec(tmp_path, "stopped", "143,0"), spec(tmp_path, "broken", "2"), spec(tmp_path, "ctrl_c", "130")]
@@ -172,7 +171,6 @@ def test_restarts_are_bounded(tmp_path, fake_trainer):
     assert len(starts(tmp_path, "flaky")) == 3
 
 
-@pytest.mark.slow
 def test_parallel_runs_get_one_gpu_each(tmp_path, fake_trainer):
     runs = [spec(tmp_path, f"r{i}", "0") for i in range(3)]
     lines: List[str] = []
@@ -182,7 +180,6 @@ def test_parallel_runs_get_one_gpu_each(tmp_path, fake_trainer):
     assert sum(line.endswith(": finished") for line in lines) == 3
 
 
-@pytest.mark.slow
 def test_parallel_cpu_runs_share_the_cores(tmp_path, fake_trainer, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
@@ -264,7 +261,6 @@ def fake_slurm(tmp_path, monkeypatch) -> Path:
     return tmp_path / "sbatch_script.sh"
 
 
-@pytest.mark.slow
 def test_slurm_submission_script(tmp_path, fake_slurm):
     runs = [RunSpec(str(tmp_path / "results" / name), ("--common.config-file", f"/configs/{name}.yaml"),
                     f"[{i}] {name}") for i, name in enumerate(("a", "b"))]
