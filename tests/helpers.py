@@ -101,6 +101,20 @@ def write_run(folder, rows, summary=None):
     return folder
 
 
+def data_config(root, *flags):
+    """The config of loaders over `root` in the main process, batches of 8 (train) and 6 (val)."""
+    from options.config import load_config
+
+    return load_config(["--dataset.root", str(root), "--dataset.workers", "0", "--dataset.train-batch-size", "8",
+                        "--dataset.val-batch-size", "6", *flags])
+
+
+def epoch(loader, number=0, start_batch=0):
+    """The batches of epoch `number` of a training loader (from batch `start_batch`), on the CPU."""
+    loader.batch_sampler.set_epoch(number, start_batch)
+    return [(images.cpu(), targets.cpu()) for images, targets in loader]
+
+
 def read_rows(run_dir):
     """metrics.jsonl without the timing fields (which differ between otherwise equal runs)."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:

@@ -11,21 +11,10 @@ import pytest
 import torch
 
 from data import Loader, Loaders, build_eval_loader, build_loaders, check_config
-from helpers import FAKE_TREE, REPO
-from options.config import load_config
+from helpers import FAKE_TREE, REPO, data_config as config, epoch
 
 N_TRAIN = FAKE_TREE["classes"] * FAKE_TREE["train_per_class"]
 N_VAL = FAKE_TREE["classes"] * FAKE_TREE["val_per_class"]
-
-
-def config(root, *flags):
-    return load_config(["--dataset.root", root, "--dataset.workers", "0", "--dataset.train-batch-size", "8",
-                        "--dataset.val-batch-size", "6", *flags])
-
-
-def epoch(loader, number=0):
-    loader.batch_sampler.set_epoch(number)
-    return list(loader)
 
 
 def test_train_and_val_batches_follow_the_contract(fake_root):
