@@ -8,9 +8,8 @@ import zipfile
 
 import pytest
 
-from options.config import ConfigError, load_config, to_dict
-
 from helpers import REPO
+from options.config import ConfigError, load_config, to_dict
 
 
 def _tracked_configs():
