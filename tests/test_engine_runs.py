@@ -227,17 +227,25 @@ def test_test_split_csv_has_class_names_scores_and_top5(trained_run, fake_root, 
 
 
 # ----------------------------------------------------------------------------- discoverability
-def test_list_transforms_names_every_registered_transform_with_its_settings(capsys):
+def test_list_transforms_and_help_name_every_registered_transform_with_its_settings(capsys):
     from data.transforms import TRANSFORMS
 
     with pytest.raises(SystemExit) as e:
         train(["--list-transforms"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    listed = [line.split()[1].rstrip(",}") for line in out.splitlines() if line.startswith("  {name: ")]
-    assert listed == sorted(TRANSFORMS.names()) and len(listed) >= 15
+    lines = [line for line in out.splitlines() if line.startswith("  {name: ")]
+    assert [line.split()[1].rstrip(",}") for line in lines] == sorted(TRANSFORMS.names()) and len(lines) >= 15
     assert "  {name: random_resized_crop, scale: [0.08, 1.0], ratio: [0.75, 1.3333333333333333], " in out
     assert "  {name: random_flip}\n" in out  # no settings
+    assert "{name: rand_augment, num_ops: 2, magnitude: 9, num_magnitude_bins: 31, interpolation: nearest}" in out
+    assert "{name: random_erasing, p: 0.5, scale: [0.02, 0.33], ratio: [0.3, 3.3], value: 0.0}" in out
+
+    with pytest.raises(SystemExit) as e:
+        train(["--help"])
+    help_text = capsys.readouterr().out
+    assert e.value.code == 0 and all(line in help_text.splitlines() for line in lines)  # the same list
+    assert "--loss.distillation.temperature" in help_text and "--image-augmentation.mixup.off-epochs" in help_text
 
 
 def test_the_log_records_versions_command_line_and_world_size(trained_run):
