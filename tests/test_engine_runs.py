@@ -276,8 +276,3 @@ def test_tensorboard_groups_the_epoch_scalars_and_logs_every_log_interval(fake_r
     assert [e.step for e in steps.Scalars("train_step/loss")] == [2, 4]  # common.log_every_batches 2
     rows = [json.loads(line) for line in open(tmp_path / "tb" / "metrics.jsonl")]
     assert epochs.Scalars("val/top1")[0].value == pytest.approx(rows[0]["val_top1"])
-
-
-def test_resume_restart_is_not_taken_for_a_checkpoint_path(fake_root, tmp_path):
-    assert train(tiny_args(fake_root, tmp_path, "again", 1)) == 0
-    assert train(tiny_args(fake_root, tmp_path, "again", 1, "--common.resume", "restart")) == 0
