@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -135,6 +136,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ddp_command(args, launcher="torch.distributed.run"):
+    """The command line of main_train.py with `args` as two DDP processes under `launcher`."""
+    return [sys.executable, "-m", launcher, "--nproc_per_node", "2", "--master_port", str(free_port()),
+            os.path.join(REPO, "main_train.py"), *args]
 
 
 class CodePayload:

@@ -11,8 +11,6 @@ import torchvision.transforms.v2.functional as TF
 
 from data.transforms import build_transform
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def images(n, size, seed=0):
     """float [n, 3, size, size] in [0.05, 0.95] on 256 levels: every op changes such an image."""

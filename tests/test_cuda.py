@@ -69,7 +69,7 @@ def rel_error(value, reference):
 
 @pytest.mark.parametrize("device, config, precision, channels_last, compiled", correctness_cases())
 def test_fixed_batch_training_falls_and_eval_logits_match_fp32_on_the_cpu(device, config, precision, channels_last,
-                                                                          compiled, one_thread):
+                                                                          compiled):
     cfg = load_config(["--common.config-file", os.path.join(REPO, "config", config)])
     device, (batch, steps) = torch.device(device), SIZES[device]
     torch.manual_seed(0)
@@ -180,14 +180,13 @@ def resume_differences(root, results, device, precision):
 
 @pytest.mark.slow  # a stop signal, four runs of the Trainer
 @pytest.mark.parametrize("device, precision", [("cpu", "bf16"), pytest.param("cuda", "fp16", marks=pytest.mark.cuda)])
-def test_a_run_resumed_mid_epoch_from_the_trainers_checkpoint_is_bit_exact(fake_root, tmp_path, device, precision,
-                                                                           one_thread):
+def test_a_run_resumed_mid_epoch_from_the_trainers_checkpoint_is_bit_exact(fake_root, tmp_path, device, precision):
     """fp16 on CUDA: the grad scaler's state travels too (the CPU trains in bf16 without one)."""
     assert resume_differences(fake_root, tmp_path, device, precision) == []
 
 
 @pytest.mark.slow
-def test_the_resume_check_catches_a_checkpoint_that_forgets_the_rng(fake_root, tmp_path, monkeypatch, one_thread):
+def test_the_resume_check_catches_a_checkpoint_that_forgets_the_rng(fake_root, tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "set_rng_state", lambda state: None)  # dropout then draws other masks
     different = resume_differences(fake_root, tmp_path, "cpu", "bf16")
     assert "metrics" in different and any(name.startswith("model.") for name in different)

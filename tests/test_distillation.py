@@ -12,7 +12,8 @@ from torch import nn
 from engine import checkpoint as ckpt
 from engine.commands import evaluate, train
 from engine.teacher import load_teacher
-from helpers import LOGGER, fake_wnids, last_state, open_trainer, tiny_args, train_in_process, write_teacher
+from helpers import (LOGGER, REPO, child_env, ddp_command, fake_wnids, last_state, open_trainer, read_rows, tiny_args,
+                     train_in_process, write_teacher)
 from loss_fn import build_loss
 from loss_fn.cross_entropy import CrossEntropy
 from loss_fn.distillation import Distillation, Teacher, hard_distillation, soft_distillation
@@ -236,15 +237,10 @@ def test_bf16_autocast_gives_the_float32_loss(batch):
 @pytest.mark.slow
 def test_distillation_under_ddp_two_processes_on_cpu(fake_root, tmp_path):
     import subprocess
-    import sys
-
-    from helpers import REPO, free_port, read_rows
 
     path = write_teacher(tmp_path / "t.pt", fake_wnids(fake_root))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(REPO, "main_train.py"), *_distil_args(fake_root, tmp_path, "ddp", path, 1)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(ddp_command(_distil_args(fake_root, tmp_path, "ddp", path, 1)), cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=child_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (row,) = read_rows(tmp_path / "ddp")
     assert row["train_images"] == 4 * 12 and np.isfinite(row["train_loss"])

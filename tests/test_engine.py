@@ -14,7 +14,7 @@ from engine.ema import ModelEMA
 from engine.loops import LoopOptions, NonFiniteLossError, Progress, optimizer_steps, train_one_epoch
 from engine.run_folder import read_summary
 from engine.trainer import config_changes, format_duration
-from helpers import (LOGGER, REPO, assert_same_weights, child_env, free_port, last_state, open_trainer, read_rows,
+from helpers import (LOGGER, REPO, assert_same_weights, child_env, ddp_command, last_state, open_trainer, read_rows,
                      tiny_args, train_in_process)
 from loss_fn.cross_entropy import CrossEntropy
 from options.config import load_config
@@ -315,11 +315,9 @@ def test_a_trusted_format_1_checkpoint_upgrades_once_and_then_evaluates(trained_
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu(fake_root, tmp_path):
     import subprocess
-    import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(REPO, "main_train.py"), *tiny_args(fake_root, tmp_path, "ddp", 1)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=child_env())
+    done = subprocess.run(ddp_command(tiny_args(fake_root, tmp_path, "ddp", 1)), cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=child_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (row,) = read_rows(tmp_path / "ddp")  # only rank 0 writes
     assert row["val_images"] == 4 * 4  # shards are disjoint and complete: each image counted once

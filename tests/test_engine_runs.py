@@ -20,7 +20,7 @@ from helpers import REPO, assert_same_weights, child_env, last_state, tiny_args
 
 
 # ----------------------------------------------------------------------------- the cache changes nothing
-def test_cache_and_placement_give_bit_identical_first_epochs(fake_copy, tmp_path, one_thread):
+def test_cache_and_placement_give_bit_identical_first_epochs(fake_copy, tmp_path):
     """Decoding into memory or onto disk, augmenting in workers or on the device: speed settings
     only. The same seed gives the same initial weights and the same first epoch, bit for bit."""
     results = {}

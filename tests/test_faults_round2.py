@@ -19,7 +19,7 @@ from data.fake import make_fake_tinyimagenet
 from data.tinyimagenet import TinyImageNet
 from engine import checkpoint as ckpt
 from engine.commands import evaluate, export, train, upgrade_checkpoint
-from helpers import FAKE_TREE, REPO, assert_same_weights, free_port, last_state, read_rows, tiny_args
+from helpers import FAKE_TREE, REPO, assert_same_weights, child_env, ddp_command, last_state, read_rows, tiny_args
 from tools import sweep
 from utils.files import DiskFullError
 
@@ -464,13 +464,11 @@ def test_a_full_disk_at_run_start_is_one_line(fake_root, tmp_path, capsys, monke
     assert err[0].startswith("error: disk full: writing .lock in") and str(tmp_path / "full" / "run") in err[0]
 
 
-def test_a_full_disk_while_unpacking_the_archive_is_one_line_and_leaves_nothing(fake_root, tmp_path, monkeypatch):
+def test_a_full_disk_while_unpacking_the_archive_is_one_line_and_leaves_nothing(fake_zip, tmp_path, monkeypatch):
     import zipfile
 
     from data.archive import unpack_archive
 
-    archive = shutil.make_archive(str(tmp_path / "tiny"), "zip", os.path.dirname(fake_root),
-                                  os.path.basename(fake_root))
     real_extract, count = zipfile.ZipFile.extract, []
 
     def fill_up(self, member, *args, **kwargs):
@@ -482,7 +480,7 @@ def test_a_full_disk_while_unpacking_the_archive_is_one_line_and_leaves_nothing(
     monkeypatch.setattr(zipfile.ZipFile, "extract", fill_up)
     (tmp_path / "out").mkdir()
     with pytest.raises(DiskFullError, match=r"^disk full: writing tiny-imagenet-200 in .*out needs [\d,]+ bytes"):
-        unpack_archive(archive, str(tmp_path / "out" / "tiny-imagenet-200"), progress=False)
+        unpack_archive(fake_zip, str(tmp_path / "out" / "tiny-imagenet-200"), progress=False)
     assert os.listdir(tmp_path / "out") == []
 
 
@@ -575,12 +573,10 @@ def test_a_ddp_run_stopped_on_one_rank_resumes_exactly(fake_root, tmp_path):
     uninterrupted DDP run's: each rank resumes its own EMA BatchNorm statistics and RNG."""
 
     def torchrun(label, *extra, env=()):
-        cmd = [sys.executable, "-m", "engine.torchrun", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), os.path.join(REPO, "main_train.py"),
-               *tiny_args(fake_root, tmp_path, label, 2, "--common.log-every-batches", "1", "--dataset.train-batch-size",
-                          "4", "--common.resume", "auto", *extra)]
-        return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", **dict(env)})
+        args = tiny_args(fake_root, tmp_path, label, 2, "--common.log-every-batches", "1", "--dataset.train-batch-size",
+                         "4", "--common.resume", "auto", *extra)
+        return subprocess.run(ddp_command(args, "engine.torchrun"), cwd=REPO, capture_output=True, text=True,
+                              timeout=600, env=child_env(**dict(env)))
 
     done = torchrun("whole")
     assert done.returncode == 0, done.stderr[-3000:]
@@ -609,11 +605,8 @@ def test_a_ddp_run_stopped_mid_epoch_by_sigterm_to_the_group_resumes_exactly(fak
     def torchrun(label, stop_at=None):
         args = tiny_args(fake_root, tmp_path, label, 2, "--common.log-every-batches", "1",
                          "--dataset.train-batch-size", "2", "--common.resume", "auto")
-        cmd = [sys.executable, "-m", "engine.torchrun", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), os.path.join(REPO, "main_train.py"), *args]
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        proc = subprocess.Popen(ddp_command(args, "engine.torchrun"), cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True, env=child_env())
         lines = []
         for line in proc.stdout:
             lines.append(line)
