@@ -12,8 +12,9 @@ MobileViT a symbolic height and width; torch.export keeps them symbolic. One mor
 makes a dynamic-shape graph correct for every size: `make_any_size` (MobileViTBlock's
 `always_resize`).
 
-Settings that cannot work raise ValueError naming the export.* key, a missing optional
-package MissingExtraError; the entry point turns both into a one-line error.
+The export.* settings are checked by the schema (options/schema.py, ExportConfig). A missing
+optional package raises MissingExtraError, an artifact that does not reproduce the model
+ParityError; the entry point turns both into a one-line error.
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ Runner = Callable[[Tensor], Tensor]  # images [B, 3, H, W] -> logits [B, C], on 
 
 
 class MissingExtraError(Exception):
-    """An optional package of the export extra is not installed (one line, names the fix)."""
+    """An optional package (of the export or pretrained extra) is not installed (one line, names the fix)."""
 
 
 class ParityError(Exception):
@@ -254,13 +255,15 @@ def parity_cases(size: int, batch: int, normalize: Callable[[Tensor], Tensor], d
 @torch.no_grad()
 def compare(reference: nn.Module, runner: Runner, case: ParityCase) -> ParityResult:
     """Run both models on the case's images, batch by batch; largest |logit diff|, top-1 agreement."""
-    worst, scale, agree = 0.0, 0.0, 0
+    diffs, scales, agree = [], [], 0
     for chunk in case.images.split(case.batch):
         want, got = reference(chunk), runner(chunk)
-        worst = max(worst, (want - got).abs().max().item())
-        scale = max(scale, want.abs().max().item())
+        diffs.append((want - got).abs().max())
+        scales.append(want.abs().max())
         agree += int((want.argmax(dim=1) == got.argmax(dim=1)).sum())
     _, _, height, width = case.images.shape
+    # torch's max keeps a NaN, which Python's max(0.0, nan) would drop (and pass the check)
+    worst, scale = torch.stack(diffs).max().item(), torch.stack(scales).max().item()
     return ParityResult(case.name, case.batch, height, width, len(case.images), worst, scale, agree)
 
 

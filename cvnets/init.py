@@ -7,7 +7,7 @@ Norm layers: weight 1, bias 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 from torch import Tensor, nn
 
@@ -56,7 +56,7 @@ def init_weights(model: nn.Module, cfg: InitConfig, default: LinearInit) -> None
     """Initialise every conv, linear and norm layer of `model` in place."""
     init_conv = _CONV_INITS[cfg.conv]
     init_linear = _LINEAR_INITS[cfg.linear or default.kind]
-    linear_std: Optional[float] = cfg.linear_std if cfg.linear_std is not None else default.std
+    linear_std = cfg.linear_std if cfg.linear_std is not None else default.std
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             init_conv(module.weight)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cvnets.init import LinearInit
+from options.schema import ModelConfig
 from utils.rounding import make_divisible
 
 ActFactory = Callable[[], nn.Module]
@@ -167,8 +168,9 @@ class TransformerBlock(nn.Module):
 class StagedClassifier(nn.Module):
     """A classifier made of named stages (run in order) and a pool -> dropout -> linear head.
 
-    Subclasses fill `self.stages` and call `_init_head`; they declare `linear_init`, the
-    family's default linear-layer initialisation (see cvnets/init.py).
+    Subclasses take (their config block, num_classes, classifier_dropout), fill `self.stages`
+    and call `_init_head`; they declare `linear_init`, the family's default linear-layer
+    initialisation (see cvnets/init.py).
     """
 
     linear_init: ClassVar[LinearInit]
@@ -177,6 +179,16 @@ class StagedClassifier(nn.Module):
         super().__init__()
         self.stages = nn.ModuleDict()
         self.backbone_frozen = False
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, num_classes: int) -> "StagedClassifier":
+        """The network `model.name` selects; its own settings are the block named after it."""
+        return cls(getattr(cfg, cfg.name), num_classes, cfg.classifier_dropout)
+
+    @staticmethod
+    def check_config(cfg: ModelConfig) -> None:
+        """Raise ValueError, naming the key, for settings of the family that pass the schema but
+        cannot build together; none by default."""
 
     def _init_head(self, channels: int, num_classes: int, dropout: float) -> None:
         self.num_features = channels

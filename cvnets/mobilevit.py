@@ -190,7 +190,6 @@ class MobileViT(StagedClassifier):
 
     def __init__(self, knobs: MobileViTConfig, num_classes: int, classifier_dropout: float) -> None:
         super().__init__()
-        check_knobs(knobs)
         variant = VARIANTS[knobs.mode]
         removed = removed_layers(knobs)
         block_args = dict(
@@ -212,34 +211,26 @@ class MobileViT(StagedClassifier):
         self.stages["head"] = ConvNormAct(channels, head, 1)
         self._init_head(head, num_classes, classifier_dropout)
 
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, num_classes: int) -> "MobileViT":
-        return cls(cfg.mobilevit, num_classes, cfg.classifier_dropout)
-
     @staticmethod
     def check_config(cfg: ModelConfig) -> None:
-        """Raise ValueError for `model.mobilevit` settings this class cannot build."""
-        check_knobs(cfg.mobilevit)
+        """Raise ValueError, naming the key, for a head count that does not divide a kept transformer
+        width: the one rule that needs the variant table (the schema checks every single value)."""
+        knobs = cfg.mobilevit
+        heads = knobs.num_heads
+        removed = removed_layers(knobs)
+        widths: List[Tuple[str, int]] = [
+            (f"layer{index}", spec.d) for index, spec in enumerate(VARIANTS[knobs.mode].layers, start=1)
+            if isinstance(spec, ViTLayer) and index not in removed
+        ]
+        for layer, d in widths:
+            if d % heads:
+                kept = [str(w) for _, w in widths]
+                choices = kept[0] if len(kept) == 1 else f"{', '.join(kept[:-1])} and {kept[-1]}"
+                raise ValueError(f"model.mobilevit.num_heads: {heads} does not divide the transformer width {d} "
+                                 f"of {layer} ({knobs.mode}); choose a divisor of {choices}")
 
 
 def removed_layers(knobs: MobileViTConfig) -> Tuple[int, ...]:
     """The removed layer numbers, sorted: the config's, else the mode's."""
     variant = VARIANTS[knobs.mode]
     return tuple(sorted(set(variant.remove_layers if knobs.remove_layers is None else knobs.remove_layers)))
-
-
-def check_knobs(knobs: MobileViTConfig) -> None:
-    """Raise ValueError, naming the key, for a head count that does not divide a kept transformer
-    width: the one rule that needs the variant table (the schema checks every single value)."""
-    heads = knobs.num_heads
-    removed = removed_layers(knobs)
-    widths: List[Tuple[str, int]] = [
-        (f"layer{index}", spec.d) for index, spec in enumerate(VARIANTS[knobs.mode].layers, start=1)
-        if isinstance(spec, ViTLayer) and index not in removed
-    ]
-    for layer, d in widths:
-        if d % heads:
-            kept = [str(w) for _, w in widths]
-            choices = kept[0] if len(kept) == 1 else f"{', '.join(kept[:-1])} and {kept[-1]}"
-            raise ValueError(f"model.mobilevit.num_heads: {heads} does not divide the transformer width {d} "
-                             f"of {layer} ({knobs.mode}); choose a divisor of {choices}")

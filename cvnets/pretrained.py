@@ -17,6 +17,7 @@ Files are read without running code: safetensors, or ``torch.load(weights_only=T
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import re
@@ -28,6 +29,7 @@ from torch import Tensor, nn
 from cvnets.export import MissingExtraError
 from cvnets.mobilevit import HEAD_EXPANSION, HEAD_MAX_CHANNELS, VARIANTS, ViTLayer, removed_layers
 from options.schema import ModelConfig
+from utils.files import atomic_write_bytes
 
 FORMATS = ("timm", "torchvision", "cvnets", "hf")
 COUNTER = "num_batches_tracked"
@@ -52,10 +54,7 @@ def read_state_dict(path: str) -> StateDict:
     if not os.path.isfile(path):
         raise WeightMappingError(f"weights file not found: {path}; check the path")
     if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise MissingExtraError(f"reading {path} needs the safetensors package: {SAFETENSORS_HINT}") from None
+        load_file = _safetensors("reading", path).load_file
         try:
             return dict(load_file(path, device="cpu"))
         except Exception as e:  # header or size problems
@@ -87,6 +86,15 @@ def unwrap(state: object, path: str) -> StateDict:
     if all(k.startswith("module.") for k in state):  # saved from a DistributedDataParallel wrapper
         state = {k[len("module."):]: v for k, v in state.items()}
     return state
+
+
+def _safetensors(doing: str, path: str):
+    """The safetensors.torch module, or MissingExtraError naming the install command."""
+    try:
+        import safetensors.torch
+    except ImportError:
+        raise MissingExtraError(f"{doing} {path} needs the safetensors package: {SAFETENSORS_HINT}") from None
+    return safetensors.torch
 
 
 def _all_tensors(state: Mapping) -> bool:
@@ -140,9 +148,9 @@ def _unit(fmt: str, prefix: str, part: str) -> str:
     return f"{prefix}.{_UNIT[fmt][0 if part == 'conv' else 1]}"
 
 
-def _mobilevit_place(fmt: str, module: str, vit_layers: Sequence[int],
-                     transformer_blocks: Mapping[int, int]) -> Optional[Tuple[str, ...]]:
-    """The file's module path(s) for one of our MobileViT modules (path without the parameter name)."""
+def _mobilevit_place(fmt: str, module: str, transformer_blocks: Mapping[int, int]) -> Optional[Tuple[str, ...]]:
+    """The file's module path(s) for one of our MobileViT modules (path without the parameter name);
+    `transformer_blocks`: the MobileViT layers' numbers -> their transformer blocks."""
     col = _COLUMN[fmt]
     root = {"timm": "", "cvnets": "", "hf": "mobilevit."}[fmt]
     m = re.fullmatch(r"stages\.(stem|head)\.(conv|norm)", module)
@@ -160,7 +168,7 @@ def _mobilevit_place(fmt: str, module: str, vit_layers: Sequence[int],
     m = re.fullmatch(r"block\.(\d)\.(conv|norm)", rest)
     if m:  # an inverted residual: the MV2 stages' blocks, or the strided one opening a MobileViT layer
         if fmt == "hf":
-            block = f"{stage}.downsampling_layer" if layer in vit_layers else f"{stage}.layer.{index}"
+            block = f"{stage}.downsampling_layer" if layer in transformer_blocks else f"{stage}.layer.{index}"
         else:
             block = f"{stage}.{index}" + (".block" if fmt == "cvnets" else "")
         return (_unit(fmt, f"{block}.{_MV2[fmt][int(m[1])]}", m[2]),)
@@ -222,10 +230,9 @@ def places(fmt: str, cfg: ModelConfig, own: Mapping[str, Tensor]) -> Places:
         if fmt == "torchvision":
             raise WeightMappingError("torchvision has no MobileViT; its ResNets map onto model.name resnet")
         _check_mobilevit(fmt, cfg)
-        variant = VARIANTS[cfg.mobilevit.mode]
-        vit = [i for i, spec in enumerate(variant.layers, start=1) if isinstance(spec, ViTLayer)]
-        depth = {i: spec.blocks for i, spec in enumerate(variant.layers, start=1) if isinstance(spec, ViTLayer)}
-        place: Callable[[str], Optional[Tuple[str, ...]]] = lambda m: _mobilevit_place(fmt, m, vit, depth)
+        layers = enumerate(VARIANTS[cfg.mobilevit.mode].layers, start=1)
+        depth = {i: spec.blocks for i, spec in layers if isinstance(spec, ViTLayer)}
+        place: Callable[[str], Optional[Tuple[str, ...]]] = lambda m: _mobilevit_place(fmt, m, depth)
     else:
         _check_resnet_stem(fmt, cfg.resnet.stem)
         convs = 3 if cfg.resnet.depth == 50 else 2
@@ -364,16 +371,8 @@ def flip_stem_channels(state: StateDict, cfg: ModelConfig) -> None:
 
 def write_state_dict(state: Mapping[str, Tensor], path: str) -> None:
     """Save a foreign-layout state dict: safetensors for *.safetensors, else torch.save (atomic)."""
-    import io
-
-    from utils.files import atomic_write_bytes
-
     if path.endswith(".safetensors"):
-        try:
-            from safetensors.torch import save
-        except ImportError:
-            raise MissingExtraError(f"writing {path} needs the safetensors package: {SAFETENSORS_HINT}") from None
-        atomic_write_bytes(path, save(dict(state)))
+        atomic_write_bytes(path, _safetensors("writing", path).save(dict(state)))
         return
     buffer = io.BytesIO()
     torch.save(dict(state), buffer)

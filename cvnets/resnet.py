@@ -8,7 +8,7 @@ from torch import Tensor, nn
 from cvnets import MODELS
 from cvnets.init import LinearInit
 from cvnets.layers import ConvNormAct, StagedClassifier
-from options.schema import ModelConfig, ResNetConfig
+from options.schema import ResNetConfig
 
 STEM_CHANNELS = 64
 STAGE_WIDTHS = (64, 128, 256, 512)
@@ -109,11 +109,3 @@ class ResNet(StagedClassifier):
                 channels = width * block.expansion
             self.stages[f"layer{index}"] = nn.Sequential(*blocks)
         self._init_head(channels, num_classes, classifier_dropout)
-
-    @classmethod
-    def from_config(cls, cfg: ModelConfig, num_classes: int) -> "ResNet":
-        return cls(cfg.resnet, num_classes, cfg.classifier_dropout)
-
-    @staticmethod
-    def check_config(cfg: ModelConfig) -> None:
-        """Every ResNet the schema allows builds: no rule between its settings."""

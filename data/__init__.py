@@ -20,6 +20,7 @@ The builders are imported on first use, so that `python -m data.fake` starts wit
 """
 from typing import Any
 
+IMAGE_SIZE = 64  # TinyImageNet's side length; every decoded image has it (here: data.fake needs no torch)
 _LAZY = {"Loader", "Loaders", "build_loaders", "build_eval_loader", "check_config"}
 
 __all__ = sorted(_LAZY)

@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from data import IMAGE_SIZE
 from options.registry import Registry
 
 DATASETS = Registry("dataset", config_key="dataset.name")
@@ -24,8 +25,6 @@ DATASETS = Registry("dataset", config_key="dataset.name")
 # A child of the engine's "cvnets" logger: long one-off steps (download, unpack, cache build)
 # reach its log file; progress bars are for terminals only.
 logger = logging.getLogger("cvnets.data")
-
-IMAGE_SIZE = 64  # TinyImageNet's side length; every decoded image has it
 
 
 class DatasetError(Exception):
@@ -105,6 +104,13 @@ def _to_rgb(img: Image.Image, path: str) -> Image.Image:
     raise ValueError(_UNSUPPORTED_MODE.format(mode=mode, what=what.get(mode, "an unusual pixel format")))
 
 
+def lock_beside(path: str) -> str:
+    """The lock file that the writers of `path` (a dataset root, a decoded cache) take: `.<name>.lock`
+    in the same folder."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(parent, f".{name}.lock")
+
+
 def progress_bar(enabled: bool, iterable: Any = None, **kwargs: Any) -> tqdm:
     """A tqdm bar shown only when enabled and stderr is a terminal (log files stay clean)."""
     return tqdm(iterable, disable=None if enabled else True, **kwargs)
@@ -164,7 +170,8 @@ def worker_init(parent_pid: int) -> Callable[[int], None]:
     return functools.partial(_leave_signals, parent_pid)
 
 
-_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1}
+# The signals that stop a run (engine.signals.STOP_SIGNALS, which this layer may not import).
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP}
 
 
 class WorkerDataLoader(DataLoader):
@@ -188,7 +195,7 @@ class WorkerDataLoader(DataLoader):
 
 
 def _leave_signals(parent_pid: int, worker_id: int) -> None:
-    for sig in (signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+    for sig in _STOP_SIGNALS - {signal.SIGTERM}:
         signal.signal(sig, signal.SIG_IGN)
     # Blocked in this thread and so in every thread it starts: a SIGTERM stays pending until the
     # watcher takes it, with its sender.

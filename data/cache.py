@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
-import json
 import os
 import zlib
 from dataclasses import dataclass
@@ -28,10 +27,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from data.base import (IMAGE_SIZE, CorruptImageError, DatasetError, WorkerDataLoader, decode_image, logger,
-                       progress_bar, worker_init)
-from utils.files import (DiskFullError, atomic_open, is_disk_full, remove_quietly, remove_stale_temp_files,
-                         waiting_lock, write_json)
+from data.base import (IMAGE_SIZE, CorruptImageError, DatasetError, WorkerDataLoader, decode_image, lock_beside,
+                       logger, progress_bar, worker_init)
+from utils.files import (DiskFullError, atomic_open, is_disk_full, read_json_object, remove_quietly,
+                         remove_stale_temp_files, waiting_lock, write_json)
 
 # Bump when the decoded pixels or the file format change (2: checksum in the .json; 3: every
 # pixel checksummed, 16-bit and transparent images decoded by their meaning).
@@ -63,24 +62,21 @@ def disk_cache(paths: Sequence[str], prefix: str, workers: int = 0, progress: bo
     """The decoded images stored at `<prefix>.npy` (+ `.json`), rebuilt when the files changed
     or the stored array fails its checks. Builders take a lock (`.<name>.lock` beside it): a
     second process waits for the first one's cache and then uses it."""
-    def waiting() -> None:
-        logger.info("waiting for another process building the decoded cache %s.npy", prefix)
-
-    folder, name = os.path.split(prefix)
-    with waiting_lock(os.path.join(folder, f".{name}.lock"), waiting):
+    with waiting_lock(lock_beside(prefix),
+                      lambda: logger.info("waiting for another process building the decoded cache %s.npy", prefix)):
         return _disk_cache(paths, prefix, workers, progress)
 
 
 def _disk_cache(paths: Sequence[str], prefix: str, workers: int, progress: bool) -> DecodedImages:
     meta_path, array_path = prefix + ".json", prefix + ".npy"
     expected = {"version": CACHE_VERSION, "size": IMAGE_SIZE, "count": len(paths), "fingerprint": fingerprint(paths)}
-    meta = _read_json(meta_path)
-    if meta is not None and all(meta.get(k) == v for k, v in expected.items()):
+    meta = read_json_object(meta_path)  # {} when missing or damaged: a rebuild
+    if meta and all(meta.get(k) == v for k, v in expected.items()):
         images, problem = _open_checked(array_path, len(paths), meta.get("checksum"))
         if images is not None:
             return DecodedImages(images, list(meta["unreadable"]))
         logger.warning("decoded cache %s %s; rebuilding it", array_path, problem)
-    elif meta is not None:
+    elif meta:
         logger.info("decoded cache %s is stale (the image files changed); rebuilding it", array_path)
     unreadable, checksum = _write_array(paths, array_path, meta_path, workers, progress)
     write_json(meta_path, {**expected, "unreadable": unreadable, "checksum": checksum})
@@ -205,11 +201,3 @@ def _reserve(fd: int, size: int) -> None:
         if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             raise
         os.ftruncate(fd, size)  # a filesystem without fallocate: a sparse file is the best left
-
-
-def _read_json(path: str) -> Optional[dict]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-from data.base import IMAGE_SIZE
+from data import IMAGE_SIZE
 from utils.files import temp_dir_for
 
 _GRAY_EVERY = 8  # image k of a class is grayscale when k % _GRAY_EVERY == _GRAY_EVERY - 1

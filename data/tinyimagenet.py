@@ -18,7 +18,8 @@ from torch.utils.data import Dataset
 
 from data import cache as decoded
 from data.archive import OFFICIAL, download_archive, unpack_archive, where_to_get_it
-from data.base import DATASETS, IMAGE_SIZE, BatchSpec, CorruptImageError, DatasetError, RawBatch, decode_image, logger
+from data.base import (DATASETS, IMAGE_SIZE, BatchSpec, CorruptImageError, DatasetError, RawBatch, decode_image,
+                       lock_beside, logger)
 from data.fake import make_fake_tinyimagenet
 from options.schema import DatasetConfig
 from utils.files import waiting_lock
@@ -49,17 +50,11 @@ def prepare_root(cfg: DatasetConfig, progress: bool = True) -> str:
     # Two runs started together (a sweep with --parallel) must not both write the root: the
     # second waits for the first and adopts what it wrote.
     where = os.path.abspath(root)
-    with waiting_lock(root_lock_path(root), lambda: logger.info("waiting for another process preparing %s", where)):
+    with waiting_lock(lock_beside(root), lambda: logger.info("waiting for another process preparing %s", where)):
         if os.path.isdir(root):
             return root
         _prepare_missing_root(cfg, progress)
     return root
-
-
-def root_lock_path(root: str) -> str:
-    """The lock file beside a dataset root that its writers take: `<parent>/.<name>.lock`."""
-    parent, name = os.path.split(os.path.abspath(root))
-    return os.path.join(parent, f".{name}.lock")
 
 
 def _prepare_missing_root(cfg: DatasetConfig, progress: bool) -> None:

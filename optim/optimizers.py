@@ -8,7 +8,7 @@ only unpacks the config into it.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence, Tuple
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -30,30 +30,21 @@ def sgd(params: ParamGroups, lr: float, weight_decay: float, momentum: float, ne
     return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov)
 
 
-@OPTIMIZERS.register("adam")
-def adam(
-    params: ParamGroups, lr: float, weight_decay: float, betas: Sequence[float], eps: float, amsgrad: bool
-) -> Optimizer:
-    # Adam adds weight decay to the gradient (L2 penalty), scaled by the adaptive step.
-    return torch.optim.Adam(
-        params, lr=lr, weight_decay=weight_decay, betas=_pair(betas), eps=eps, amsgrad=amsgrad
-    )
+def _adam_family(torch_cls: Callable[..., Optimizer]) -> Callable[..., Optimizer]:
+    def build(
+        params: ParamGroups, lr: float, weight_decay: float, betas: Sequence[float], eps: float, amsgrad: bool
+    ) -> Optimizer:
+        beta1, beta2 = betas  # torch wants a tuple; the config holds exactly two (options/schema.py checks it)
+        return torch_cls(params, lr=lr, weight_decay=weight_decay, betas=(float(beta1), float(beta2)), eps=eps,
+                         amsgrad=amsgrad)
+
+    return build
 
 
-@OPTIMIZERS.register("adamw")
-def adamw(
-    params: ParamGroups, lr: float, weight_decay: float, betas: Sequence[float], eps: float, amsgrad: bool
-) -> Optimizer:
-    # AdamW decays the weights directly (decoupled), independent of the gradient scale.
-    return torch.optim.AdamW(
-        params, lr=lr, weight_decay=weight_decay, betas=_pair(betas), eps=eps, amsgrad=amsgrad
-    )
-
-
-def _pair(betas: Sequence[float]) -> Tuple[float, float]:
-    """torch wants a tuple; the config holds exactly two (options/schema.py checks it)."""
-    beta1, beta2 = betas
-    return float(beta1), float(beta2)
+# Adam adds weight decay to the gradient (L2 penalty), scaled by the adaptive step; AdamW decays
+# the weights directly (decoupled), independent of the gradient scale.
+adam = OPTIMIZERS.register("adam")(_adam_family(torch.optim.Adam))
+adamw = OPTIMIZERS.register("adamw")(_adam_family(torch.optim.AdamW))
 
 
 def create_optimizer(

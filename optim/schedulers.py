@@ -30,7 +30,7 @@ import math
 from typing import Any, Dict, Optional, Sequence, Tuple, Type
 
 from options.registry import Registry
-from options.schema import SchedulerConfig
+from options.schema import Config, SchedulerConfig
 
 
 # ----------------------------------------------------------------------------- pure formulas
@@ -132,10 +132,6 @@ class Scheduler:
     def __init__(self, timing: Timing, warmup_target: float) -> None:
         self.timing = timing
         self.warmup_target = warmup_target
-
-    @property
-    def max_epochs(self) -> int:
-        return self.timing.max_epochs
 
     def lr(self, epoch: int, iteration: int) -> float:
         """The learning rate for the optimizer step `iteration` (global, from 0) in `epoch`."""
@@ -265,10 +261,12 @@ class PlateauScheduler(Scheduler):
             self.bad_epochs = 0
 
     def _improves(self, metric: float, higher_is_better: bool) -> bool:
+        if math.isnan(metric):  # never progress, nor a best: nothing would compare as better than it
+            return False
         if self.best is None:
             return True
         gain = metric - self.best if higher_is_better else self.best - metric
-        return gain > self.threshold  # a NaN metric never counts as progress
+        return gain > self.threshold
 
 
 @SCHEDULERS.register("polynomial")
@@ -312,3 +310,14 @@ def build_scheduler(cfg: SchedulerConfig, total_iterations: int) -> Scheduler:
         is_iteration_based=cfg.is_iteration_based,
     )
     return scheduler_cls(timing, **dataclasses.asdict(getattr(cfg, cfg.name)))
+
+
+def check_config(cfg: Config) -> None:
+    """Raise ValueError, its message starting with the config key, for schedule settings that
+    cannot work together (e.g. more repeated cyclic epochs than the run has).
+
+    The schedule is built as if the run were just longer than its warmup: whether an
+    iteration-based warmup fits the real run needs its length in optimizer steps, which
+    build_scheduler checks when the engine builds the schedule.
+    """
+    build_scheduler(cfg.scheduler, total_iterations=cfg.scheduler.warmup_iterations + 1)

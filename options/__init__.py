@@ -1,5 +1,5 @@
 """The config system: typed defaults and ranges (schema.py), YAML + flags (config.py),
-the entry points' front door (cli.py), registries, safe file writes (files.py)."""
+the entry points' front door (cli.py), registries (registry.py)."""
 from options.config import (
     from_dict,
     get_dotted,

@@ -19,7 +19,7 @@ import yaml
 
 from options.errors import ConfigError, FieldError, did_you_mean
 from utils.files import atomic_write_text
-from options.schema import Config, freeze, hints, iter_keys
+from options.schema import Config, freeze, hints, iter_keys, non_null
 
 # Where a value came from, for messages: "in FILE", "from --flag", "in the base config".
 Where = Callable[[str], str]
@@ -34,8 +34,7 @@ def _describe(tp) -> str:
     if origin is Literal:
         return "|".join(str(c) for c in typing.get_args(tp))
     if origin is Union:
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        return f"{_describe(inner[0])} or null"
+        return f"{_describe(non_null(tp))} or null"
     if origin is tuple:
         item = typing.get_args(tp)[0]
         return "list of mappings" if typing.get_origin(item) is dict else f"list of {_describe(item)}"
@@ -97,13 +96,14 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
-def _thaw(value: Any) -> Any:
+def to_dict(value: Any) -> Any:
+    """Plain nested data (dicts, lists) of a Config, any section of it, or any value in one."""
     if dataclasses.is_dataclass(value):
-        return {f.name: _thaw(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: to_dict(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Mapping):
-        return {k: _thaw(v) for k, v in value.items()}
+        return {k: to_dict(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_thaw(v) for v in value]
+        return [to_dict(v) for v in value]
     return value
 
 
@@ -111,10 +111,9 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the schema type `tp`, converting strings from the command line."""
     origin = typing.get_origin(tp)
     if origin is Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("null", "~")):
             return None
-        return coerce(value, args[0], key)
+        return coerce(value, non_null(tp), key)
     if origin is Literal:
         choices = typing.get_args(tp)
         for choice in choices:
@@ -223,11 +222,6 @@ def from_dict(data: Mapping[str, Any], source: str = "") -> Config:
     return _build(Config, data, "", lambda key: source)
 
 
-def to_dict(cfg: Any) -> Dict[str, Any]:
-    """Plain nested dict (lists, not tuples) of a Config or any section of it."""
-    return _thaw(cfg)
-
-
 class _Dumper(yaml.SafeDumper):
     """Block style for sections, flow style for short lists of scalars (`scale: [0.1, 1.0]`)."""
 
@@ -261,7 +255,7 @@ def _set_dotted(data: Dict[str, Any], parts: Sequence[str], value: Any) -> None:
     node = data
     for part in parts[:-1]:
         node = node.setdefault(part, {})
-    node[parts[-1]] = _thaw(value)
+    node[parts[-1]] = to_dict(value)
 
 
 def get_dotted(cfg: Any, dotted: str) -> Any:
@@ -376,9 +370,10 @@ def _origin(origins: Mapping[str, str], key: str) -> str:
     return next((w for k, w in origins.items() if k.startswith(key + ".")), "")
 
 
-def deep_merge(base: Dict[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
-    """Merge `top` into a copy of `base`; mappings merge key by key, anything else is replaced."""
-    out = dict(base)
+def deep_merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> Dict[str, Any]:
+    """Merge `top` into a copy of `base`; mappings merge key by key (`a-b` and `a_b` are one key),
+    anything else is replaced."""
+    out = {str(key).replace("-", "_"): value for key, value in base.items()}
     for key, value in top.items():
         key = str(key).replace("-", "_")
         if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
@@ -517,7 +512,7 @@ def resolve(flags: Mapping[str, Tuple[str, str]], base: Optional[Mapping[str, An
     origins: Dict[str, str] = {}
     data: Dict[str, Any] = {}
     if base is not None:
-        data = _upgrade_stored(_thaw(base))
+        data = _upgrade_stored(to_dict(base))
         _record(origins, data, "in the base config")
     config_file = flags.get("common.config_file")
     if config_file:
@@ -538,16 +533,14 @@ def resolve(flags: Mapping[str, Tuple[str, str]], base: Optional[Mapping[str, An
 
 def _wants_raw(tp) -> bool:
     """Strings keep their text (a run label '007' must not become 7)."""
-    args = [a for a in typing.get_args(tp) if a is not type(None)] if typing.get_origin(tp) is Union else [tp]
-    return args == [str]
+    return non_null(tp) is str
 
 
 def _rule(tp, valid) -> str:
     """`, >= 1` (or `, each >= 1` for a list) for --help; '' for a key without a range."""
     if valid is None:
         return ""
-    inner = [a for a in typing.get_args(tp) if a is not type(None)][0] if typing.get_origin(tp) is Union else tp
-    return f", each {valid}" if typing.get_origin(inner) is tuple else f", {valid}"
+    return f", each {valid}" if typing.get_origin(non_null(tp)) is tuple else f", {valid}"
 
 
 def help_text(prog: str) -> str:
@@ -562,7 +555,7 @@ def help_text(prog: str) -> str:
     ]
     default = Config()
     for key, tp, f in iter_keys():
-        value = json.dumps(_thaw(get_dotted(default, key)))
+        value = json.dumps(to_dict(get_dotted(default, key)))
         rule = _rule(tp, f.metadata.get("valid"))
         lines.append(f"  --{key.replace('_', '-')}  ({_describe(tp)}{rule}, default {value})")
         lines.append(f"        {f.metadata.get('help', '')}")

@@ -5,7 +5,7 @@ Each component registers itself beside its definition::
     OPTIMIZERS = Registry("optimizer", config_key="optim.name")
 
     @OPTIMIZERS.register("sgd")
-    def build_sgd(params, cfg): ...
+    def sgd(params, lr, weight_decay, momentum, nesterov): ...
 
 The names a config may choose are listed once, as the Literal of the schema key
 (options/schema.py); a registry given that key refuses to register any other name, and

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import typing
 from dataclasses import dataclass, field
@@ -173,7 +174,12 @@ class CommonConfig(Section):
     )
 
     def check(self) -> None:
-        known = {key for key, _, _ in iter_keys()} | set(_section_keys()) if self.resume_allow_changes else set()
+        if self.mixed_precision == "fp16" and self.device == "cpu":
+            raise FieldError("mixed_precision", "fp16 needs CUDA; use bf16 or none on the CPU")
+        if not self.resume_allow_changes:
+            return
+        # every leaf key and every section above one: a.b.c gives a, a.b and a.b.c
+        known = {part for key, _, _ in iter_keys() for part in itertools.accumulate(key.split("."), "{}.{}".format)}
         for i, key in enumerate(self.resume_allow_changes):
             if key not in known:
                 raise FieldError(f"resume_allow_changes[{i}]", f"{key!r} is not a config key or section"
@@ -412,13 +418,17 @@ class OptimConfig(Section):
 
 
 # --------------------------------------------------------------------------- scheduler
-@dataclass(frozen=True)
-class CosineConfig(Section):
-    max_lr: float = opt(0.002, "peak learning rate (after warmup)", NON_NEGATIVE)
-    min_lr: float = opt(0.0002, "final learning rate", NON_NEGATIVE)
+class _MaxMinLR(Section):
+    """Base of a schedule block with `max_lr` and `min_lr` fields: min_lr may not exceed max_lr."""
 
     def check(self) -> None:
         _check_order("min_lr", self.min_lr, "max_lr", self.max_lr)
+
+
+@dataclass(frozen=True)
+class CosineConfig(_MaxMinLR):
+    max_lr: float = opt(0.002, "peak learning rate (after warmup)", NON_NEGATIVE)
+    min_lr: float = opt(0.0002, "final learning rate", NON_NEGATIVE)
 
 
 @dataclass(frozen=True)
@@ -435,7 +445,7 @@ class CyclicConfig(Section):
 
 
 @dataclass(frozen=True)
-class DivByTenConfig(Section):
+class DivByTenConfig(_MaxMinLR):
     max_lr: float = opt(0.4, "learning rate before the first milestone", NON_NEGATIVE)
     min_lr: float = opt(2e-4, "floor", NON_NEGATIVE)
     milestones: Tuple[int, ...] = opt(
@@ -445,7 +455,7 @@ class DivByTenConfig(Section):
     factor: float = opt(0.1, "multiplier at each milestone", FACTOR)
 
     def check(self) -> None:
-        _check_order("min_lr", self.min_lr, "max_lr", self.max_lr)
+        super().check()
         steps = self.milestones
         for i in range(1, len(steps)):
             if steps[i] <= steps[i - 1]:
@@ -453,25 +463,19 @@ class DivByTenConfig(Section):
 
 
 @dataclass(frozen=True)
-class PlateauConfig(Section):
+class PlateauConfig(_MaxMinLR):
     max_lr: float = opt(0.4, "starting learning rate", NON_NEGATIVE)
     min_lr: float = opt(2e-4, "floor", NON_NEGATIVE)
     patience: int = opt(10, "epochs without improvement of the val metric before dividing", AT_LEAST_1)
     factor: float = opt(0.1, "multiplier on a plateau", FACTOR)
     threshold: float = opt(0.0, "the val metric must improve by more than this (absolute) to count", NON_NEGATIVE)
 
-    def check(self) -> None:
-        _check_order("min_lr", self.min_lr, "max_lr", self.max_lr)
-
 
 @dataclass(frozen=True)
-class PolynomialConfig(Section):
+class PolynomialConfig(_MaxMinLR):
     max_lr: float = opt(0.1, "starting learning rate", NON_NEGATIVE)
     min_lr: float = opt(1e-5, "final learning rate", NON_NEGATIVE)
     power: float = opt(2.5, "polynomial power", POSITIVE)
-
-    def check(self) -> None:
-        _check_order("min_lr", self.min_lr, "max_lr", self.max_lr)
 
 
 @dataclass(frozen=True)
@@ -605,41 +609,41 @@ def iter_keys(cls: type = Config, prefix: str = "") -> Iterator[Tuple[str, Any, 
             yield key, tp, f
 
 
-def _section_keys(cls: type = Config, prefix: str = "") -> Iterator[str]:
-    for name, tp in hints(cls).items():
-        if dataclasses.is_dataclass(tp):
-            yield prefix + name
-            yield from _section_keys(tp, f"{prefix}{name}.")
-
-
-def field_type(key: str) -> Any:
-    """The schema type of a dotted leaf key (`optim.name` -> Literal[...]); KeyError if unknown."""
+def _walk(key: str) -> Iterator[Tuple[dataclasses.Field, Any]]:
+    """(field, type) of each part of a dotted key, outermost first; KeyError at the first unknown part."""
     cls: Any = Config
     for part in key.split("."):
         if not dataclasses.is_dataclass(cls) or part not in hints(cls):
             raise KeyError(f"{key!r} is not a key of options/schema.py")
+        f = next(f for f in dataclasses.fields(cls) if f.name == part)
         cls = hints(cls)[part]
-    return cls
+        yield f, cls
+
+
+def field_type(key: str) -> Any:
+    """The schema type of a dotted leaf key (`optim.name` -> Literal[...]); KeyError if unknown."""
+    *_, (_, tp) = _walk(key)
+    return tp
 
 
 def harmless_on_resume(key: str) -> bool:
     """Whether a resume may change `key` (a dotted leaf) without changing what the run computes."""
-    cls: Any = Config
-    for part in key.split("."):
-        if not dataclasses.is_dataclass(cls) or part not in hints(cls):
-            return False
-        f = next(f for f in dataclasses.fields(cls) if f.name == part)
-        if f.metadata.get("harmless"):
-            return True
-        cls = hints(cls)[part]
-    return False
+    try:  # a harmless section makes every key under it harmless, known or not
+        return any(f.metadata.get("harmless") for f, _ in _walk(key))
+    except KeyError:
+        return False
+
+
+def non_null(tp: Any) -> Any:
+    """X for Optional[X], else `tp` itself."""
+    if typing.get_origin(tp) is Union:
+        return next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
 
 
 def literal_choices(key: str) -> Tuple[Any, ...]:
     """The allowed values of a Literal key (Optional[Literal] included)."""
-    tp = field_type(key)
-    if typing.get_origin(tp) is Union:
-        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    tp = non_null(field_type(key))
     if typing.get_origin(tp) is not Literal:
         raise KeyError(f"{key!r} is not a Literal key of options/schema.py")
     return typing.get_args(tp)

@@ -125,6 +125,17 @@ def test_a_damaged_cache_is_detected_and_rebuilt(fake_copy, damage, caplog):
     assert_same_pixels(cached, TinyImageNet(fake_copy, "train"))
 
 
+@pytest.mark.parametrize("text", ["[1, 2]", "\"text\"", "not json"])
+def test_metadata_that_is_not_a_json_object_makes_a_rebuild(fake_copy, text):
+    TinyImageNet(fake_copy, "val", cache="disk", progress=False)
+    with open(cache_files(fake_copy, "val")[1], "w") as f:
+        f.write(text)
+    cached = TinyImageNet(fake_copy, "val", cache="disk", progress=False)
+    assert_same_pixels(cached, TinyImageNet(fake_copy, "val"))
+    with open(cache_files(fake_copy, "val")[1]) as f:
+        assert json.load(f)["count"] == 16
+
+
 def test_a_damaged_cache_that_cannot_be_rebuilt_is_one_line(fake_copy, monkeypatch):
     TinyImageNet(fake_copy, "val", cache="disk", progress=False)
     _zero_pixels(cache_files(fake_copy, "val")[0])

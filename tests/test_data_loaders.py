@@ -164,3 +164,42 @@ def test_workers_ignore_interrupts_and_end_when_their_loader_ends_them(fake_root
     """)
     done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert "alive after signals True ended by terminate True" in done.stdout, done.stderr
+
+
+def test_a_sighup_while_workers_start_reaches_only_the_main_process():
+    """A closed terminal's SIGHUP to the whole group the moment a worker is forked, before
+    worker_init runs: the worker must not run the main process's handler (the trainer's raises
+    on a second signal), as for the other stop signals."""
+    script = textwrap.dedent("""
+        import multiprocessing.process, os, signal
+        from data.base import WorkerDataLoader, worker_init
+        MAIN, received = os.getpid(), []
+
+        def handler(signum, frame):
+            if os.getpid() != MAIN:  # a worker running the main process's handler: it dies of it
+                os._exit(9)
+            received.append(signum)
+
+        signal.signal(signal.SIGHUP, handler)
+        start = multiprocessing.process.BaseProcess.start
+
+        def start_then_hang_up(self):
+            start(self)
+            os.killpg(os.getpgrp(), signal.SIGHUP)
+
+        multiprocessing.process.BaseProcess.start = start_then_hang_up
+        loader = WorkerDataLoader(list(range(40)), batch_size=4, num_workers=3, worker_init_fn=worker_init(MAIN))
+        print("batches", len(list(loader)), "received", received, flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          start_new_session=True)  # its own process group: the signal stays inside
+    assert done.returncode == 0, done.stderr[-2000:]
+    # blocked while the workers start, the three signals reach the main process as one
+    assert f"batches 10 received [{int(signal.SIGHUP)}]" in done.stdout
+
+
+def test_the_workers_leave_the_engines_every_stop_signal_to_the_main_process():
+    from data.base import _STOP_SIGNALS
+    from engine.signals import STOP_SIGNALS
+
+    assert _STOP_SIGNALS == set(STOP_SIGNALS)

@@ -14,7 +14,8 @@ from torch import nn
 
 import engine.export
 from cvnets import build_model
-from cvnets.export import MissingExtraError, load_runner, make_any_size, require_onnx
+from cvnets.export import (MissingExtraError, ParityCase, ParityError, check_parity, load_runner, make_any_size,
+                           require_onnx)
 from cvnets.fuse import fold_batchnorm
 from cvnets.mobilevit import MobileViTBlock
 from data.tinyimagenet import read_classes
@@ -247,6 +248,19 @@ def test_parity_failure_exits_1_and_writes_nothing(tmp_path, monkeypatch, capsys
     assert export(["--model.checkpoint", str(checkpoint)]) == 1
     assert "parity check failed" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["ck.pt"]  # no artifact, no temp file, no sidecar
+
+
+def test_a_nan_logit_of_the_artifact_fails_the_parity_check():
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5)).eval()
+
+    def runner(images):  # an artifact that is right but for one NaN logit per batch
+        logits = model(images)
+        logits[0, 0] = float("nan")
+        return logits
+
+    case = ParityCase("random", torch.rand(4, 3, 4, 4), batch=2)
+    with pytest.raises(ParityError, match="nan"):
+        check_parity(model, runner, [case], tolerance=1e-3)
 
 
 # ----------------------------------------------------------------------------- latency

@@ -81,6 +81,18 @@ def test_bases_merge_in_order_and_nest(tmp_path):
     assert cfg.scheduler.warmup_iterations == 5
 
 
+def test_a_key_spelled_with_dashes_is_overridden_like_any_other(tmp_path):
+    # Dashes and underscores are one key in files and flags alike, so the later layer wins
+    # whichever spelling each layer used.
+    write(tmp_path / "base.yaml", "optim: {weight-decay: 0.1}\n")
+    top = write(tmp_path / "top.yaml", "base: [base.yaml]\noptim: {weight_decay: 0.2}\n")
+    assert load_config(["--common.config-file", top]).optim.weight_decay == 0.2
+    argv = ["--common.config-file", str(tmp_path / "base.yaml"), "--optim.weight-decay", "0.3"]
+    assert load_config(argv).optim.weight_decay == 0.3
+    assert load_config([], base={"optim": {"weight-decay": 0.1}, "common": {"seed": 2}}).optim.weight_decay == 0.1
+    assert load_config(["--optim.weight_decay", "0.4"], base={"optim": {"weight-decay": 0.1}}).optim.weight_decay == 0.4
+
+
 def test_base_cycle_is_an_error(tmp_path):
     write(tmp_path / "a.yaml", "base: [b.yaml]\n")
     write(tmp_path / "b.yaml", "base: [a.yaml]\n")
@@ -194,6 +206,8 @@ BAD = {
     "log_freq in a file": ("common: {log_freq: 10}\n", ["common.log_freq is now common.log_every_batches", "exp.yaml"]),
     # the rest of the schema's ranges
     "grad_clip 0": (["--common.grad-clip", "0"], ["common.grad_clip: 0.0", "> 0"]),
+    "fp16 on the cpu": (["--common.device", "cpu", "--common.mixed-precision", "fp16"],
+                        ["common.mixed_precision: fp16 needs CUDA", "--common.mixed-precision"]),
     "empty run_label": (["--common.run-label", " "], ["common.run_label: ' '", "empty"]),
     "resume_allow_changes typo": (["--common.resume-allow-changes", "optim.weight-decay"],
                                   ["common.resume_allow_changes[0]", "did you mean 'optim.weight_decay'"]),

@@ -67,8 +67,8 @@ def test_warmup_is_linear_from_init_lr_to_the_schedule_value(name):
 @pytest.mark.parametrize("name", sorted(PEAK_HALF))
 def test_every_scheduler_builds_from_its_defaults(name):
     s = build_scheduler(SchedulerConfig(name=name), total_iterations=50 * SchedulerConfig().max_epochs)
-    assert s.max_epochs == SchedulerConfig().max_epochs
-    values = [s.lr(epoch, epoch * 50) for epoch in range(s.max_epochs)]
+    assert s.timing.max_epochs == SchedulerConfig().max_epochs
+    values = [s.lr(epoch, epoch * 50) for epoch in range(s.timing.max_epochs)]
     assert all(math.isfinite(v) and v > 0 for v in values)
 
 
@@ -294,6 +294,14 @@ def test_plateau_floors_at_min_lr():
 def test_plateau_warms_up_to_max_lr():
     s = plateau(warmup_iterations=10, warmup_init_lr=0.0)
     assert s.lr(0, 5) == pytest.approx(0.2)
+
+
+def test_plateau_a_nan_metric_never_counts_as_progress():
+    s = plateau(patience=2)
+    s.step_epoch(float("nan"))  # not a best either: no later metric could improve on it
+    for metric in (1.0, 2.0, 3.0):
+        s.step_epoch(metric)
+    assert s.lr(4, 40) == pytest.approx(0.4)
 
 
 def test_plateau_needs_the_metric():

@@ -15,7 +15,6 @@ is a test question: pytest -m cuda. docs/performance.md says what each figure me
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -24,6 +23,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from engine import timing
+from engine.experiments import NUM_CLASSES  # TinyImageNet's: when neither a checkpoint nor model.num_classes says
 from options.config import ConfigError, load_config, override, to_yaml
 from options.schema import Config, ModelConfig
 from utils.files import write_json
@@ -32,7 +32,6 @@ Row = Dict[str, Any]
 Column = Tuple[str, str, str]  # (row key, header, format spec)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH_EXTRA = "pip install -e '.[bench]' (or pip install timm)"
-RANDOM_WEIGHTS_CLASSES = 200  # TinyImageNet's, when neither a checkpoint nor model.num_classes says
 MODEL_CONFIGS = tuple(f"mobilevit_{m}.yaml" for m in ("xx_small", "x_small", "small", "tiny")) + tuple(
     f"resnet{d}.yaml" for d in (18, 34, 50))
 # variant -> (dataset.cache, dataset.augment_on): JPEG decoding, the decoded caches with the batch
@@ -150,7 +149,6 @@ def bench_latency(args: argparse.Namespace) -> List[Row]:
 
     from engine.export import input_size
 
-    torch.set_num_threads(args.threads)
     model, cfg = _latency_model(args.config, args.checkpoint)
     size = input_size(cfg)
     label = stem(args.config) if args.config or not args.checkpoint else \
@@ -183,7 +181,7 @@ def _latency_model(config: Optional[str], checkpoint: Optional[str]):
         cfg = load_config(["--common.config-file", config] if config else [], base=state["config"])
         return trained_model(cfg, state, use_ema=False, flag="--eval.ema"), cfg
     cfg = base_config(config)
-    return cvnets.build_model(cfg.model, RANDOM_WEIGHTS_CLASSES).eval(), cfg
+    return cvnets.build_model(cfg.model, NUM_CLASSES).eval(), cfg
 
 
 # ----------------------------------------------------------------------------- model
@@ -226,7 +224,7 @@ def bench_model(args: argparse.Namespace) -> List[Row]:
     if args.compare_timm:
         _import_timm()  # fail before building anything
     channels_last = cfg.common.channels_last if args.memory_format is None else args.memory_format == "channels_last"
-    num_classes = cfg.model.num_classes or RANDOM_WEIGHTS_CLASSES
+    num_classes = cfg.model.num_classes or NUM_CLASSES
     size = args.image_size or cfg.sampler.crop_size
     models = {"ours": cvnets.build_model(cfg.model, num_classes)}
     if args.compare_timm:
@@ -371,6 +369,7 @@ def bench_distill(args: argparse.Namespace) -> List[Row]:
     (soft, T 4, alpha 0.5). Prints each run's last val loss and top-1. 3 to 7 minutes on 2 CPU cores."""
     from data.fake import make_fake_tinyimagenet
     from engine.commands import train
+    from engine.run_folder import read_metrics
 
     config = args.config or config_path("quickstart.yaml")
     with tempfile.TemporaryDirectory() as tmp:
@@ -390,8 +389,7 @@ def bench_distill(args: argparse.Namespace) -> List[Row]:
             label = name.replace(" ", "_")
             if train([*common, *flags, "--common.run-label", label]) != 0:
                 raise RuntimeError(f"the {name} run failed; its log is above")
-            with open(os.path.join(tmp, label, "metrics.jsonl")) as f:
-                last = [json.loads(line) for line in f][-1]
+            last = read_metrics(os.path.join(tmp, label))[-1]
             rows.append({"run": name, "epochs": last["epoch"], "val_loss": last["val_loss"],
                          "val_top1": last["val_top1"]})
     alone, distilled = rows[1]["val_loss"], rows[2]["val_loss"]
@@ -422,9 +420,9 @@ def bench_gpu(args: argparse.Namespace) -> Dict[str, List[Row]]:
             for batch in args.batch_sizes:
                 if args.compile:
                     torch._dynamo.reset()  # one model's compiles must not use up another's recompile limit
-                model = cvnets.build_model(cfg.model, RANDOM_WEIGHTS_CLASSES)
+                model = cvnets.build_model(cfg.model, NUM_CLASSES)
                 runner = timing.StepRunner(model, cfg, device, dtype, True, args.compile, batch, cfg.sampler.crop_size,
-                                           RANDOM_WEIGHTS_CLASSES, fold_eval=True)
+                                           NUM_CLASSES, fold_eval=True)
                 sections["model"] += model_rows({stem(name): runner}, args, batch, device, dtype=dtype,
                                                 compile=args.compile)
                 del runner, model
@@ -476,7 +474,7 @@ class OneLineErrors(argparse.ArgumentParser):
 def _command(sub, name: str, run: Callable, columns: Optional[List[Column]], overrides: bool = True):
     p = sub.add_parser(name, help=run.__doc__.split("\n\n")[0], description=run.__doc__)
     p.add_argument("--common.config-file", "--config", dest="config", help="YAML config (default: the defaults)")
-    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's)")
+    p.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's; latency: 2)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--json", help="also write the rows to this JSON file")
     if name != "latency":

@@ -24,11 +24,11 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-from cvnets import pretrained
+from cvnets import check_config, pretrained
 from cvnets.export import MissingExtraError
 from engine import checkpoint as ckpt
 from options.cli import fail, parse_config
-from options.config import ConfigError, override, to_dict
+from options.config import override, to_dict
 from utils.files import atomic_write_text
 
 PROG = "python -m tools.import_weights"
@@ -56,7 +56,7 @@ def _sha256(path: str) -> str:
 def import_file(src: str, args: argparse.Namespace, rest: List[str]) -> List[str]:
     state = pretrained.read_state_dict(src)
     fmt, family = pretrained.detect_format(state) if args.format == "auto" else (args.format, None)
-    cfg = parse_config(rest, PROG, __doc__, check=_check_model)
+    cfg = parse_config(rest, PROG, __doc__, check=lambda cfg: check_config(cfg.model))
     if family is not None and family != cfg.model.name:
         raise pretrained.WeightMappingError(f"{src} holds {family} weights ({fmt} layout) but the config builds "
                                             f"model.name {cfg.model.name}; use a {family} config")
@@ -84,15 +84,6 @@ def export_file(src: str, args: argparse.Namespace, rest: List[str]) -> List[str
     pretrained.write_state_dict(weights, os.path.join(args.output, "model.safetensors"))
     atomic_write_text(os.path.join(args.output, "config.json"), json.dumps(config, indent=2))
     return [f"wrote {args.output}/config.json and model.safetensors: {len(weights)} tensors in transformers' layout"]
-
-
-def _check_model(cfg) -> None:
-    import cvnets
-
-    try:
-        cvnets.check_config(cfg.model)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -14,13 +14,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from cvnets import build_model
+from cvnets import build_model, check_config
 from cvnets.mobilevit import MobileViTBlock
+from engine.experiments import NUM_CLASSES
 from options.cli import parse_config
-from options.config import ConfigError
 from options.schema import Config
-
-DEFAULT_CLASSES = 200  # TinyImageNet
 
 
 def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
@@ -71,7 +69,7 @@ def forward_flops(model: nn.Module, x: Tensor) -> int:
 
 def summarize(cfg: Config) -> List[str]:
     """The summary's lines for the model `cfg` builds."""
-    num_classes = cfg.model.num_classes or DEFAULT_CLASSES
+    num_classes = cfg.model.num_classes or NUM_CLASSES
     model = build_model(cfg.model, num_classes).eval()
     size = cfg.sampler.crop_size
     x = torch.zeros(1, 3, size, size)
@@ -90,17 +88,8 @@ def summarize(cfg: Config) -> List[str]:
     return lines
 
 
-def _check_model(cfg: Config) -> None:
-    import cvnets
-
-    try:
-        cvnets.check_config(cfg.model)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    cfg = parse_config(argv, "tools/model_summary.py", __doc__.strip(), check=_check_model)
+    cfg = parse_config(argv, "tools/model_summary.py", __doc__.strip(), check=lambda cfg: check_config(cfg.model))
     print("\n".join(summarize(cfg)))
     return 0
 

@@ -255,7 +255,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     mode.add_argument("--status", nargs="?", const="", metavar="RESULTS_DIR",
                       help="list the selected rows' runs: pending, queued, running, finished, failed, "
                       "interrupted or preempted and requeued, with their SLURM job (default RESULTS_DIR: --results)")
-    parser.add_argument("--table", type=int, nargs="+", metavar="N", help="only these tables (1-4)")
+    parser.add_argument("--table", type=int, nargs="+", metavar="N",
+                        help="only these tables (1-4: the paper's, 5: the ladder beyond it)")
     parser.add_argument("--rows", nargs="+", metavar="ROW", help="only these rows (key like 3.6 or K, or config stem)")
     parser.add_argument("--results", default=DEFAULT_RESULTS, help=f"run folders' parent for --run ({DEFAULT_RESULTS})")
     parser.add_argument("--csv", metavar="PATH", help="also write the measured tables as CSV")

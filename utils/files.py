@@ -178,9 +178,7 @@ def atomic_write_bytes(path: str, data: bytes) -> None:
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    data = text.encode("utf-8")
-    with atomic_open(path, "wb", expected_size=len(data)) as f:
-        f.write(data)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def append_whole(path: str, data: bytes, sync: bool = False) -> None:
@@ -270,24 +268,19 @@ def writer_pid(name: str) -> Optional[int]:
     return int(pid) if pid.isdigit() else None
 
 
-def stale_temp_files(folder: str) -> Iterator[str]:
-    """Temporary files of this module's naming (or 0.1's) in `folder` whose writer process is gone."""
+def remove_stale_temp_files(folder: str) -> int:
+    """Delete the temporary files of this module's naming (or 0.1's) in `folder` whose writer
+    process is gone (the leftovers of writers that were killed); the number removed."""
     try:
         entries = list(os.scandir(folder))
     except FileNotFoundError:
-        return
+        return 0
+    removed = 0
     for entry in entries:
         pid = writer_pid(entry.name)
         if pid is not None and entry.is_file() and not _alive(pid):
-            yield entry.path
-
-
-def remove_stale_temp_files(folder: str) -> int:
-    """Delete the leftovers of writers that were killed; the number removed."""
-    removed = 0
-    for path in stale_temp_files(folder):
-        remove_quietly(path)
-        removed += 1
+            remove_quietly(entry.path)
+            removed += 1
     return removed
 
 
