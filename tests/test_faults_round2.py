@@ -261,45 +261,6 @@ def test_a_name_that_still_does_not_exist_is_shown_with_repr(fake_copy):
         TinyImageNet(fake_copy, "val")
 
 
-# ----------------------------------------------------------------------------- signals while workers start
-_SIGNAL_AT_WORKER_START = r"""
-import multiprocessing.process, os, signal, subprocess, sys
-import torch
-from data.base import WorkerDataLoader, worker_init
-
-MAIN = os.getpid()
-got = []
-
-def handler(signum, frame):
-    if os.getpid() != MAIN:  # a worker still running the main process's handler: it dies of it
-        os._exit(9)
-    got.append(signum)
-
-signal.signal(signal.SIGTERM, handler)
-start = multiprocessing.process.BaseProcess.start
-
-def start_then_signal(self):
-    start(self)
-    # From another process, as timeout or SLURM would, to the whole group, while the new
-    # worker has not run worker_init yet.
-    kill = f"import os, signal; os.killpg({os.getpgrp()}, signal.SIGTERM)"
-    subprocess.run([sys.executable, "-c", kill])
-
-multiprocessing.process.BaseProcess.start = start_then_signal
-loader = WorkerDataLoader(list(range(40)), batch_size=4, num_workers=2, worker_init_fn=worker_init(MAIN))
-batches = [b.tolist() for b in loader]
-print(len(batches), sum(len(b) for b in batches), got)
-"""
-
-
-@pytest.mark.slow
-def test_a_stop_signal_while_workers_start_reaches_only_the_main_process():
-    done = subprocess.run([sys.executable, "-c", _SIGNAL_AT_WORKER_START], cwd=REPO, capture_output=True, text=True,
-                          timeout=120, start_new_session=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["10", "40", f"[{int(signal.SIGTERM)}]"], done.stdout
-
-
 # ----------------------------------------------------------------------------- huge values, impossible sizes
 def _train_in_process(capsys, *argv):
     """main_train's (exit status, stdout, stderr) for arguments it answers without training."""
