@@ -1,8 +1,10 @@
-"""The package layers and the one list of names: what imports what, and every table keyed by a
-config value holds exactly the schema's choices for it."""
+"""The package layers and the one list of names: what imports what (and what starts without torch),
+and every table keyed by a config value holds exactly the schema's choices for it."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 from typing import Set
 
@@ -65,6 +67,15 @@ def test_package_depends_on_the_schema_not_on_the_config_loader(package):
 ])
 def test_every_table_keyed_by_a_config_value_holds_exactly_its_choices(table, key):
     assert sorted(map(str, table)) == sorted(map(str, literal_choices(key)))
+
+
+# Modules that start without torch, paying none of its seconds of import time: config errors come
+# back at once, and `python -m data.fake` writes JPEGs only.
+@pytest.mark.parametrize("modules", ["options, options.cli, options.config", "data.fake"])
+def test_modules_that_need_no_torch_do_not_import_it(modules):
+    code = f"import sys, {modules}; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 FRONT_DOORS = {"engine/commands.py"}  # turns errors into one line and an exit status
