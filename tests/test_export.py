@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Sequence
 
 import pytest
@@ -277,29 +277,37 @@ def test_latency_gives_a_row_per_runtime_and_batch_size(tmp_path, capsys):
     assert "median ms" in capsys.readouterr().out
 
 
-class _Sleeper(nn.Module):
-    """A model whose forward pass takes a known time: SLEEP_MS per image."""
+class _Timed(nn.Module):
+    """A model whose forward pass moves `clock`, the only clock the latency timer reads, by
+    MS_PER_IMAGE per image: a call's duration is known exactly."""
 
-    SLEEP_MS = 4
+    MS_PER_IMAGE = 4
+
+    def __init__(self, clock: SimpleNamespace) -> None:
+        super().__init__()
+        self.clock = clock
 
     def forward(self, images):
-        time.sleep(self.SLEEP_MS * len(images) / 1000)
+        self.clock.now += self.MS_PER_IMAGE * len(images) / 1000
         return images.mean(dim=(2, 3))
 
 
 def test_latency_times_one_call_of_the_model_in_milliseconds(tmp_path, monkeypatch):
     import cvnets
+    from engine import timing
 
-    monkeypatch.setattr(cvnets, "build_model", lambda cfg, classes: _Sleeper())
+    clock = SimpleNamespace(now=0.0)
+    monkeypatch.setattr(timing, "time", SimpleNamespace(perf_counter=lambda: clock.now))
+    monkeypatch.setattr(cvnets, "build_model", lambda cfg, classes: _Timed(clock))
     out = tmp_path / "latency.json"
     benchmark.main(["latency", "--batch-sizes", "1", "3", "--threads", "1", "--repeats", "5", "--warmup", "1",
                     "--runtimes", "eager", "--json", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert [r["batch"] for r in rows] == [1, 3]
     for row in rows:
-        call_ms = _Sleeper.SLEEP_MS * row["batch"]  # the sleep alone; the call can only take longer
-        assert call_ms <= row["min_ms"] and call_ms <= row["median_ms"] < call_ms + 40
-        assert row["images_per_s"] == pytest.approx(1000 * row["batch"] / row["median_ms"])
+        call_ms = _Timed.MS_PER_IMAGE * row["batch"]
+        assert (row["min_ms"], row["median_ms"]) == (pytest.approx(call_ms), pytest.approx(call_ms))
+        assert row["images_per_s"] == pytest.approx(1000 * row["batch"] / call_ms)
 
 
 def test_latency_skips_onnxruntime_with_a_note_when_it_is_missing(tmp_path, monkeypatch, capsys):
