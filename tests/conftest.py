@@ -1,4 +1,4 @@
-"""Session set-up: one thread everywhere, the `slow` and `cuda` markers, the shared fake tree."""
+"""Session set-up: one thread everywhere, the `slow` and `cuda` markers, the shared fake tree and its zip."""
 import os
 import shutil
 
@@ -38,6 +38,13 @@ def trained_run(fake_root, tmp_path_factory):
     results = tmp_path_factory.mktemp("trained")
     assert train(tiny_args(fake_root, results, "trained", 2)) == 0
     return results / "trained"
+
+
+@pytest.fixture(scope="session")
+def fake_zip(fake_root, tmp_path_factory) -> str:
+    """A zip of the fake tree laid out like the official one (tiny-imagenet-200/ at the top)."""
+    base = str(tmp_path_factory.mktemp("zip") / "tiny-imagenet-200")
+    return shutil.make_archive(base, "zip", os.path.dirname(fake_root), os.path.basename(fake_root))
 
 
 @pytest.fixture

@@ -1,9 +1,12 @@
 """Pieces shared by the test modules: the fake tree's size, the environment of child processes,
-a tiny training run's arguments and readers of its run folder, trained-looking BatchNorms, an
-untrained teacher checkpoint."""
+a tiny training run's arguments, an in-process trainer and readers of its run folder,
+trained-looking BatchNorms, an untrained teacher checkpoint."""
 import json
+import logging
 import os
 import socket
+import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,6 +22,8 @@ FAKE_TREE = dict(classes=4, train_per_class=12, val_per_class=4, test_per_class=
 # are small (one thread is fastest), several threads' OpenMP barriers stall badly whenever other
 # jobs share the cores, and runs in different processes must compute bit-identical weights.
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+LOGGER = logging.getLogger("cvnets")
 
 TIMING_KEYS = {"images_per_second", "epoch_seconds", "train_seconds"}
 
@@ -65,6 +70,52 @@ def _merged(defaults, extra):
     return [item for pair in pairs.items() for item in pair] + rest
 
 
+def open_trainer(args):
+    """(trainer, open run folder) for the config of `args`, built as the front door builds them."""
+    from engine.build import build_trainer, run_dir_for, setup_process
+    from engine.run_folder import RunFolder
+    from options.config import load_config
+
+    cfg = load_config(list(args))
+    trainer = build_trainer(cfg, setup_process(cfg))
+    return trainer, RunFolder(run_dir_for(cfg)).open(LOGGER)
+
+
+def train_in_process(args, stop_after_epoch=None):
+    """The trainer, after training the run of `args` in this process to its end, or to the end of
+    `stop_after_epoch` as a stop signal ends it (resumable); its run folder is closed."""
+    trainer, folder = open_trainer(args)
+    try:
+        trainer.run(folder, stop_after_epoch=stop_after_epoch)
+    finally:
+        folder.close(LOGGER)
+    return trainer
+
+
+def write_run(folder, rows, summary=None):
+    """A run folder as the engine leaves it: metrics.jsonl holding `rows`, summary.json given one."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if summary is not None:
+        (folder / "summary.json").write_text(json.dumps(summary))
+    return folder
+
+
+def data_config(root, *flags):
+    """The config of loaders over `root` in the main process, batches of 8 (train) and 6 (val)."""
+    from options.config import load_config
+
+    return load_config(["--dataset.root", str(root), "--dataset.workers", "0", "--dataset.train-batch-size", "8",
+                        "--dataset.val-batch-size", "6", *flags])
+
+
+def epoch(loader, number=0, start_batch=0):
+    """The batches of epoch `number` of a training loader (from batch `start_batch`), on the CPU."""
+    loader.batch_sampler.set_epoch(number, start_batch)
+    return [(images.cpu(), targets.cpu()) for images, targets in loader]
+
+
 def read_rows(run_dir):
     """metrics.jsonl without the timing fields (which differ between otherwise equal runs)."""
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -85,6 +136,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def ddp_command(args, launcher="torch.distributed.run"):
+    """The command line of main_train.py with `args` as two DDP processes under `launcher`."""
+    return [sys.executable, "-m", launcher, "--nproc_per_node", "2", "--master_port", str(free_port()),
+            os.path.join(REPO, "main_train.py"), *args]
+
+
+class CodePayload:
+    """Unpickling this calls open(marker, "w"): the file `marker` existing proves a loader ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:

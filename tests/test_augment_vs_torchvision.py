@@ -11,8 +11,6 @@ import torchvision.transforms.v2.functional as TF
 
 from data.transforms import build_transform
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 def images(n, size, seed=0):
     """float [n, 3, size, size] in [0.05, 0.95] on 256 levels: every op changes such an image."""
@@ -159,17 +157,3 @@ def test_random_erasing_fills_the_drawn_box_as_torchvisions_erase():
         expected = TF.erase(batch[b], top, left, h, w, torch.tensor(0.25)) if params["active"][b, 0] else batch[b]
         assert torch.equal(out[b], expected)
 
-
-def test_train_help_lists_every_transform_with_its_settings(capsys):
-    from data.transforms import TRANSFORMS
-    from engine.commands import train
-
-    with pytest.raises(SystemExit) as info:
-        train(["--help"])
-    assert info.value.code == 0
-    out = capsys.readouterr().out
-    for name in TRANSFORMS.names():
-        assert f"{{name: {name}" in out
-    assert "{name: rand_augment, num_ops: 2, magnitude: 9, num_magnitude_bins: 31, interpolation: nearest}" in out
-    assert "{name: random_erasing, p: 0.5, scale: [0.02, 0.33], ratio: [0.3, 3.3], value: 0.0}" in out
-    assert "--loss.distillation.temperature" in out and "--image-augmentation.mixup.off-epochs" in out

@@ -11,9 +11,9 @@ import torch
 
 import tools.benchmark as benchmark
 from engine import timing
+from helpers import REPO
 from options.config import load_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 XX_SMALL = os.path.join(REPO, "config", "mobilevit_xx_small.yaml")
 TINY = os.path.join(REPO, "config", "mobilevit_tiny.yaml")
 

@@ -4,7 +4,6 @@ own checkpoint. Cases marked `cuda` are skipped without a GPU (`pytest -m cuda` 
 the same checks run on the CPU where they mean something there. The device placement's batches
 are checked on CUDA in test_data_pipeline.py."""
 import contextlib
-import logging
 import math
 import os
 import signal
@@ -18,11 +17,9 @@ import loss_fn
 import optim
 from cvnets.fuse import fold_batchnorm
 from engine import checkpoint as ckpt
-from engine.build import build_trainer, setup_process
 from engine.loops import AUTOCAST_DTYPES, LoopOptions, Progress, predict, train_one_epoch
-from engine.run_folder import RunFolder
 from engine.trainer import TrainingInterrupted
-from helpers import REPO, last_state, read_rows, tiny_args
+from helpers import LOGGER, REPO, last_state, open_trainer, read_rows, tiny_args
 from options.config import load_config
 
 # Deterministic cuBLAS for the resume test; read when the first cuBLAS handle is made, so set at
@@ -72,7 +69,7 @@ def rel_error(value, reference):
 
 @pytest.mark.parametrize("device, config, precision, channels_last, compiled", correctness_cases())
 def test_fixed_batch_training_falls_and_eval_logits_match_fp32_on_the_cpu(device, config, precision, channels_last,
-                                                                          compiled, one_thread):
+                                                                          compiled):
     cfg = load_config(["--common.config-file", os.path.join(REPO, "config", config)])
     device, (batch, steps) = torch.device(device), SIZES[device]
     torch.manual_seed(0)
@@ -138,21 +135,17 @@ def train_run(root, results, label, device, precision, stop_at=None, resume=Fals
     """One epoch of 6 batches through main_train's builder and the Trainer; its last checkpoint."""
     args = tiny_args(root, results, label, 1, "--common.device", device, "--common.mixed-precision", precision,
                      *(["--common.resume", "auto"] if resume else []))
-    cfg = load_config(args)
-    process = setup_process(cfg)  # seeds, as a fresh process does
-    logger = logging.getLogger("cvnets")
     with deterministic():
-        trainer = build_trainer(cfg, process)
+        trainer, folder = open_trainer(args)  # seeded, as in a fresh process
         if stop_at is not None:
             trainer.parts.criterion = SignalAt(trainer.parts.criterion, stop_at)
         if resume:
             torch.manual_seed(12345)  # what the RNG holds now must not matter: the checkpoint's state counts
-        folder = RunFolder(str(results / label)).open(logger)
         try:
             with pytest.raises(TrainingInterrupted) if stop_at is not None else contextlib.nullcontext():
                 trainer.run(folder)
         finally:
-            folder.close(logger)
+            folder.close(LOGGER)
     return last_state(results / label)
 
 
@@ -187,14 +180,13 @@ def resume_differences(root, results, device, precision):
 
 @pytest.mark.slow  # a stop signal, four runs of the Trainer
 @pytest.mark.parametrize("device, precision", [("cpu", "bf16"), pytest.param("cuda", "fp16", marks=pytest.mark.cuda)])
-def test_a_run_resumed_mid_epoch_from_the_trainers_checkpoint_is_bit_exact(fake_root, tmp_path, device, precision,
-                                                                           one_thread):
+def test_a_run_resumed_mid_epoch_from_the_trainers_checkpoint_is_bit_exact(fake_root, tmp_path, device, precision):
     """fp16 on CUDA: the grad scaler's state travels too (the CPU trains in bf16 without one)."""
     assert resume_differences(fake_root, tmp_path, device, precision) == []
 
 
 @pytest.mark.slow
-def test_the_resume_check_catches_a_checkpoint_that_forgets_the_rng(fake_root, tmp_path, monkeypatch, one_thread):
+def test_the_resume_check_catches_a_checkpoint_that_forgets_the_rng(fake_root, tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt, "set_rng_state", lambda state: None)  # dropout then draws other masks
     different = resume_differences(fake_root, tmp_path, "cpu", "bf16")
     assert "metrics" in different and any(name.startswith("model.") for name in different)

@@ -90,14 +90,16 @@ def test_gray_with_alpha_is_composited_over_black(tmp_path):
     assert np.array_equal(decode_image(path), _over_black(_gray3(la[..., 0]), la[..., 1]))
 
 
-def _palette():
-    return rng.integers(0, 256, (256, 3), dtype=np.uint8)
+def _palette_image():
+    """(a "P" image of random indices into a random palette, its palette, its indices)."""
+    palette, index = rng.integers(0, 256, (256, 3), dtype=np.uint8), rng.integers(0, 256, (S, S), dtype=np.uint8)
+    img = Image.fromarray(index, "P")
+    img.putpalette(palette.flatten().tolist())
+    return img, palette, index
 
 
 def test_palette_with_a_transparent_index_makes_it_black(tmp_path):
-    palette, index = _palette(), rng.integers(0, 256, (S, S), dtype=np.uint8)
-    img = Image.fromarray(index, "P")
-    img.putpalette(palette.flatten().tolist())
+    img, palette, index = _palette_image()
     path = str(tmp_path / "p_transparent.png")
     img.save(path, transparency=int(index[0, 0]))
     expected = palette[index].copy()
@@ -106,10 +108,8 @@ def test_palette_with_a_transparent_index_makes_it_black(tmp_path):
 
 
 def test_palette_with_per_entry_alpha_is_composited(tmp_path):
-    palette, index = _palette(), rng.integers(0, 256, (S, S), dtype=np.uint8)
+    img, palette, index = _palette_image()
     alpha = rng.integers(0, 256, 256, dtype=np.uint8)
-    img = Image.fromarray(index, "P")
-    img.putpalette(palette.flatten().tolist())
     path = str(tmp_path / "p_alpha.png")
     img.save(path, transparency=alpha.tobytes())
     assert isinstance(Image.open(path).info["transparency"], bytes)
@@ -126,9 +126,7 @@ def test_grayscale_png_with_a_transparent_value_makes_it_black(tmp_path):
 
 
 def test_palette_without_transparency_is_its_palette_colours(tmp_path):
-    palette, index = _palette(), rng.integers(0, 256, (S, S), dtype=np.uint8)
-    img = Image.fromarray(index, "P")
-    img.putpalette(palette.flatten().tolist())
+    img, palette, index = _palette_image()
     path = str(tmp_path / "p.png")
     img.save(path)
     assert np.array_equal(decode_image(path), palette[index])

@@ -16,13 +16,6 @@ from data.tinyimagenet import TinyImageNet, prepare_root
 from options.schema import DatasetConfig
 
 
-@pytest.fixture(scope="module")
-def fake_zip(fake_root, tmp_path_factory):
-    """A zip of the fake tree laid out like the official one (tiny-imagenet-200/ at the top)."""
-    base = str(tmp_path_factory.mktemp("zip") / "tiny-imagenet-200")
-    return shutil.make_archive(base, "zip", os.path.dirname(fake_root), os.path.basename(fake_root))
-
-
 def spec_of(path):
     with open(path, "rb") as f:
         md5 = hashlib.md5(f.read()).hexdigest()

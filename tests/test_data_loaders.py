@@ -11,21 +11,10 @@ import pytest
 import torch
 
 from data import Loader, Loaders, build_eval_loader, build_loaders, check_config
-from helpers import FAKE_TREE, REPO
-from options.config import load_config
+from helpers import FAKE_TREE, REPO, data_config as config, epoch
 
 N_TRAIN = FAKE_TREE["classes"] * FAKE_TREE["train_per_class"]
 N_VAL = FAKE_TREE["classes"] * FAKE_TREE["val_per_class"]
-
-
-def config(root, *flags):
-    return load_config(["--dataset.root", root, "--dataset.workers", "0", "--dataset.train-batch-size", "8",
-                        "--dataset.val-batch-size", "6", *flags])
-
-
-def epoch(loader, number=0):
-    loader.batch_sampler.set_epoch(number)
-    return list(loader)
 
 
 def test_train_and_val_batches_follow_the_contract(fake_root):
@@ -177,12 +166,14 @@ def test_workers_ignore_interrupts_and_end_when_their_loader_ends_them(fake_root
     assert "alive after signals True ended by terminate True" in done.stdout, done.stderr
 
 
-def test_a_sighup_while_workers_start_reaches_only_the_main_process():
-    """A closed terminal's SIGHUP to the whole group the moment a worker is forked, before
-    worker_init runs: the worker must not run the main process's handler (the trainer's raises
-    on a second signal), as for the other stop signals."""
-    script = textwrap.dedent("""
-        import multiprocessing.process, os, signal
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGHUP"])
+def test_a_stop_signal_while_workers_start_reaches_only_the_main_process(stop):
+    """A stop signal to the whole group (from another process, as timeout, SLURM or a closed
+    terminal send it) the moment a worker is forked, before worker_init runs: the worker must
+    not run the main process's handler (the trainer's raises on a second signal)."""
+    script = textwrap.dedent(f"""
+        import multiprocessing.process, os, signal, subprocess, sys
         from data.base import WorkerDataLoader, worker_init
         MAIN, received = os.getpid(), []
 
@@ -191,22 +182,23 @@ def test_a_sighup_while_workers_start_reaches_only_the_main_process():
                 os._exit(9)
             received.append(signum)
 
-        signal.signal(signal.SIGHUP, handler)
+        signal.signal(signal.{stop}, handler)
         start = multiprocessing.process.BaseProcess.start
 
-        def start_then_hang_up(self):
+        def start_then_signal(self):
             start(self)
-            os.killpg(os.getpgrp(), signal.SIGHUP)
+            kill = f"import os, signal; os.killpg({{os.getpgrp()}}, signal.{stop})"
+            subprocess.run([sys.executable, "-c", kill])
 
-        multiprocessing.process.BaseProcess.start = start_then_hang_up
-        loader = WorkerDataLoader(list(range(40)), batch_size=4, num_workers=3, worker_init_fn=worker_init(MAIN))
-        print("batches", len(list(loader)), "received", received, flush=True)
+        multiprocessing.process.BaseProcess.start = start_then_signal
+        loader = WorkerDataLoader(list(range(40)), batch_size=4, num_workers=2, worker_init_fn=worker_init(MAIN))
+        batches = [b.tolist() for b in loader]
+        print(len(batches), sum(len(b) for b in batches), received, flush=True)
     """)
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60,
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120,
                           start_new_session=True)  # its own process group: the signal stays inside
     assert done.returncode == 0, done.stderr[-2000:]
-    # blocked while the workers start, the three signals reach the main process as one
-    assert f"batches 10 received [{int(signal.SIGHUP)}]" in done.stdout
+    assert done.stdout.split() == ["10", "40", f"[{int(getattr(signal, stop))}]"], done.stdout
 
 
 def test_the_workers_leave_the_engines_every_stop_signal_to_the_main_process():

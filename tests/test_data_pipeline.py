@@ -12,7 +12,7 @@ from data.augment import Augmentation, MixupCutmix, Normalize, build_augmentatio
 from data.base import BatchSpec, RawBatch
 from data.loaders import DeviceSplit, placement
 from data.transforms import build_transforms
-from helpers import FAKE_TREE
+from helpers import FAKE_TREE, data_config, epoch
 from options.config import load_config
 
 N_TRAIN = FAKE_TREE["classes"] * FAKE_TREE["train_per_class"]
@@ -33,13 +33,7 @@ AUGMENT_TINY = (
 
 
 def config(root, tmp_path, *flags):
-    return load_config(["--dataset.root", root, "--dataset.workers", "0", "--dataset.train-batch-size", "8",
-                        "--dataset.val-batch-size", "6", "--dataset.cache-dir", str(tmp_path / "cache"), *flags])
-
-
-def epoch(loader, number=0, start_batch=0):
-    loader.batch_sampler.set_epoch(number, start_batch)
-    return [(images.cpu(), targets.cpu()) for images, targets in loader]
+    return data_config(root, "--dataset.cache-dir", str(tmp_path / "cache"), *flags)
 
 
 def same(a, b, atol=0.0):

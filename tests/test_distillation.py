@@ -1,6 +1,5 @@
 """Knowledge distillation: the loss against hand-computed values, the frozen teacher, its checks
 before training, and resume refusing another teacher."""
-import logging
 import os
 import shutil
 
@@ -11,18 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import checkpoint as ckpt
-from engine.build import build_trainer, setup_process
 from engine.commands import evaluate, train
-from engine.run_folder import RunFolder
 from engine.teacher import load_teacher
-from helpers import fake_wnids, last_state, tiny_args, write_teacher
+from helpers import (LOGGER, REPO, child_env, ddp_command, fake_wnids, last_state, open_trainer, read_rows, tiny_args,
+                     train_in_process, write_teacher)
 from loss_fn import build_loss
 from loss_fn.cross_entropy import CrossEntropy
 from loss_fn.distillation import Distillation, Teacher, hard_distillation, soft_distillation
 from options.config import load_config
 from options.schema import DistillationConfig, LossConfig
 
-logger = logging.getLogger("cvnets")
 B, C = 6, 5
 
 
@@ -162,15 +159,13 @@ def _distil_args(root, results, label, teacher, epochs=2, *extra):
 
 def test_the_teacher_stays_frozen_in_eval_mode_through_training(fake_root, tmp_path):
     path = write_teacher(tmp_path / "t.pt", fake_wnids(fake_root))
-    cfg = load_config(_distil_args(fake_root, tmp_path, "run", path, 1))
-    trainer = build_trainer(cfg, setup_process(cfg))
+    trainer, folder = open_trainer(_distil_args(fake_root, tmp_path, "run", path, 1))
     teacher = trainer.parts.criterion.teacher
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    folder = RunFolder(str(tmp_path / "run")).open(logger)
     calls = []
     teacher.register_forward_hook(lambda module, args, out: calls.append(module.training))
     trainer.run(folder)
-    folder.close(logger)
+    folder.close(LOGGER)
 
     assert calls and not any(calls)  # it ran, every time in eval mode
     assert not teacher.training and not any(m.training for m in teacher.modules())
@@ -187,11 +182,7 @@ def test_resume_refuses_another_teacher_and_accepts_the_same_one_moved(fake_root
     first, other = write_teacher(tmp_path / "a.pt", wnids, 0), write_teacher(tmp_path / "b.pt", wnids, 1)
     used = tmp_path / "teacher.pt"
     shutil.copy(first, used)
-    trainer_cfg = load_config(_distil_args(fake_root, tmp_path, "run", used, 2))
-    trainer = build_trainer(trainer_cfg, setup_process(trainer_cfg))
-    folder = RunFolder(str(tmp_path / "run")).open(logger)
-    trainer.run(folder, stop_after_epoch=1)
-    folder.close(logger)
+    train_in_process(_distil_args(fake_root, tmp_path, "run", used, 2), stop_after_epoch=1)
     saved = (tmp_path / "run" / "checkpoint_last.pt").read_bytes()
 
     shutil.copy(other, used)  # the same path, other weights: refused
@@ -246,15 +237,10 @@ def test_bf16_autocast_gives_the_float32_loss(batch):
 @pytest.mark.slow
 def test_distillation_under_ddp_two_processes_on_cpu(fake_root, tmp_path):
     import subprocess
-    import sys
-
-    from helpers import REPO, free_port, read_rows
 
     path = write_teacher(tmp_path / "t.pt", fake_wnids(fake_root))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(REPO, "main_train.py"), *_distil_args(fake_root, tmp_path, "ddp", path, 1)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(ddp_command(_distil_args(fake_root, tmp_path, "ddp", path, 1)), cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=child_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (row,) = read_rows(tmp_path / "ddp")
     assert row["train_images"] == 4 * 12 and np.isfinite(row["train_loss"])

@@ -1,7 +1,5 @@
 """The engine in-process on a tiny fake tree: loops, EMA, exact resume, records, resume checks, main_eval."""
-import csv
 import json
-import logging
 import math
 import os
 
@@ -14,20 +12,12 @@ from engine.build import build_trainer, setup_process
 from engine.commands import evaluate, train, upgrade_checkpoint
 from engine.ema import ModelEMA
 from engine.loops import LoopOptions, NonFiniteLossError, Progress, optimizer_steps, train_one_epoch
-from engine.run_folder import RunFolder, read_summary
+from engine.run_folder import read_summary
 from engine.trainer import config_changes, format_duration
-from helpers import REPO, assert_same_weights, child_env, free_port, last_state, read_rows, tiny_args
+from helpers import (LOGGER, REPO, assert_same_weights, child_env, ddp_command, last_state, open_trainer, read_rows,
+                     tiny_args, train_in_process)
 from loss_fn.cross_entropy import CrossEntropy
 from options.config import load_config
-
-logger = logging.getLogger("cvnets")
-
-
-def open_trainer(args, run_dir):
-    """(trainer, open run folder) for a config built from `args` (the front door's steps)."""
-    cfg = load_config(args)
-    trainer = build_trainer(cfg, setup_process(cfg))
-    return trainer, RunFolder(str(run_dir)).open(logger)
 
 
 # ----------------------------------------------------------------------------- loops
@@ -99,9 +89,7 @@ def test_ema_warmup_follows_the_model_first_then_settles_to_the_momentum():
 
 # ----------------------------------------------------------------------------- whole runs
 def test_exact_resume_matches_uninterrupted_run(fake_root, trained_run, tmp_path):
-    trainer, folder = open_trainer(tiny_args(fake_root, tmp_path, "split"), tmp_path / "split")
-    trainer.run(folder, stop_after_epoch=1)
-    folder.close(logger)
+    train_in_process(tiny_args(fake_root, tmp_path, "split"), stop_after_epoch=1)
     assert last_state(tmp_path / "split")["progress"]["epoch"] == 1
     assert train(tiny_args(fake_root, tmp_path, "split", 2, "--common.resume", "auto")) == 0
 
@@ -149,32 +137,30 @@ class NaNLoss(nn.Module):
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(fake_root, tmp_path):
-    trainer, folder = open_trainer(tiny_args(fake_root, tmp_path, "nan", 2), tmp_path / "nan")
+    trainer, folder = open_trainer(tiny_args(fake_root, tmp_path, "nan", 2))
     trainer.run(folder, stop_after_epoch=1)
     last = tmp_path / "nan" / "checkpoint_last.pt"
     good = last.read_bytes()
     trainer.parts.criterion = NaNLoss()
     with pytest.raises(NonFiniteLossError, match="still holds the last good epoch"):
         trainer.run(folder)
-    folder.close(logger)
+    folder.close(LOGGER)
     assert last.read_bytes() == good
     summary = read_summary(str(tmp_path / "nan"))
     assert summary["state"] == "failed" and not summary["finished"] and "NaN" in summary["error"]
 
 
 def test_non_finite_loss_before_any_checkpoint_says_so(fake_root, tmp_path):
-    trainer, folder = open_trainer(tiny_args(fake_root, tmp_path, "nan0", 1), tmp_path / "nan0")
+    trainer, folder = open_trainer(tiny_args(fake_root, tmp_path, "nan0", 1))
     trainer.parts.criterion = NaNLoss()
     with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet"):
         trainer.run(folder)
-    folder.close(logger)
+    folder.close(LOGGER)
     assert read_summary(str(tmp_path / "nan0"))["state"] == "failed"
 
 
 def test_resume_refuses_a_changed_run_and_names_every_changed_key(fake_root, tmp_path, capsys):
-    trainer, folder = open_trainer(tiny_args(fake_root, tmp_path, "chg", 2), tmp_path / "chg")
-    trainer.run(folder, stop_after_epoch=1)
-    folder.close(logger)
+    train_in_process(tiny_args(fake_root, tmp_path, "chg", 2), stop_after_epoch=1)
     before = (tmp_path / "chg" / "config.yaml").read_text()
     changed = tiny_args(fake_root, tmp_path, "chg", 3, "--common.resume", "auto", "--optim.name", "sgd",
                         "--dataset.workers", "0", "--common.log-every-batches", "1")
@@ -204,9 +190,7 @@ def test_format_duration():
 
 
 def test_the_eta_counts_the_rest_of_the_run(fake_root, tmp_path):
-    trainer, folder = open_trainer(tiny_args(fake_root, tmp_path, "eta", 5), tmp_path / "eta")
-    trainer.run(folder, stop_after_epoch=1)
-    folder.close(logger)
+    trainer = train_in_process(tiny_args(fake_root, tmp_path, "eta", 5), stop_after_epoch=1)
     per_epoch = trainer.history[-1]["epoch_seconds"]
     trainer.progress.batch_in_epoch = 3  # pretend 3 of 6 batches of epoch 2 took 3 s
     import time
@@ -216,7 +200,7 @@ def test_the_eta_counts_the_rest_of_the_run(fake_root, tmp_path):
 
 
 # ----------------------------------------------------------------------------- main_eval
-def test_main_eval_reproduces_best_val_top1_and_writes_outputs(fake_root, trained_run, tmp_path):
+def test_main_eval_reproduces_best_val_top1_and_writes_outputs(trained_run, tmp_path):
     run_dir = trained_run
     best = max(read_rows(run_dir), key=lambda r: r["val_top1"])
     out_json = tmp_path / "out" / "eval.json"  # a missing folder is created
@@ -230,14 +214,6 @@ def test_main_eval_reproduces_best_val_top1_and_writes_outputs(fake_root, traine
     assert evaluate(["--model.checkpoint", str(run_dir / "checkpoint_last.pt"), "--eval.ema", "true",
                      "--eval.output-json", str(ema_json)]) == 0
     assert json.loads(ema_json.read_text())["top1"] == read_rows(run_dir)[-1]["ema_val_top1"]
-
-    csv_path = tmp_path / "pred.csv"
-    assert evaluate(["--model.checkpoint", str(run_dir / "checkpoint_best.pt"), "--eval.split", "test",
-                     "--eval.predictions-csv", str(csv_path)]) == 0
-    rows = list(csv.reader(open(csv_path)))
-    assert rows[0][:2] == ["file", "wnid"] and len(rows) == 1 + 4 * 2
-    wnids = open(os.path.join(fake_root, "wnids.txt")).read().split()
-    assert all(r[0].startswith("test_") and r[1] in wnids for r in rows[1:])
 
 
 def test_main_eval_rejects_a_different_model_config_and_folder_outputs(trained_run, tmp_path, capsys):
@@ -284,10 +260,10 @@ def test_schedules_end_on_their_last_value_with_variable_epoch_lengths(fake_root
                      "--sampler.vbs.min-crop-size", "16", "--sampler.vbs.max-crop-size", "40",
                      "--sampler.vbs.check-scale", "8", "--sampler.vbs.max-n-scales", "4",
                      "--scheduler.is-iteration-based", "true", "--common.accum-freq", "2")
-    trainer, folder = open_trainer(args, tmp_path / "vbs")
+    trainer, folder = open_trainer(args)
     lengths = [trainer.parts.epoch_batches(e) for e in range(3)]
     trainer.run(folder)
-    folder.close(logger)
+    folder.close(LOGGER)
     assert len(set(lengths)) > 1  # the variable batch sampler's epochs differ in length
     assert trainer.progress.iteration == sum(optimizer_steps(n, 2) for n in lengths)
     # the LR of the last optimizer step is the schedule's final value
@@ -339,11 +315,9 @@ def test_a_trusted_format_1_checkpoint_upgrades_once_and_then_evaluates(trained_
 @pytest.mark.slow
 def test_ddp_two_processes_on_cpu(fake_root, tmp_path):
     import subprocess
-    import sys
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(REPO, "main_train.py"), *tiny_args(fake_root, tmp_path, "ddp", 1)]
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=child_env())
+    done = subprocess.run(ddp_command(tiny_args(fake_root, tmp_path, "ddp", 1)), cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=child_env())
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (row,) = read_rows(tmp_path / "ddp")  # only rank 0 writes
     assert row["val_images"] == 4 * 4  # shards are disjoint and complete: each image counted once

@@ -14,7 +14,7 @@ import torch
 
 from engine import checkpoint as ckpt
 from engine.commands import evaluate, export, train
-from helpers import REPO, assert_same_weights, child_env, last_state, read_rows, tiny_args
+from helpers import REPO, CodePayload, assert_same_weights, child_env, last_state, read_rows, tiny_args
 from utils.files import writer_pid
 
 
@@ -49,20 +49,10 @@ def run(cmd, **kwargs):
 
 
 # ----------------------------------------------------------------------------- hostile checkpoints
-class _Payload:
-    """Unpickling this runs code: it would write the marker file."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
-
-
 def test_a_pickle_payload_is_refused_everywhere_and_runs_nothing(fake_root, tmp_path, capsys):
     marker = tmp_path / "marker"
     evil = tmp_path / "evil.pt"
-    torch.save({"version": ckpt.VERSION, "model": {}, "config": {}, "note": _Payload(str(marker))}, evil)
+    torch.save({"version": ckpt.VERSION, "model": {}, "config": {}, "note": CodePayload(marker)}, evil)
     run_dir = tmp_path / "res" / "evil_run"
     run_dir.mkdir(parents=True)
     shutil.copy(evil, run_dir / "checkpoint_last.pt")

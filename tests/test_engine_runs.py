@@ -16,11 +16,11 @@ import torch
 from engine import checkpoint as ckpt
 from engine.commands import evaluate, train
 from engine.run_folder import is_locked, read_summary
-from helpers import REPO, assert_same_weights, last_state, tiny_args
+from helpers import REPO, assert_same_weights, child_env, last_state, tiny_args
 
 
 # ----------------------------------------------------------------------------- the cache changes nothing
-def test_cache_and_placement_give_bit_identical_first_epochs(fake_copy, tmp_path, one_thread):
+def test_cache_and_placement_give_bit_identical_first_epochs(fake_copy, tmp_path):
     """Decoding into memory or onto disk, augmenting in workers or on the device: speed settings
     only. The same seed gives the same initial weights and the same first epoch, bit for bit."""
     results = {}
@@ -42,7 +42,7 @@ def test_cache_and_placement_give_bit_identical_first_epochs(fake_copy, tmp_path
 
 # ----------------------------------------------------------------------------- concurrent starts
 def _env():
-    return {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+    return child_env(PYTHONPATH=REPO)
 
 
 @pytest.mark.slow
@@ -196,15 +196,8 @@ def test_continuing_another_runs_checkpoint_in_a_new_folder(fake_root, tmp_path,
 
 
 # ----------------------------------------------------------------------------- main_eval: size, test CSV
-@pytest.fixture(scope="module")
-def trained(fake_root, tmp_path_factory):
-    results = tmp_path_factory.mktemp("trained")
-    assert train(tiny_args(fake_root, results, "run", 1)) == 0
-    return results / "run"
-
-
-def test_eval_image_size_resizes_like_the_val_pipeline_and_says_so(trained, tmp_path, capsys):
-    best = str(trained / "checkpoint_best.pt")
+def test_eval_image_size_resizes_like_the_val_pipeline_and_says_so(trained_run, tmp_path, capsys):
+    best = str(trained_run / "checkpoint_best.pt")
     assert evaluate(["--model.checkpoint", best, "--eval.output-json", str(tmp_path / "default.json")]) == 0
     assert "image size: 32x32" in capsys.readouterr().out  # the run's own val pipeline (tiny_args: 36 -> 32)
     assert evaluate(["--model.checkpoint", best, "--eval.image-size", "48",
@@ -217,15 +210,16 @@ def test_eval_image_size_resizes_like_the_val_pipeline_and_says_so(trained, tmp_
     assert at_48["loss"] != json.loads((tmp_path / "default.json").read_text())["loss"]
 
 
-def test_test_split_csv_has_class_names_scores_and_top5(trained, fake_root, tmp_path):
+def test_test_split_csv_has_class_names_scores_and_top5(trained_run, fake_root, tmp_path):
     out = tmp_path / "pred.csv"
-    assert evaluate(["--model.checkpoint", str(trained / "checkpoint_best.pt"), "--eval.split", "test",
+    assert evaluate(["--model.checkpoint", str(trained_run / "checkpoint_best.pt"), "--eval.split", "test",
                      "--eval.predictions-csv", str(out)]) == 0
     rows = list(csv.DictReader(open(out)))
     assert len(rows) == 4 * 2
     words = dict(line.rstrip("\n").split("\t") for line in open(os.path.join(fake_root, "words.txt")))
     wnids = open(os.path.join(fake_root, "wnids.txt")).read().split()
     for row in rows:
+        assert row["file"].startswith("test_")
         top5 = row["top5"].split()
         assert len(top5) == 4 and len(set(top5)) == 4 and set(top5) <= set(wnids)  # 4 classes: top-4
         assert top5[0] == row["wnid"] and row["name"] == words[row["wnid"]]
@@ -233,29 +227,37 @@ def test_test_split_csv_has_class_names_scores_and_top5(trained, fake_root, tmp_
 
 
 # ----------------------------------------------------------------------------- discoverability
-def test_list_transforms_names_every_registered_transform_with_its_settings(capsys):
+def test_list_transforms_and_help_name_every_registered_transform_with_its_settings(capsys):
     from data.transforms import TRANSFORMS
 
     with pytest.raises(SystemExit) as e:
         train(["--list-transforms"])
     assert e.value.code == 0
     out = capsys.readouterr().out
-    listed = [line.split()[1].rstrip(",}") for line in out.splitlines() if line.startswith("  {name: ")]
-    assert listed == sorted(TRANSFORMS.names()) and len(listed) >= 15
+    lines = [line for line in out.splitlines() if line.startswith("  {name: ")]
+    assert [line.split()[1].rstrip(",}") for line in lines] == sorted(TRANSFORMS.names()) and len(lines) >= 15
     assert "  {name: random_resized_crop, scale: [0.08, 1.0], ratio: [0.75, 1.3333333333333333], " in out
     assert "  {name: random_flip}\n" in out  # no settings
+    assert "{name: rand_augment, num_ops: 2, magnitude: 9, num_magnitude_bins: 31, interpolation: nearest}" in out
+    assert "{name: random_erasing, p: 0.5, scale: [0.02, 0.33], ratio: [0.3, 3.3], value: 0.0}" in out
+
+    with pytest.raises(SystemExit) as e:
+        train(["--help"])
+    help_text = capsys.readouterr().out
+    assert e.value.code == 0 and all(line in help_text.splitlines() for line in lines)  # the same list
+    assert "--loss.distillation.temperature" in help_text and "--image-augmentation.mixup.off-epochs" in help_text
 
 
-def test_the_log_records_versions_command_line_and_world_size(trained):
+def test_the_log_records_versions_command_line_and_world_size(trained_run):
     import platform
 
     import torchvision
 
-    log = (trained / "train.log").read_text()
+    log = (trained_run / "train.log").read_text()
     assert (f"python {platform.python_version()}, torch {torch.__version__}, torchvision {torchvision.__version__}; "
             "device cpu; world size 1") in log
     (command,) = [line for line in log.splitlines() if "command line: " in line]
-    assert "--common.run-label run" in command and "--scheduler.max-epochs 1" in command
+    assert "--common.run-label trained" in command and "--scheduler.max-epochs 2" in command
 
 
 def test_tensorboard_groups_the_epoch_scalars_and_logs_every_log_interval(fake_root, tmp_path):
@@ -274,8 +276,3 @@ def test_tensorboard_groups_the_epoch_scalars_and_logs_every_log_interval(fake_r
     assert [e.step for e in steps.Scalars("train_step/loss")] == [2, 4]  # common.log_every_batches 2
     rows = [json.loads(line) for line in open(tmp_path / "tb" / "metrics.jsonl")]
     assert epochs.Scalars("val/top1")[0].value == pytest.approx(rows[0]["val_top1"])
-
-
-def test_resume_restart_is_not_taken_for_a_checkpoint_path(fake_root, tmp_path):
-    assert train(tiny_args(fake_root, tmp_path, "again", 1)) == 0
-    assert train(tiny_args(fake_root, tmp_path, "again", 1, "--common.resume", "restart")) == 0

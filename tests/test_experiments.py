@@ -1,7 +1,6 @@
 """engine/experiments.py: the one run state, results from run folders, checks and atomic tables."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -10,17 +9,13 @@ import pytest
 
 from engine import experiments
 from engine.experiments import Result, RunSpec
+from helpers import write_run
 
 
 def run_folder(tmp_path: Path, summary: Optional[Dict[str, Any]] = None, epochs: int = 0, name: str = "r") -> RunSpec:
-    run = tmp_path / name
-    run.mkdir()
-    if summary is not None:
-        (run / "summary.json").write_text(json.dumps(summary))
     rows = [{"epoch": e, "train_top1": 10.0 * e, "val_top1": 5.0 * e, "val_top5": 20.0 + e}
             for e in range(1, epochs + 1)]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return RunSpec(str(run), ("--common.config-file", "/configs/r.yaml"))
+    return RunSpec(str(write_run(tmp_path / name, rows, summary)), ("--common.config-file", "/configs/r.yaml"))
 
 
 # ----------------------------------------------------------------------------- the state of a run

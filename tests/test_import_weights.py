@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+from typing import Tuple
 
 import pytest
 import torch
@@ -20,8 +21,9 @@ import cvnets
 from cvnets import pretrained
 from engine import checkpoint as ckpt
 from engine.commands import train
-from helpers import REPO
+from helpers import REPO, CodePayload, assert_same_weights, child_env
 from options.config import load_config
+from options.schema import ModelConfig
 from tools import import_weights
 
 timm = pytest.importorskip("timm")
@@ -59,7 +61,7 @@ def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
     return model.eval()
 
 
-def ours(config: str, *flags: str) -> nn.Module:
+def ours(config: str, *flags: str) -> Tuple[nn.Module, ModelConfig]:
     cfg = load_config(["--common.config-file", os.path.join(REPO, "config", config), "--model.num-classes", "1000",
                        *flags])
     return cvnets.build_model(cfg.model, 1000).eval(), cfg.model
@@ -94,9 +96,7 @@ def test_timm_mobilevit_gives_the_same_logits_and_exports_back_exactly(size):
     assert fmt == "timm"
     for px in (64, 256) if size == "xx_small" else (64,):
         assert_same_logits(source, model, px)
-    back = pretrained.from_project("timm", model_cfg, model.state_dict())
-    want = source.state_dict()
-    assert back.keys() == want.keys() and all(torch.equal(back[k], want[k]) for k in want)
+    assert_same_weights(pretrained.from_project("timm", model_cfg, model.state_dict()), source.state_dict())
 
 
 @pytest.mark.parametrize("name,depth,sizes", [("resnet18", "18", (64, 256)), ("resnet50", "50", (64,))])
@@ -105,9 +105,7 @@ def test_timm_resnet_gives_the_same_logits_and_exports_back_exactly(name, depth,
     model, model_cfg, _ = imported(source, f"resnet{depth}.yaml", "--model.resnet.stem", "imagenet")
     for px in sizes:
         assert_same_logits(source, model, px)
-    back = pretrained.from_project("timm", model_cfg, model.state_dict())
-    want = source.state_dict()
-    assert back.keys() == want.keys() and all(torch.equal(back[k], want[k]) for k in want)
+    assert_same_weights(pretrained.from_project("timm", model_cfg, model.state_dict()), source.state_dict())
 
 
 def test_torchvision_resnet18_gives_the_same_logits():
@@ -134,9 +132,7 @@ def test_hf_mobilevit_separate_qkv_gives_the_same_logits_and_exports_back_exactl
     assert fmt == "hf"
     for px in (64, 256) if size == "x_small" else (64,):
         assert_same_logits(source, model, px, hf_logits)
-    back = pretrained.from_project("hf", model_cfg, model.state_dict())
-    want = source.state_dict()
-    assert back.keys() == want.keys() and all(torch.equal(back[k], want[k]) for k in want)
+    assert_same_weights(pretrained.from_project("hf", model_cfg, model.state_dict()), source.state_dict())
 
 
 # ----------------------------------------------------------------------------- ml-cvnets
@@ -182,8 +178,7 @@ def test_cvnets_mobilevit_layout_gives_the_same_logits():
     model, model_cfg, fmt = imported(source, "mobilevit_xx_small.yaml", state=state)
     assert fmt == "cvnets"
     assert_same_logits(source, model, 64)
-    back = pretrained.from_project("cvnets", model_cfg, model.state_dict())
-    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    assert_same_weights(pretrained.from_project("cvnets", model_cfg, model.state_dict()), state)
 
 
 # ml-cvnets' units of a residual branch: BasicResNetBlock and BottleneckResNetBlock (cvnets/modules/resnet*.py)
@@ -247,21 +242,11 @@ def test_settings_the_other_libraries_lack_are_refused_with_the_fix(xxs_state):
         pretrained.to_project("torchvision", resnet_cfg, resnet.state_dict(), {})
 
 
-class _Payload:
-    """Unpickling this creates a file: proof that loading ran code."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
 def bad_files(folder, state):
     torch.save({k: v for k, v in state.items() if not k.startswith("final_conv.bn.")}, folder / "missing.pth")
     torch.save({**state, "extra.weight": torch.zeros(3)}, folder / "extra.pth")
     torch.save({**state, "head.fc.weight": torch.zeros(1000, 321)}, folder / "shape.pth")
-    torch.save({**state, "payload": _Payload(str(folder / "ran"))}, folder / "payload.pth", pickle_protocol=2)
+    torch.save({**state, "payload": CodePayload(folder / "ran")}, folder / "payload.pth", pickle_protocol=2)
     return {"missing": "final_conv.bn.", "extra": "extra.weight", "shape": "head.fc.weight",
             "payload": "Python objects"}
 
@@ -274,7 +259,7 @@ def test_a_bad_file_is_one_line_exit_2_and_nothing_written(case, xxs_state, tmp_
     done = subprocess.run([sys.executable, "-m", "tools.import_weights", str(tmp_path / f"{case}.pth"),
                            "--common.config-file", "config/mobilevit_xx_small.yaml", "--output", str(out)],
                           cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env=child_env())
     assert done.returncode == 2, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0]
@@ -329,7 +314,6 @@ def finetune_args(root, results, label, checkpoint, *extra):
             "--common.results-loc", str(results), "--common.run-label", label, *extra]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("direct", [False, True], ids=["imported", "foreign_file"])
 def test_fine_tuning_with_200_classes_reinitialises_the_classifier_only(direct, xxs_state, fake_root, tmp_path, caplog):
     source = tmp_path / "xxs.pth"
@@ -347,7 +331,6 @@ def test_fine_tuning_with_200_classes_reinitialises_the_classifier_only(direct, 
     assert len(xxs_state) == 311  # 309 = all but the classifier's weight and bias
 
 
-@pytest.mark.slow
 def test_a_frozen_backbone_keeps_its_weights_and_statistics(xxs_state, fake_root, tmp_path):
     source = tmp_path / "xxs.pth"
     torch.save(xxs_state, source)

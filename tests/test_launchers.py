@@ -104,7 +104,6 @@ def test_a_ddp_run_whose_trainers_stop_after_saving_is_resumed(tmp_path, fake_tr
     assert experiments.read_record(run)["state"] == "finished"
 
 
-@pytest.mark.slow
 def test_a_run_stopped_by_sigterm_is_resumed_and_failures_are_recorded(tmp_path, fake_trainer):
     lines: List[str] = []
     runs = [spec(tmp_path, "stopped", "143,0"), spec(tmp_path, "broken", "2"), spec(tmp_path, "ctrl_c", "130")]
@@ -172,7 +171,6 @@ def test_restarts_are_bounded(tmp_path, fake_trainer):
     assert len(starts(tmp_path, "flaky")) == 3
 
 
-@pytest.mark.slow
 def test_parallel_runs_get_one_gpu_each(tmp_path, fake_trainer):
     runs = [spec(tmp_path, f"r{i}", "0") for i in range(3)]
     lines: List[str] = []
@@ -182,7 +180,6 @@ def test_parallel_runs_get_one_gpu_each(tmp_path, fake_trainer):
     assert sum(line.endswith(": finished") for line in lines) == 3
 
 
-@pytest.mark.slow
 def test_parallel_cpu_runs_share_the_cores(tmp_path, fake_trainer, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
@@ -264,7 +261,6 @@ def fake_slurm(tmp_path, monkeypatch) -> Path:
     return tmp_path / "sbatch_script.sh"
 
 
-@pytest.mark.slow
 def test_slurm_submission_script(tmp_path, fake_slurm):
     runs = [RunSpec(str(tmp_path / "results" / name), ("--common.config-file", f"/configs/{name}.yaml"),
                     f"[{i}] {name}") for i, name in enumerate(("a", "b"))]
@@ -353,48 +349,8 @@ def test_bad_slurm_values_and_misplaced_options(capsys):
     assert "only apply when training" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- paper_tables
-class RecordingLauncher:
-    def __init__(self) -> None:
-        self.runs: List[RunSpec] = []
-
-    def launch(self, runs) -> int:
-        self.runs.extend(runs)
-        return 0
-
-
-def test_paper_tables_hands_each_config_once_to_the_launcher(tmp_path, capsys):
-    launcher = RecordingLauncher()
-    argv = ["--run", "--rows", "2.1", "2.3", "A", "--results", str(tmp_path), "--scheduler.max-epochs", "1"]
-    assert paper_tables.main(argv, launcher=launcher) == 0
-    assert [r.title for r in launcher.runs] == ["[2.1] table2_resnet50", "[2.3] table2_resnet18"]  # A shares 2.3's run
-    first = launcher.runs[0]
-    assert first.run_dir == str(tmp_path / "table2_resnet50")
-    assert first.args[-2:] == ("--scheduler.max-epochs", "1")
-    assert "### Table 2" in capsys.readouterr().out
-
-
-def test_paper_tables_checks_every_run_before_starting_any(tmp_path, capsys):
-    launcher = RecordingLauncher()
-    argv = ["--run", "--table", "2", "--results", str(tmp_path), "--optim.weight-decay", "-1"]
-    assert paper_tables.main(argv, launcher=launcher) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 4 and all("optim.weight_decay" in line for line in err[:3])
-    assert launcher.runs == []
-
-
-def test_paper_tables_status(tmp_path, capsys):
-    run = tmp_path / "table2_resnet50"
-    run.mkdir()
-    (run / "summary.json").write_text(json.dumps({"state": "finished", "finished": True, "epochs_done": 150,
-                                                  "max_epochs": 150}))
-    assert paper_tables.main(["--status", str(tmp_path), "--table", "2"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[2].split()[:4] == ["[2.1]", "table2_resnet50", "finished", "150/150"]
-    assert lines[3].split() == ["[2.2]", "table2_resnet34", "pending"]
-    assert lines[-1] == "1 finished, 2 pending"
-
-
+# ----------------------------------------------------------------------------- the tools' entry points
+# (paper_tables' use of a launcher: test_paper_tables.py)
 @pytest.mark.slow
 @pytest.mark.parametrize("command", [["-m", "tools.paper_tables"], ["tools/paper_tables.py"], ["-m", "tools.sweep"],
                                      ["tools/sweep.py"]])

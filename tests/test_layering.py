@@ -1,8 +1,10 @@
-"""The package layers and the one list of names: what imports what, and every table keyed by a
-config value holds exactly the schema's choices for it."""
+"""The package layers and the one list of names: what imports what (and what starts without torch),
+and every table keyed by a config value holds exactly the schema's choices for it."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 from typing import Set
 
@@ -19,16 +21,16 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("cvnets", "data", "engine", "loss_fn", "optim", "options", "tools", "utils")
 
 
-def imported_packages(package: str) -> Set[str]:
-    """Top-level project packages that any module of `package` imports."""
+def imported_modules(package: str) -> Set[str]:
+    """Every module that any module of `package` imports by its absolute name."""
     found: Set[str] = set()
     for path in (REPO / package).glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
-                found.update(alias.name.split(".")[0] for alias in node.names)
+                found.update(alias.name for alias in node.names)
             elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-                found.add(node.module.split(".")[0])
-    return found & set(PACKAGES) - {package}
+                found.add(node.module)
+    return found
 
 
 # What each layer may import; the models and the data pipeline are siblings.
@@ -44,7 +46,15 @@ ALLOWED = {
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
 def test_a_package_imports_only_the_layers_below_it(package):
-    assert imported_packages(package) <= ALLOWED[package]
+    packages = {module.split(".")[0] for module in imported_modules(package)}
+    assert packages & set(PACKAGES) - {package} <= ALLOWED[package]
+
+
+@pytest.mark.parametrize("package", ["optim", "loss_fn"])
+def test_package_depends_on_the_schema_not_on_the_config_loader(package):
+    # Library code raises ValueError; only the front door makes ConfigErrors.
+    modules = imported_modules(package)
+    assert "options.schema" in modules and "options.config" not in modules
 
 
 @pytest.mark.parametrize("table, key", [
@@ -57,6 +67,15 @@ def test_a_package_imports_only_the_layers_below_it(package):
 ])
 def test_every_table_keyed_by_a_config_value_holds_exactly_its_choices(table, key):
     assert sorted(map(str, table)) == sorted(map(str, literal_choices(key)))
+
+
+# Modules that start without torch, paying none of its seconds of import time: config errors come
+# back at once, and `python -m data.fake` writes JPEGs only.
+@pytest.mark.parametrize("modules", ["options, options.cli, options.config", "data.fake"])
+def test_modules_that_need_no_torch_do_not_import_it(modules):
+    code = f"import sys, {modules}; assert 'torch' not in sys.modules, 'torch imported'"
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
 
 
 FRONT_DOORS = {"engine/commands.py"}  # turns errors into one line and an exit status

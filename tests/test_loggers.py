@@ -18,7 +18,7 @@ import engine.trainer
 from engine.commands import train
 from engine.loggers import Logger, git_commit, read_tracker_ids
 from engine.run_folder import read_metrics, read_summary
-from helpers import REPO, last_state, tiny_args
+from helpers import LOGGER, REPO, child_env, ddp_command, last_state, open_trainer, tiny_args, train_in_process
 
 mlflow = pytest.importorskip("mlflow")
 wandb = pytest.importorskip("wandb")
@@ -75,7 +75,7 @@ def assert_one_value_per_epoch(client, run_id, rows):
 
 # ----------------------------------------------------------------------------- MLflow
 def test_mlflow_holds_the_config_and_each_epoch_once_after_a_crash_and_a_resume(fake_root, tmp_path, mlflow_uri,
-                                                                                monkeypatch, one_thread):
+                                                                                monkeypatch):
     """The worst moment for a tracker: checkpoint_last.pt of epoch 2 is on disk, no record of it is."""
 
     class Killed(BaseException):
@@ -120,24 +120,14 @@ def test_mlflow_holds_the_config_and_each_epoch_once_after_a_crash_and_a_resume(
     assert resumed.data.metrics["best/epoch"] == best["epoch"]
 
 
-def open_trainer(args, run_dir):
-    """(trainer, open run folder), as the front door builds them."""
-    from engine.build import build_trainer, setup_process
-    from engine.run_folder import RunFolder
-    from options.config import load_config
-
-    cfg = load_config(args)
-    return build_trainer(cfg, setup_process(cfg)), RunFolder(str(run_dir)).open(logging.getLogger("cvnets"))
-
-
 def test_a_resume_from_an_older_checkpoint_leaves_the_mlflow_run_and_starts_a_new_one(fake_root, tmp_path, mlflow_uri,
-                                                                                     caplog, one_thread):
+                                                                                     caplog):
     run_dir = tmp_path / "old"
-    trainer, folder = open_trainer(mlflow_args(fake_root, tmp_path, "old", 2, mlflow_uri), run_dir)
+    trainer, folder = open_trainer(mlflow_args(fake_root, tmp_path, "old", 2, mlflow_uri))
     trainer.run(folder, stop_after_epoch=1)
     shutil.copy(run_dir / "checkpoint_last.pt", tmp_path / "epoch1.pt")
     trainer.run(folder)
-    folder.close(logging.getLogger("cvnets"))
+    folder.close(LOGGER)
     client, first = mlflow_run(mlflow_uri, run_dir)
     before = mlflow_history(client, first.info.run_id, "val_top1")
     assert [step for step, _ in before] == [1, 2]
@@ -152,7 +142,7 @@ def test_a_resume_from_an_older_checkpoint_leaves_the_mlflow_run_and_starts_a_ne
     assert mlflow_history(client, first.info.run_id, "val_top1") == before  # left as it was
 
 
-def test_mlflow_logs_the_best_checkpoint_as_an_artifact(fake_root, tmp_path, mlflow_uri, one_thread):
+def test_mlflow_logs_the_best_checkpoint_as_an_artifact(fake_root, tmp_path, mlflow_uri):
     assert train(mlflow_args(fake_root, tmp_path, "art", 1, mlflow_uri, "--stats.mlflow.log-checkpoint", "true")) == 0
     client, run = mlflow_run(mlflow_uri, tmp_path / "art")
     names = sorted(os.path.basename(f.path) for f in client.list_artifacts(run.info.run_id, "checkpoints"))
@@ -214,12 +204,10 @@ def wandb_history(run_dir):
     return steps, epochs, config, summary
 
 
-def test_wandb_offline_run_files_hold_each_epoch_once_across_a_resume(fake_root, tmp_path, wandb_env, one_thread):
+def test_wandb_offline_run_files_hold_each_epoch_once_across_a_resume(fake_root, tmp_path, wandb_env):
     args = ("--stats.wandb.enable", "true", "--stats.wandb.mode", "offline", "--stats.wandb.group", "sweep-x",
             "--stats.wandb.tags", "a,b", "--stats.wandb.log-checkpoint", "true")
-    trainer, folder = open_trainer(tiny_args(fake_root, tmp_path, "w", 3, *args), tmp_path / "w")
-    trainer.run(folder, stop_after_epoch=1)  # ends like a stop after epoch 1
-    folder.close(logging.getLogger("cvnets"))
+    train_in_process(tiny_args(fake_root, tmp_path, "w", 3, *args), stop_after_epoch=1)
     assert train(tiny_args(fake_root, tmp_path, "w", 3, *args, "--common.resume", "auto")) == 0
 
     run_dir = tmp_path / "w"
@@ -278,7 +266,7 @@ class Failing(Recording):
 
 
 def test_a_tracker_that_raises_is_switched_off_with_one_warning_and_training_goes_on(fake_root, tmp_path,
-                                                                                   monkeypatch, caplog, one_thread):
+                                                                                   monkeypatch, caplog):
     good, bad = [], []
     monkeypatch.setattr(engine.trainer, "build_loggers", lambda cfg: [Failing(bad), Recording(good)])
     with caplog.at_level(logging.WARNING, logger="cvnets"):
@@ -294,8 +282,7 @@ def test_a_tracker_that_raises_is_switched_off_with_one_warning_and_training_goe
     assert {tuple(c[2]) for c in good if c[0] == "step"} == {("images_per_second", "loss", "lr", "top1", "top5")}
 
 
-def test_a_finished_run_continued_in_a_new_folder_reaches_the_trackers_as_finished(fake_root, tmp_path, monkeypatch,
-                                                                                   one_thread):
+def test_a_finished_run_continued_in_a_new_folder_reaches_the_trackers_as_finished(fake_root, tmp_path, monkeypatch):
     assert train(tiny_args(fake_root, tmp_path, "src", 1)) == 0
     calls = []
     monkeypatch.setattr(engine.trainer, "build_loggers", lambda cfg: [Recording(calls)])
@@ -304,8 +291,7 @@ def test_a_finished_run_continued_in_a_new_folder_reaches_the_trackers_as_finish
     assert calls == [("start", 1), ("finish", "finished")]
 
 
-def test_mlflow_failing_mid_run_leaves_training_to_finish(fake_root, tmp_path, mlflow_uri, monkeypatch, caplog,
-                                                          one_thread):
+def test_mlflow_failing_mid_run_leaves_training_to_finish(fake_root, tmp_path, mlflow_uri, monkeypatch, caplog):
     from mlflow.tracking import MlflowClient
 
     real = MlflowClient.log_batch
@@ -393,13 +379,9 @@ def test_kill_9_then_resume_leaves_each_epoch_once_in_mlflow_and_wandb(fake_root
 def test_under_ddp_only_rank_0_logs_one_mlflow_run(fake_root, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from helpers import free_port
-
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           os.path.join(REPO, "main_train.py"), *mlflow_args(fake_root, tmp_path, "ddp", 2, uri)]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO})
+    done = subprocess.run(ddp_command(mlflow_args(fake_root, tmp_path, "ddp", 2, uri)), cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300, env=child_env(PYTHONPATH=REPO))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     client = MlflowClient(tracking_uri=uri)
     (run,) = client.search_runs([client.get_experiment_by_name("sweep-x").experiment_id])

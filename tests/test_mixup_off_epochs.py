@@ -1,20 +1,15 @@
 """image_augmentation.mixup.off_epochs: no mixing in the run's last N epochs, in every placement and
 across a resume."""
-import logging
-
 import pytest
 import torch
 
 from data import build_loaders
 from data.augment import build_augmentation
 from data.base import BatchSpec, RawBatch
-from engine.build import build_trainer, setup_process
 from engine.commands import train
-from engine.run_folder import RunFolder
-from helpers import assert_same_weights, last_state, read_rows, tiny_args
+from helpers import assert_same_weights, last_state, read_rows, tiny_args, train_in_process
 from options.config import load_config
 
-logger = logging.getLogger("cvnets")
 MIX = ("--image-augmentation.mixup.mixup-alpha", "1.0", "--image-augmentation.mixup.cutmix-alpha", "1.0")
 
 
@@ -63,11 +58,8 @@ def test_a_run_resumed_across_the_switch_equals_an_uninterrupted_one(fake_root, 
     flags = (*MIX, "--image-augmentation.mixup.off-epochs", "1")
     assert train(tiny_args(fake_root, tmp_path, "full", 3, *flags)) == 0
 
-    cfg = load_config(tiny_args(fake_root, tmp_path, "split", 3, *flags))
-    trainer = build_trainer(cfg, setup_process(cfg))
-    folder = RunFolder(str(tmp_path / "split")).open(logger)
-    trainer.run(folder, stop_after_epoch=2)  # mixing was on in both epochs; the next one has it off
-    folder.close(logger)
+    # Mixing was on in both epochs; the next one has it off.
+    train_in_process(tiny_args(fake_root, tmp_path, "split", 3, *flags), stop_after_epoch=2)
     assert train(tiny_args(fake_root, tmp_path, "split", 3, *flags, "--common.resume", "auto")) == 0
 
     full, split = last_state(tmp_path / "full"), last_state(tmp_path / "split")

@@ -1,9 +1,6 @@
 """Optimizer construction: weight-decay groups, the membership check, per-optimizer settings."""
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
@@ -122,21 +119,3 @@ def test_unknown_optimizer_lists_the_known_ones(model):
     assert all(name in message for name in OPTIMIZERS.names())
     assert "did you mean 'adamw'" in message
 
-
-def imported_modules(package: str) -> set:
-    """Every module a package's files import (absolute imports), read from the source."""
-    names = set()
-    for path in (Path(__file__).resolve().parents[1] / package).glob("*.py"):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
-                names.add(node.module)
-            elif isinstance(node, ast.Import):
-                names.update(alias.name for alias in node.names)
-    return names
-
-
-@pytest.mark.parametrize("package", ["optim", "loss_fn"])
-def test_package_depends_on_the_schema_not_on_the_config_loader(package):
-    # Layering: library code raises ValueError; only the front door makes ConfigErrors.
-    modules = imported_modules(package)
-    assert "options.schema" in modules and "options.config" not in modules

@@ -8,9 +8,8 @@ import zipfile
 
 import pytest
 
+from helpers import REPO
 from options.config import ConfigError, load_config, to_dict
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tracked_configs():

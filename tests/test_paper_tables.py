@@ -10,6 +10,7 @@ from typing import List, Optional, Sequence, Tuple
 import pytest
 
 from engine import experiments
+from helpers import write_run
 from options.config import load_config
 from tools import paper_tables as pt
 
@@ -60,20 +61,16 @@ Epoch = Tuple[float, float, float]  # train_top1, val_top1, val_top5
 def make_run(results: Path, label: str, epochs: Sequence[Epoch], finished: bool = False,
              params: Optional[int] = 1234, max_epochs: int = 10) -> Path:
     """A run folder as the engine writes it: metrics.jsonl plus summary.json."""
-    run = results / label
-    run.mkdir(parents=True, exist_ok=True)
     lines = [
         {"epoch": i, "lr": 0.1, "train_loss": 1.0, "train_top1": t, "val_loss": 1.0,
          "val_top1": v1, "val_top5": v5, "images_per_second": 100.0,
          "ema_val_loss": 1.0, "ema_val_top1": 99.0, "ema_val_top5": 99.0}
         for i, (t, v1, v5) in enumerate(epochs, start=1)
     ]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     summary = {"finished": finished, "epochs_done": len(epochs), "max_epochs": max_epochs}
     if params is not None:
         summary["params"] = params
-    (run / "summary.json").write_text(json.dumps(summary))
-    return run
+    return write_run(results / label, lines, summary)
 
 
 def row(key: str) -> pt.Row:
@@ -268,12 +265,13 @@ class FakeLauncher:
     """Stands in for launchers.LocalLauncher: 'trains' each run by writing a finished run folder."""
 
     def __init__(self, results):
-        self.results, self.calls = results, []
+        self.results, self.calls, self.runs = results, [], []
 
     def launch(self, specs) -> int:
         for spec in specs:
             argv = list(spec.args)
             self.calls.append(argv)
+            self.runs.append(spec)
             make_run(self.results, argv[argv.index("--common.run-label") + 1], [(1, 2, 3)], finished=True)
         return 0
 
@@ -286,7 +284,8 @@ def test_run_trains_each_config_once_then_tabulates(tmp_path, capsys):
             "--scheduler.max-epochs", "1"]
     assert pt.main(argv, launcher=launcher) == 0
     calls = launcher.calls
-    assert [a[a.index("--common.run-label") + 1] for a in calls] == ["table2_resnet50", "table2_resnet18"]
+    assert [r.title for r in launcher.runs] == ["[2.1] table2_resnet50", "[2.3] table2_resnet18"]  # A shares 2.3's run
+    assert launcher.runs[0].run_dir == str(results / "table2_resnet50")
     first = calls[0]
     assert first == ["--common.config-file", pt.config_path(row("2.1")), "--common.results-loc", str(results),
                      "--common.run-label", "table2_resnet50", "--common.resume", "auto",
@@ -295,6 +294,25 @@ def test_run_trains_each_config_once_then_tabulates(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "table2_resnet34: finished, skipped" in out
     assert table_line(out, "A")[2] == "finished"
+
+
+def test_run_checks_every_run_before_starting_any(tmp_path, capsys):
+    launcher = FakeLauncher(tmp_path)
+    argv = ["--run", "--table", "2", "--results", str(tmp_path), "--optim.weight-decay", "-1"]
+    assert pt.main(argv, launcher=launcher) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 4 and all("optim.weight_decay" in line for line in err[:3])
+    assert launcher.calls == []
+
+
+def test_status_lists_each_run_of_the_tables(tmp_path, capsys):
+    write_run(tmp_path / "table2_resnet50", [], {"state": "finished", "finished": True, "epochs_done": 150,
+                                                 "max_epochs": 150})
+    assert pt.main(["--status", str(tmp_path), "--table", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[2].split()[:4] == ["[2.1]", "table2_resnet50", "finished", "150/150"]
+    assert lines[3].split() == ["[2.2]", "table2_resnet34", "pending"]
+    assert lines[-1] == "1 finished, 2 pending"
 
 
 def test_run_resumes_an_unfinished_run(tmp_path):

@@ -1,28 +1,25 @@
 """tools/plot_curves.py: a PNG from synthetic run folders and sweeps, and its one-line errors."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from engine import launchers
+from helpers import REPO, write_run
 from tools import plot_curves, sweep
 
 
 def make_run(folder: Path, epochs: int, ema: bool = False) -> Path:
-    folder.mkdir(parents=True)
     rows = []
     for e in range(1, epochs + 1):
         row = {"epoch": e, "lr": 0.1 / e, "train_loss": 5 / e, "train_top1": 10.0 * e, "val_loss": 4 / e,
                "val_top1": 9.0 * e, "val_top5": 20.0 * e, "images_per_second": 1000.0}
         if ema:
             row.update(ema_val_loss=4 / e, ema_val_top1=9.5 * e, ema_val_top5=21.0 * e)
-        rows.append(json.dumps(row))
-    (folder / "metrics.jsonl").write_text("\n".join(rows) + "\n")
-    return folder
+        rows.append(row)
+    return write_run(folder, rows)
 
 
 def test_writes_png_for_two_runs(tmp_path, capsys):
@@ -95,7 +92,7 @@ def test_a_folder_of_runs_plots_each_run(tmp_path):
 def test_runs_as_a_module_and_as_a_file(tmp_path, command):
     run = make_run(tmp_path / "run", 2)
     out = tmp_path / "x.png"
-    done = subprocess.run([sys.executable, *command, str(run), "-o", str(out)], cwd=launchers.REPO,
+    done = subprocess.run([sys.executable, *command, str(run), "-o", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert out.exists()
@@ -112,8 +109,7 @@ def test_many_runs_make_a_readable_figure(tmp_path):
         rows = [{"epoch": e, "lr": 0.002 * (0.9 ** e) if r % 2 else 0.4 * (0.9 ** e), "train_top1": 50 + r + e,
                  "val_top1": 45 + r + e, "train_loss": 2 - e / 10, "val_loss": 2.2 - e / 10,
                  **({"ema_val_top1": 46 + r + e, "ema_val_loss": 2.1 - e / 10} if r % 2 else {})} for e in (1, 2, 3)]
-        (tmp_path / "paper" / f"run_{r:02d}").mkdir(parents=True)
-        (tmp_path / "paper" / f"run_{r:02d}" / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+        write_run(tmp_path / "paper" / f"run_{r:02d}", rows)
     runs = plot_curves.load_runs([str(tmp_path / "paper")])
     styles = {(s["color"], s["marker"]) for s in map(plot_curves.run_style, range(24))}
     assert len(styles) == 24

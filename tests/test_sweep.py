@@ -20,13 +20,13 @@ from typing import Dict, List, Optional
 
 import pytest
 
-from engine import experiments, launchers
+from engine import experiments
 from engine.run_folder import read_lock_holder, read_metrics, read_summary
+from helpers import REPO, child_env, read_rows, write_run
 from options.config import load_config
 from tools import sweep
 from utils.files import TEST_FAULT_ENV
 
-REPO = launchers.REPO
 GRID = ["optim.weight_decay=0.01,0.001", "model.mobilevit.remove_layers=[3,4],[4,5]"]
 LABELS = ["weight_decay=0.01,remove_layers=3-4", "weight_decay=0.01,remove_layers=4-5",
           "weight_decay=0.001,remove_layers=3-4", "weight_decay=0.001,remove_layers=4-5"]
@@ -40,17 +40,7 @@ sampler: {crop_size: 32}
 model: {name: mobilevit, mobilevit: {mode: tiny}}
 scheduler: {name: cosine, max_epochs: 3, warmup_iterations: 1}
 """
-# One thread per trainer: two cores shared by parallel runs (and by other tests) make torch's
-# default thread pool spin; the thread count is the same for every run, so results compare.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def is_timing(key: str) -> bool:
-    return key.endswith("_seconds") or key.endswith("per_second")
-
-
-def rows_without_timings(run_dir) -> List[Dict]:
-    return [{k: v for k, v in row.items() if not is_timing(k)} for row in read_metrics(str(run_dir))]
+ENV = child_env()
 
 
 def sweep_args(base, fake_root, results, name, *extra) -> List[str]:
@@ -224,14 +214,11 @@ def test_dry_run_writes_configs_that_reproduce_each_point(tmp_path, fake_root, c
 
 # ----------------------------------------------------------------------------- the table from run folders
 def fake_run(folder: Path, label: str, val_top1s, finished: bool, params=1000) -> None:
-    run = folder / label
-    run.mkdir(parents=True)
     rows = [{"epoch": e, "train_top1": 10.0 * e, "val_top1": v, "val_top5": v + 20, "epoch_seconds": 1.0}
             for e, v in enumerate(val_top1s, start=1)]
-    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (run / "summary.json").write_text(json.dumps({"state": "finished" if finished else "interrupted",
-                                                  "finished": finished, "epochs_done": len(rows), "max_epochs": 4,
-                                                  "params": params, "stopped_by": None if finished else "SIGTERM"}))
+    write_run(folder / label, rows, {"state": "finished" if finished else "interrupted", "finished": finished,
+                                     "epochs_done": len(rows), "max_epochs": 4, "params": params,
+                                     "stopped_by": None if finished else "SIGTERM"})
 
 
 def test_collect_prints_the_table_and_writes_csv(tmp_path, fake_root, capsys):
@@ -318,7 +305,7 @@ def test_parallel_sweep_resumes_a_run_stopped_by_sigterm_to_the_same_metrics(seq
     log = (tmp_path / "par" / "_launch" / "logs" / f"{stopped}.log").read_text()
     assert log.count("=== ") == 2  # the first trainer and the resumed one
     for label in LABELS:
-        assert rows_without_timings(tmp_path / "par" / label) == rows_without_timings(sequential.folder / label), label
+        assert read_rows(tmp_path / "par" / label) == read_rows(sequential.folder / label), label
 
 
 @pytest.mark.slow
@@ -357,7 +344,7 @@ def test_submitit_local_executor_runs_the_grid_and_requeues_a_preempted_job(sequ
     logs = "".join(p.read_text() for p in (folder / "_launch" / "submitit").glob("*_log.*"))
     assert "Requeued job" in logs
     for label in LABELS:
-        assert rows_without_timings(folder / label) == rows_without_timings(sequential.folder / label), label
+        assert read_rows(folder / label) == read_rows(sequential.folder / label), label
     status = subprocess.run([sys.executable, "-m", "tools.sweep", "--status", str(folder)], cwd=REPO, env=ENV,
                             capture_output=True, text=True, timeout=60).stdout
     (line,) = [line for line in status.splitlines() if line.startswith(preempted + " ")]
