@@ -254,6 +254,7 @@ class LocalLauncher:
         self.log = log
         self._signal: Optional[int] = None
         self._running: Dict[int, TrainerProcess] = {}  # slot -> the attempt it runs now
+        self._starting = threading.Lock()  # a signal reaches an attempt started while it arrives
 
     def launch(self, runs: Sequence[RunSpec]) -> int:
         """Train every run; returns 0 when all finished, 1 when one did not, 128 + N when the
@@ -313,8 +314,11 @@ class LocalLauncher:
 
     def _start(self, spec: RunSpec, slot: int, attempt: int) -> TrainerProcess:
         env = self._env(slot)
-        proc = self._running[slot] = TrainerProcess(spec, train_command(spec, self.nproc), env=env,
-                                                    echo=self.parallel == 1)
+        with self._starting:
+            proc = self._running[slot] = TrainerProcess(spec, train_command(spec, self.nproc), env=env,
+                                                        echo=self.parallel == 1)
+            if self._signal is not None:  # arrived after the policy's last look: this attempt saves and stops
+                proc.send_signal(self._signal)
         if self.parallel == 1:
             self.log(f"{spec.title}: training")
         else:
@@ -335,10 +339,11 @@ class LocalLauncher:
             return
 
         def handler(signum: int, frame: Any) -> None:
-            if self._signal is None:
-                self._signal = signum
-            for proc in list(self._running.values()):
-                proc.send_signal(signum)
+            with self._starting:  # held by a slot thread only, never by this (the main) one
+                if self._signal is None:
+                    self._signal = signum
+                for proc in self._running.values():
+                    proc.send_signal(signum)
 
         with handling(STOP_SIGNALS, handler):
             yield
