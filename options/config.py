@@ -139,6 +139,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if type(value) is int and value in (0, 1):  # `--common.compile 1`: YAML has made the "1" an int
+            return bool(value)
         if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
             return value.lower() in _TRUE
         raise ConfigError(f"{key}: {value!r} is not a boolean (use true or false)")
