@@ -16,6 +16,7 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -36,6 +37,7 @@ from cvnets.export import (
 from cvnets.fuse import count_batchnorms, fold_batchnorm
 from data.base import DatasetError
 from data.augment import Normalize
+from data.transforms import build_transforms
 from data.tinyimagenet import read_classes
 from engine.evaluation import check_output_file, trained_model
 from options.config import override, to_dict
@@ -50,11 +52,11 @@ logger = logging.getLogger("cvnets")
 
 # ----------------------------------------------------------------------------- inputs
 def input_size(cfg: Config) -> int:
-    """Side of the square images the val pipeline hands the model: its center crop, else the crop size."""
-    for step in reversed(cfg.image_augmentation.val):
-        if step["name"] == "center_crop" and step.get("size"):
-            return int(step["size"])
-    return cfg.sampler.crop_size
+    """Side of the square images the val pipeline hands the model: its transforms run on one stored image."""
+    images = torch.zeros(1, 3, data.IMAGE_SIZE, data.IMAGE_SIZE)
+    for i, transform in enumerate(build_transforms(cfg.image_augmentation.val, "image_augmentation.val")):
+        images = transform(images, cfg.sampler.crop_size, np.random.default_rng(i))
+    return int(images.shape[-1])
 
 
 def normalizer(cfg: Config) -> Callable[[Tensor], Tensor]:

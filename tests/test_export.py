@@ -144,6 +144,19 @@ def test_torchscript_export_parity_and_sidecar(fake_root, tmp_path, capsys):
                                    rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("val,crop_size,side", [
+    ("[{name: resize}, {name: center_crop}]", 64, 64),  # the paper's: resize 72, crop 64
+    ("[{name: resize, size: 88}, {name: center_crop, size: 80}]", 64, 80),
+    ("[{name: resize, size: 96}]", 64, 96),  # no crop: the model sees the resized image
+    ("[{name: resize}]", 32, 40),  # the crop size + 8
+    ("[{name: center_crop}, {name: resize, size: 48}]", 32, 48),  # the last size-setting step decides
+    ("[]", 32, 64),  # the stored images as they are
+])
+def test_the_export_size_is_what_the_val_pipeline_makes(val, crop_size, side):
+    cfg = load_config(["--image-augmentation.val", val, "--sampler.crop-size", str(crop_size)])
+    assert engine.export.input_size(cfg) == side
+
+
 def test_names_fall_back_to_wnids_without_a_dataset(tmp_path):
     checkpoint = tmp_path / "ck.pt"
     write_checkpoint(checkpoint, SMALL_MOBILEVIT + ["--dataset.root", str(tmp_path / "absent")], fake_wnids())
